@@ -1,0 +1,114 @@
+"""Model and training configuration as dataclasses.
+
+A checkpoint stores `asdict(ModelConfig)` beside the weights, so the checkpoint alone rebuilds its
+model. `TrainConfig` is what `cli.py train` fills from defaults, an optional TOML/JSON file and flags.
+"""
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from engine.errors import PcmeError
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = 128            # D: dimension of μ and log_var for both modalities
+    # image encoder
+    resnet_layers: tuple[int, ...] = (1, 1, 1, 1)  # BasicBlocks per stage; (2,2,2,2) = ResNet-18
+    resnet_width: int = 32          # channels of the first stage (64 in torchvision's ResNets)
+    small_stem: bool = False        # 3x3 stride-2 stem without max-pool: finer cells, ~4x slower
+    image_size: int = 64            # images are resized to image_size x image_size
+    resnet_weights: str = ""        # optional path to a torchvision ResNet state_dict to start from
+    # text encoder
+    vocab: list[str] = field(default_factory=list)  # index -> word; filled from training captions
+    word_dim: int = 50              # word-vector dimension (GloVe 6B 50-d by default)
+    gru_hidden: int = 256           # hidden size of each direction of the bi-GRU
+    # heads
+    attn_hidden: int = 64           # hidden size of the local-attention scorer
+    dropout: float = 0.0            # dropout on the attention residual
+    init_a: float = 5.0             # initial a of sigmoid(-a d + b) (kept positive via softplus)
+    init_b: float = 5.0             # initial b
+
+
+@dataclass
+class TrainConfig:
+    data: str = "scenes"            # dataset name (scenes, ...)
+    root: str = "data"              # dataset root folder (scenes cache is generated there)
+    out: str = "runs/latest"        # run folder: checkpoint.pt, log.jsonl, eval.json
+    shards: str = "out"             # where the test split's shards are written after training
+    epochs: int = 8                 # passes over the training images (one random caption each)
+    batch_size: int = 128           # image-caption pairs per step
+    lr: float = 2e-3                # AdamW learning rate (peak of the cosine schedule)
+    weight_decay: float = 1e-4      # AdamW weight decay
+    warmup_steps: int = 50          # linear warm-up before the cosine decay
+    grad_clip: float = 2.0          # max global gradient norm
+    n_samples: int = 7              # J: samples per item in the loss
+    kl_weight: float = 1e-4         # weight of KL(N(μ,σ²) ‖ N(0,I))
+    uniformity_weight: float = 0.0  # weight of the uniformity loss on samples (0 = off)
+    train_images: int = 10000       # size of the scenes training split
+    glove: str = ""                 # GloVe text file; empty = offline GloVe 6B 50-d package
+    min_word_count: int = 1         # words seen fewer times in training captions map to <unk>
+    seed: int = 0                   # seeds data order, noise and initialisation
+    device: str = "auto"            # auto | cpu | cuda
+    amp: bool = True                # autocast on CUDA (bf16 when supported, else fp16)
+    eval_split: str = "test"        # split evaluated and exported at the end
+    export: bool = True             # write the eval split's shards after training
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+def _check_and_build(cls, values: dict, where: str):
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise PcmeError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    out = {}
+    for name, value in values.items():
+        default = getattr(cls(), name)
+        if name == "model":
+            out[name] = _check_and_build(ModelConfig, value, f"{where} [model]")
+            continue
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise PcmeError(f"{where}: '{name}' must be true or false, got {value!r}")
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise PcmeError(f"{where}: '{name}' must be a number, got {value!r}")
+            if isinstance(default, int) and not float(value).is_integer():
+                raise PcmeError(f"{where}: '{name}' must be a whole number, got {value!r}")
+            value = type(default)(value)
+        if isinstance(default, str) and not isinstance(value, str):
+            raise PcmeError(f"{where}: '{name}' must be a string, got {value!r}")
+        if isinstance(default, tuple):
+            value = tuple(value)
+        out[name] = value
+    return cls(**out)
+
+
+def load_train_config(path: str | Path | None, overrides: dict) -> TrainConfig:
+    """Defaults, then the TOML/JSON file, then CLI overrides (None values are ignored)."""
+    values: dict = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise PcmeError(f"--config {path}: file not found")
+        try:
+            text = path.read_text(encoding="utf-8")
+            values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise PcmeError(f"--config {path}: cannot parse ({e})") from None
+        if not isinstance(values, dict):
+            raise PcmeError(f"--config {path}: expected a table/object at the top level")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return _check_and_build(TrainConfig, values, str(path or "config"))
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    d = dict(d)
+    d["resnet_layers"] = tuple(d.get("resnet_layers", ModelConfig.resnet_layers))
+    return ModelConfig(**d)
+
+
+def config_to_dict(cfg) -> dict:
+    return asdict(cfg)

@@ -1,0 +1,194 @@
+"""The training loop: PCME loss over in-batch image-caption pairs, then eval and shard export.
+
+Each epoch visits every training image once, with one of its captions drawn at random; the plan of an
+epoch (image order and caption choice) is a pure function of (seed, epoch), so a run interrupted
+mid-epoch resumes from `last.pt` by skipping the batches it already did.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.errors import PcmeError
+
+from .checkpoint import read_checkpoint, resolve_device, save_checkpoint
+from .config import TrainConfig, model_config_from_dict
+from .data import load_split
+from .data.base import Split
+from .encode import image_to_tensor, pad_tokens
+from .evaluate import encode_split, evaluate_split
+from .export import export_shards
+from .pipeline import producer_of
+from .losses import pcme_loss
+from .models import PCME
+from .progress import track
+from .text import Vocab, build_vocab, glove_matrix
+
+logger = logging.getLogger(__name__)
+
+
+def epoch_plan(split: Split, seed: int, epoch: int, caps_of: list[np.ndarray]):
+    """(image order, caption index per position) for one epoch, deterministic in (seed, epoch)."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(split.n_images)
+    picks = np.array([caps_of[i][rng.integers(len(caps_of[i]))] for i in order])
+    return order, picks
+
+
+def make_batch(split: Split, vocab: Vocab, images, captions, size: int, flip_rng):
+    x = torch.stack([image_to_tensor(split.load_image(int(i)), size) for i in images])
+    flip = torch.from_numpy(flip_rng.random(len(images)) < 0.5)  # no left/right words in captions
+    x[flip] = x[flip].flip(-1)
+    tokens, lengths = pad_tokens([vocab.encode(split.captions[int(c)])[0] for c in captions])
+    return x, tokens, lengths
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def build_model(cfg: TrainConfig, train_split: Split) -> PCME:
+    mcfg = cfg.model
+    mcfg.vocab = build_vocab(train_split.captions, cfg.min_word_count)
+    vectors, _ = glove_matrix(mcfg.vocab, cfg.glove, seed=cfg.seed)
+    mcfg.word_dim = vectors.shape[1]
+    torch.manual_seed(cfg.seed)
+    model = PCME(mcfg)
+    model.set_word_vectors(torch.from_numpy(vectors))
+    return model
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if device.type != "cuda" or not enabled:
+        return torch.autocast("cpu", enabled=False)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False):
+        self.cfg, self.out = cfg, Path(cfg.out)
+        self.device = resolve_device(cfg.device)
+        self.train_split = load_split(cfg.data, Path(cfg.root), "train", n_images=cfg.train_images)
+        self.caps_of = [np.flatnonzero(self.train_split.caption_image == i)
+                        for i in range(self.train_split.n_images)]
+        if any(len(c) == 0 for c in self.caps_of):
+            raise PcmeError(f"{cfg.data} train split: some images have no caption")
+        self.steps_per_epoch = self.train_split.n_images // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise PcmeError(f"batch_size {cfg.batch_size} is larger than the training split")
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.epoch = self.step_in_epoch = self.step = 0
+        if resume and (self.out / "last.pt").is_file():
+            self._resume(self.out / "last.pt")
+        else:
+            self.model = build_model(cfg, self.train_split).to(self.device)
+            self._make_optimizer()
+        self.vocab = Vocab(self.model.cfg.vocab)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self._fp16())
+
+    def _fp16(self) -> bool:
+        return (self.device.type == "cuda" and self.cfg.amp
+                and not torch.cuda.is_bf16_supported())
+
+    def _make_optimizer(self):
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr,
+                                     weight_decay=self.cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_factor(s, self.total_steps, self.cfg.warmup_steps))
+
+    def _resume(self, path: Path):
+        ckpt = read_checkpoint(path)
+        self.model = PCME(model_config_from_dict(ckpt["model_config"]))
+        self.model.load_state_dict(ckpt["model"])
+        self.model.to(self.device)
+        self._make_optimizer()
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        self.epoch, self.step_in_epoch, self.step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
+        logger.info("resumed %s at epoch %d, batch %d", path, self.epoch, self.step_in_epoch)
+
+    def save(self, name: str):
+        save_checkpoint(self.out / name, self.model, train_config=asdict(self.cfg),
+                        optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
+                        epoch=self.epoch, step_in_epoch=self.step_in_epoch, step=self.step)
+
+    def train_step(self, x, tokens, lengths) -> dict:
+        cfg, model = self.cfg, self.model
+        model.train()
+        with _autocast(self.device, cfg.amp):
+            i_mu, i_lv = model.image(x.to(self.device, non_blocking=True))
+            t_mu, t_lv = model.text(tokens.to(self.device), lengths)
+        matched = torch.eye(len(x), dtype=torch.bool, device=self.device)
+        out = pcme_loss(i_mu.float(), i_lv.float(), t_mu.float(), t_lv.float(), matched,
+                        model.a, model.b, cfg.n_samples, cfg.kl_weight, cfg.uniformity_weight)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(out["loss"]).backward()
+        self.scaler.unscale_(self.opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        return {k: float(v) for k, v in out.items()}
+
+    def run_epoch(self, log):
+        cfg, split = self.cfg, self.train_split
+        order, picks = epoch_plan(split, cfg.seed, self.epoch, self.caps_of)
+        flip_rng = np.random.default_rng([cfg.seed, self.epoch, 1])
+        bs = cfg.batch_size
+        with track(f"epoch {self.epoch + 1}/{cfg.epochs}", self.steps_per_epoch) as bar:
+            bar.advance(self.step_in_epoch)
+            for k in range(self.step_in_epoch, self.steps_per_epoch):
+                sl = slice(k * bs, (k + 1) * bs)
+                batch = make_batch(split, self.vocab, order[sl], picks[sl],
+                                   self.model.cfg.image_size, flip_rng)
+                stats = self.train_step(*batch)
+                self.step += 1
+                self.step_in_epoch = k + 1
+                bar.advance(1, status=f"loss {stats['loss']:.3f}")
+                if self.step % 10 == 0:
+                    log({"epoch": self.epoch, "step": self.step, "lr": self.sched.get_last_lr()[0],
+                         "a": float(self.model.a), "b": float(self.model.b), **stats})
+                if self.step % 50 == 0:
+                    self.save("last.pt")
+        self.epoch += 1
+        self.step_in_epoch = 0
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Train, save runs/.../checkpoint.pt, evaluate on cfg.eval_split, export its shards."""
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, resume)
+    out = trainer.out
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "log.jsonl", "a", encoding="utf-8") as logf:
+        def log(row):
+            logf.write(json.dumps(row) + "\n")
+            logf.flush()
+        while trainer.epoch < cfg.epochs:
+            trainer.run_epoch(log)
+            trainer.save("last.pt")
+        train_s = time.perf_counter() - t0
+        trainer.save("checkpoint.pt")
+        ckpt_path = out / "checkpoint.pt"
+        result = {"train_s": round(train_s, 1), "checkpoint": str(ckpt_path)}
+        split = load_split(cfg.data, Path(cfg.root), cfg.eval_split)
+        emb = encode_split(trainer.model, trainer.vocab, split, trainer.device)
+        report = evaluate_split(trainer.model, trainer.vocab, split, trainer.device, embeddings=emb)
+        (out / "eval.json").write_text(json.dumps(report, indent=2))
+        log({"eval": report})
+        result["eval"] = report
+        if cfg.export:
+            export_shards(cfg.shards, split, emb, producer_of(ckpt_path, trainer.model))
+            result["shards"] = cfg.shards
+    result["total_s"] = round(time.perf_counter() - t0, 1)
+    return result
