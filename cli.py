@@ -127,11 +127,11 @@ def query(
     if (text is None) == (image is None):
         err("error: give either a text query or --image PATH", err=True)
         raise typer.Exit(2)
-    engine = _run(SearchEngine, index, device)
-    if image is not None:
-        result = _run(engine.query_image, image, k, score)
-    else:
-        result = _run(engine.query_text, text, k, score)
+    with _run(SearchEngine, index, device) as engine:
+        if image is not None:
+            result = _run(engine.query_image, image, k, score)
+        else:
+            result = _run(engine.query_text, text, k, score)
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
         return

@@ -29,6 +29,7 @@ class ModelConfig:
     # heads
     attn_hidden: int = 64           # hidden size of the local-attention scorer
     dropout: float = 0.0            # dropout on the attention residual
+    init_log_var: float = -7.0      # initial log σ² (bias of the log_var head): small vs. |Δμ|²
     init_a: float = 5.0             # initial a of sigmoid(-a d + b) (kept positive via softplus)
     init_b: float = 5.0             # initial b
 

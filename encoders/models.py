@@ -44,7 +44,8 @@ class AttentionPool(nn.Module):
 
 
 class ProbHead(nn.Module):
-    def __init__(self, in_dim: int, embed_dim: int, attn_hidden: int, dropout: float = 0.0):
+    def __init__(self, in_dim: int, embed_dim: int, attn_hidden: int, dropout: float = 0.0,
+                 init_log_var: float = -7.0):
         super().__init__()
         self.fc = nn.Linear(in_dim, embed_dim)
         self.attn_mu = AttentionPool(in_dim, attn_hidden)
@@ -53,6 +54,10 @@ class ProbHead(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.attn_var = AttentionPool(in_dim, attn_hidden)
         self.fc_var = nn.Linear(in_dim, embed_dim)
+        # Start with small, nearly equal variances: μ lives on the unit sphere, so σ² ≈ 1 per
+        # dimension (log_var ≈ 0) would bury every distance under noise and p(match) under 1e-30.
+        nn.init.normal_(self.fc_var.weight, std=0.01)
+        nn.init.constant_(self.fc_var.bias, init_log_var)
 
     def forward(self, pooled, local, pad_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
         residual = torch.sigmoid(self.fc_attn(self.attn_mu(local, pad_mask)))
@@ -110,7 +115,7 @@ class ImageEncoder(nn.Module):
         super().__init__()
         self.backbone = build_resnet(cfg)
         channels = 8 * cfg.resnet_width
-        self.head = ProbHead(channels, cfg.embed_dim, cfg.attn_hidden, cfg.dropout)
+        self.head = ProbHead(channels, cfg.embed_dim, cfg.attn_hidden, cfg.dropout, cfg.init_log_var)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -134,7 +139,7 @@ class TextEncoder(nn.Module):
             raise PcmeError("model config has an empty vocabulary")
         self.embed = nn.Embedding(len(cfg.vocab), cfg.word_dim, padding_idx=0)
         self.gru = nn.GRU(cfg.word_dim, cfg.gru_hidden, batch_first=True, bidirectional=True)
-        self.head = ProbHead(cfg.gru_hidden, cfg.embed_dim, cfg.attn_hidden, cfg.dropout)
+        self.head = ProbHead(cfg.gru_hidden, cfg.embed_dim, cfg.attn_hidden, cfg.dropout, cfg.init_log_var)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor):
         """tokens: long [B, T] padded with 0; lengths: [B] -> (μ [B, D], log_var [B, D])."""

@@ -138,7 +138,7 @@ class Trainer:
         self.scaler.step(self.opt)
         self.scaler.update()
         self.sched.step()
-        return {k: float(v) for k, v in out.items()}
+        return {k: float(v.detach()) for k, v in out.items()}
 
     def run_epoch(self, log):
         cfg, split = self.cfg, self.train_split

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ MAX_QUERY_CHARS = 10_000
 MAX_IMAGE_PIXELS = 100_000_000
 MC_SAMPLES = 16
 MC_SEED = 0
+NOISE_ROWS = 4096  # items share a noise row when their ids agree modulo this
 
 
 @dataclass
@@ -63,8 +65,25 @@ def shortlist_size(k: int, n: int) -> int:
     return min(n, max(10 * k, 200))
 
 
-def rescore(score: str, mu_q, lv_q, mu_d, lv_d, a: float, b: float) -> np.ndarray:
-    """Rank key (higher = better) of each of M candidates for one query; arrays [D] and [M, D]."""
+@lru_cache(maxsize=4)
+def _noise_table(n_samples: int, dim: int) -> torch.Tensor:
+    """[NOISE_ROWS + 1, J, D] fixed standard-normal noise; row NOISE_ROWS is the query's."""
+    gen = torch.Generator().manual_seed(MC_SEED)
+    return torch.randn(NOISE_ROWS + 1, n_samples, dim, generator=gen)
+
+
+def item_noise(ids: np.ndarray, n_samples: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-item Monte-Carlo noise keyed by id: an item's samples, hence its `mc` score, do not
+    depend on which other items share the shortlist. Returns (eps_q [J, 1, D], eps_d [J, M, D])."""
+    table = _noise_table(n_samples, dim)
+    rows = torch.from_numpy(np.asarray(ids, dtype=np.int64) % NOISE_ROWS)
+    return table[NOISE_ROWS][:, None], table[rows].transpose(0, 1)
+
+
+def rescore(score: str, mu_q, lv_q, mu_d, lv_d, a: float, b: float,
+            ids: np.ndarray | None = None) -> np.ndarray:
+    """Rank key (higher = better) of each of M candidates for one query; arrays [D] and [M, D].
+    `ids` (the candidates' ids) key the fixed per-item noise of the `mc` score."""
     if score not in SCORES:
         raise PcmeError(f"--score {score}: choose one of {', '.join(SCORES)}")
     q_mu, q_lv = torch.from_numpy(mu_q)[None], torch.from_numpy(lv_q)[None]
@@ -72,9 +91,9 @@ def rescore(score: str, mu_q, lv_q, mu_d, lv_d, a: float, b: float) -> np.ndarra
     if score == "mu":
         raw = SCORES["mu"][0](q_mu, d_mu)
     elif score == "mc":
-        # Fixed seed: the same query over the same shortlist always gives the same ranking.
-        gen = torch.Generator().manual_seed(MC_SEED)
-        raw = match_prob(q_mu, q_lv, d_mu, d_lv, a, b, MC_SAMPLES, generator=gen)
+        ids = np.arange(len(mu_d)) if ids is None else ids
+        eps_q, eps_d = item_noise(ids, MC_SAMPLES, mu_d.shape[1])
+        raw = match_prob(q_mu, q_lv, d_mu, d_lv, a, b, MC_SAMPLES, eps_q=eps_q, eps_d=eps_d)
     else:
         raw = SCORES[score][0](q_mu, q_lv, d_mu, d_lv)
     return rank_key(score, raw).numpy()
@@ -85,6 +104,15 @@ class SearchEngine:
         self.reader = IndexReader.open(Path(index_dir))
         self.device_name = device
         self._model = None
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self) -> "SearchEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- the model named in the index manifest, loaded on first use --------------------------
     def model(self):
@@ -133,7 +161,7 @@ class SearchEngine:
         timings["fetch_ms"] = _ms(t)
         t = time.perf_counter()
         a, b = self._match_params()
-        key = rescore(score, mu_q.astype(np.float32), lv_q.astype(np.float32), mu_d, lv_d, a, b)
+        key = rescore(score, mu_q.astype(np.float32), lv_q.astype(np.float32), mu_d, lv_d, a, b, ids)
         order = np.argsort(-key, kind="stable")[:k]
         timings["rescore_ms"] = _ms(t)
         meta = self.reader.meta(modality, ids[order])

@@ -1,0 +1,151 @@
+"""PCME's probabilistic soft-contrastive loss (Chun et al., CVPR 2021, Sec. 3), plus its
+regularisers: KL to a standard normal and an optional uniformity term on the samples.
+
+Every image and caption is N(μ, diag exp(log_var)). We draw J samples of each with the
+reparameterisation z = μ + exp(½·log_var)·ε, so gradients reach both μ and log_var. For an
+image i and a caption k the match probability is the mean over the J×J sample pairs of
+sigmoid(−a‖z_i − z_k‖ + b); matched pairs are pushed towards p = 1, all other in-batch pairs
+towards p = 0.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+from engine.errors import PcmeError
+
+logger = logging.getLogger(__name__)
+
+_DIST_EPS = 1e-12  # inside sqrt: keeps the gradient of ‖·‖ finite when two samples coincide
+
+
+def _check_gaussian(mu: torch.Tensor, log_var: torch.Tensor, where: str) -> None:
+    if mu.dim() != 2 or mu.shape != log_var.shape:
+        raise PcmeError(f"{where}: mu {tuple(mu.shape)} and log_var "
+                        f"{tuple(log_var.shape)} must both be [B, D]")
+
+
+def sample_embeddings(mu: torch.Tensor, log_var: torch.Tensor, n_samples: int,
+                      generator: torch.Generator | None = None,
+                      eps: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, J, D] reparameterised samples z = μ + exp(½·log_var)·ε.
+
+    ε is drawn as torch.randn((B, J, D), generator=generator) unless `eps` [B, J, D] is given.
+    """
+    _check_gaussian(mu, log_var, "sample_embeddings")
+    if n_samples < 1:
+        raise PcmeError(f"sample_embeddings: n_samples must be >= 1, got {n_samples}")
+    shape = (mu.shape[0], n_samples, mu.shape[1])
+    if eps is None:
+        eps = torch.randn(shape, generator=generator, dtype=mu.dtype, device=mu.device)
+    elif tuple(eps.shape) != shape:
+        raise PcmeError(f"sample_embeddings: eps must have shape {shape}, got {tuple(eps.shape)}")
+    return mu[:, None, :] + torch.exp(0.5 * log_var)[:, None, :] * eps
+
+
+def match_log_probs(z_img: torch.Tensor, z_txt: torch.Tensor, a, b
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p, log(1−p)), each [B_img, B_txt], from samples z_img [B_img, J, D] and
+    z_txt [B_txt, J, D].
+
+    p = (1/J²) Σ_{j,j'} sigmoid(logit), logit = −a‖z_img^j − z_txt^j'‖ + b. Both logs are taken
+    as logsumexp of logsigmoid terms, so neither underflows when p is near 0 or 1.
+    """
+    if z_img.dim() != 3 or z_txt.dim() != 3 or z_img.shape[1:] != z_txt.shape[1:]:
+        raise PcmeError(f"match_log_probs: samples must be [B, J, D] with the same J and D, got "
+                        f"{tuple(z_img.shape)} and {tuple(z_txt.shape)}")
+    n_img, n_samples, dim = z_img.shape
+    n_txt = z_txt.shape[0]
+    x, y = z_img.reshape(-1, dim), z_txt.reshape(-1, dim)
+    sq = (x ** 2).sum(-1)[:, None] + (y ** 2).sum(-1)[None, :] - 2.0 * x @ y.T
+    dist = torch.sqrt(sq.clamp_min(0.0) + _DIST_EPS)       # [B_img·J, B_txt·J]
+    logit = (-a * dist + b).reshape(n_img, n_samples, n_txt, n_samples).permute(0, 2, 1, 3)
+    log_pairs = math.log(n_samples**2)
+    log_p = torch.logsumexp(F.logsigmoid(logit).flatten(2), dim=-1) - log_pairs
+    log_not_p = torch.logsumexp(F.logsigmoid(-logit).flatten(2), dim=-1) - log_pairs
+    return log_p, log_not_p
+
+
+def kl_to_standard_normal(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """[B] KL(N(μ, diag σ²) ‖ N(0, I)) = ½ Σ_d (σ² + μ² − 1 − log σ²)."""
+    return 0.5 * (log_var.exp() + mu ** 2 - 1.0 - log_var).sum(-1)
+
+
+def uniformity(z: torch.Tensor) -> torch.Tensor:
+    """Wang & Isola's uniformity: log of the mean over distinct pairs of exp(−2‖z − z'‖²).
+
+    z is [N, D] (N ≥ 2); computed as a logsumexp so far-apart points do not underflow to log 0.
+    """
+    n = len(z)
+    if n < 2:
+        raise PcmeError(f"uniformity: needs at least 2 points, got {n}")
+    sq = (z ** 2).sum(-1)[:, None] + (z ** 2).sum(-1)[None, :] - 2.0 * z @ z.T
+    self_pair = torch.eye(n, dtype=torch.bool, device=z.device)
+    # Every unordered pair appears twice in the full matrix: same mean, no index tensors.
+    log_terms = torch.where(self_pair, -math.inf, -2.0 * sq.clamp_min(0.0))
+    return torch.logsumexp(log_terms.flatten(), dim=0) - math.log(n * (n - 1))
+
+
+def _balanced_nll(log_p, log_not_p, matched) -> torch.Tensor:
+    """Mean NLL over matched pairs + mean NLL over unmatched pairs.
+
+    Balanced because a batch has about B positives and B²−B negatives: a plain mean over all
+    pairs would let the negatives drown the positives. An empty group contributes 0.
+    """
+    zero = log_p.new_zeros(())
+    pos = -log_p[matched].mean() if matched.any() else zero
+    neg = -log_not_p[~matched].mean() if (~matched).any() else zero
+    return pos + neg
+
+
+def _check_loss_inputs(img_mu, img_log_var, txt_mu, txt_log_var, matched, n_samples) -> None:
+    _check_gaussian(img_mu, img_log_var, "pcme_loss: image")
+    _check_gaussian(txt_mu, txt_log_var, "pcme_loss: text")
+    if img_mu.shape[1] != txt_mu.shape[1]:
+        raise PcmeError(f"pcme_loss: image dim {img_mu.shape[1]} != text dim {txt_mu.shape[1]}")
+    expected = (img_mu.shape[0], txt_mu.shape[0])
+    if tuple(matched.shape) != expected or matched.dtype != torch.bool:
+        raise PcmeError(f"pcme_loss: matched must be a bool tensor of shape {expected}, got "
+                        f"{matched.dtype} {tuple(matched.shape)}")
+    if n_samples < 1:
+        raise PcmeError(f"pcme_loss: n_samples must be >= 1, got {n_samples}")
+
+
+def pcme_loss(img_mu, img_log_var, txt_mu, txt_log_var, matched: torch.Tensor,
+              a: torch.Tensor, b: torch.Tensor, n_samples: int, kl_weight: float = 1e-4,
+              uniformity_weight: float = 0.0, generator: torch.Generator | None = None,
+              img_eps: torch.Tensor | None = None, txt_eps: torch.Tensor | None = None) -> dict:
+    """PCME loss for a batch of B_img images and B_txt captions; matched [B_img, B_txt] bool.
+
+    `a` must be positive (the model passes softplus or exp of a raw parameter); a and b are
+    scalar tensors and receive gradients. Noise is drawn from `generator`, images first, then
+    captions, unless given as img_eps [B_img, J, D] / txt_eps [B_txt, J, D].
+
+    Returns {"loss", "nll", "kl", "uniformity", "pos_prob", "neg_prob"}: loss = nll +
+    kl_weight·kl + uniformity_weight·uniformity; kl is the mean over all items of both
+    modalities; uniformity is 0 (and not computed) when its weight is 0; pos_prob / neg_prob
+    are the mean match probabilities of matched / unmatched pairs (detached, for logging).
+    """
+    _check_loss_inputs(img_mu, img_log_var, txt_mu, txt_log_var, matched, n_samples)
+    z_img = sample_embeddings(img_mu, img_log_var, n_samples, generator, img_eps)
+    z_txt = sample_embeddings(txt_mu, txt_log_var, n_samples, generator, txt_eps)
+    log_p, log_not_p = match_log_probs(z_img, z_txt, a, b)
+    nll = _balanced_nll(log_p, log_not_p, matched)
+    kl = torch.cat([kl_to_standard_normal(img_mu, img_log_var),
+                    kl_to_standard_normal(txt_mu, txt_log_var)]).mean()
+    unif = nll.new_zeros(())
+    if uniformity_weight:
+        unif = uniformity(torch.cat([z_img, z_txt]).flatten(0, 1))
+    prob = log_p.detach().exp()
+    nan = prob.new_tensor(float("nan"))
+    return {
+        "loss": nll + kl_weight * kl + uniformity_weight * unif,
+        "nll": nll,
+        "kl": kl,
+        "uniformity": unif,
+        "pos_prob": prob[matched].mean() if matched.any() else nan,
+        "neg_prob": prob[~matched].mean() if (~matched).any() else nan,
+    }

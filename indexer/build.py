@@ -1,0 +1,173 @@
+"""Build an index directory from a shard directory.
+
+Stages (each streams the shards; nothing holds all rows of a modality except FAISS itself):
+  1. validate the shards (hashes, schema, values, ids);
+  2. gather a seeded random sample per modality (IVF training) and ~200 probe queries;
+  3. train each FAISS index; find out whether it gives μ back exactly (else μ goes to the store);
+  4. add every row to FAISS and to the LMDB store, keeping the probes' exact top-10 on the side;
+  5. choose nprobe by measured recall@10, write the FAISS files and, last, the manifest.
+All of it happens in a temp sibling dir that replaces `out_dir` only when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import faiss
+import numpy as np
+
+from engine.errors import PcmeError
+from indexer import faiss_index as fx
+from indexer.manifest import SCHEMA_VERSION, AtomicDir, sha256_file, utc_now, write_json
+from indexer.shards import MODALITIES, read_shards, validate_shards
+from indexer.store import StoreWriter, estimate_map_size
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]  # (stage, rows done, rows total)
+N_PROBES, RECALL_K, RECALL_TARGET = 200, 10, 0.95
+STORE_FILE = "store.lmdb"
+
+
+@dataclass
+class _Plan:
+    """Everything decided about one modality's index before rows are added."""
+    modality: str
+    n: int
+    factory: str
+    index: faiss.Index
+    train_ids: np.ndarray           # sorted ids of the training sample
+    probe_source: str               # modality the recall probes are drawn from
+    probe_ids: np.ndarray           # sorted ids of the probes (empty when nprobe is not measured)
+    train: np.ndarray | None = None
+    probes: np.ndarray | None = None
+    exact: fx.ExactTopK | None = None
+    mu_in_store: bool = False
+
+
+def build_index(shard_dir: Path, out_dir: Path, factory: str = "auto", nprobe: int | None = None,
+                progress: Progress | None = None, seed: int = 0) -> dict:
+    """Validate `shard_dir`, build FAISS + LMDB + manifest, atomically replace `out_dir`.
+    `factory` "auto" picks per modality from its count; any other string goes to FAISS as is.
+    `nprobe` None measures it per modality; an int is used as given (capped at nlist)."""
+    start = time.perf_counter()
+    shard_dir = Path(shard_dir).absolute()
+    if nprobe is not None and nprobe < 1:
+        raise PcmeError(f"--nprobe {nprobe}: must be >= 1")
+    shard_manifest = validate_shards(shard_dir)
+    shard_sha = sha256_file(shard_dir / "manifest.json")
+    dim, counts = shard_manifest["dim"], {m: shard_manifest["counts"].get(m, 0) for m in MODALITIES}
+    present = [m for m in MODALITIES if counts[m] > 0]
+    if not present:
+        raise PcmeError(f"{shard_dir}: the shards hold no rows; nothing to index")
+    rng = np.random.default_rng(seed)
+    with AtomicDir(out_dir, kind="index") as tmp:
+        plans = {m: _plan(m, counts, dim, factory, nprobe is None, rng) for m in present}
+        _gather_samples(shard_dir, plans, dim)
+        _train(plans)
+        _add_all(shard_dir, tmp / STORE_FILE, plans, dim, progress)
+        chosen = {m: _nprobe(p, nprobe) for m, p in plans.items()}
+        for m, p in plans.items():
+            faiss.write_index(p.index, str(tmp / f"{m}.faiss"))
+        manifest = {
+            "schema_version": SCHEMA_VERSION, "kind": "index", "dim": dim, "counts": counts,
+            "factory": {m: p.factory for m, p in plans.items()},
+            "nprobe": {m: c[0] for m, c in chosen.items()},
+            "nprobe_recall": {m: c[1] for m, c in chosen.items()},
+            "metric": "inner_product",
+            "store": {"file": STORE_FILE, "dtype": "float16",
+                      "mu_in_store": {m: p.mu_in_store for m, p in plans.items()}},
+            "shards": {"dir": str(shard_dir), "manifest_sha256": shard_sha},
+            "producer": shard_manifest.get("producer", {}), "created": utc_now(),
+            "build_s": round(time.perf_counter() - start, 3)}
+        write_json(tmp / "manifest.json", manifest)  # last: its presence marks a complete build
+    logger.info("index built in %.1f s: %s", manifest["build_s"], manifest["factory"])
+    return manifest
+
+
+def _plan(m: str, counts: dict, dim: int, factory: str, measure: bool, rng) -> _Plan:
+    n = counts[m]
+    name = fx.choose_factory(n, dim) if factory == "auto" else factory
+    index = fx.make_index(name, dim)
+    train_ids = np.sort(rng.choice(n, fx.train_size(index, n), replace=False))
+    other = [o for o in MODALITIES if o != m and counts[o] > 0]
+    source = other[0] if other else m  # cross-modal probes match how the index is queried
+    probe_ids = np.zeros(0, np.int64)
+    if measure and fx.ivf_of(index) is not None:
+        pool = np.arange(counts[source])
+        if source == m:  # held out from training where possible
+            pool = np.setdiff1d(pool, train_ids) if len(train_ids) < n else pool
+        probe_ids = np.sort(rng.choice(pool, min(N_PROBES, len(pool)), replace=False))
+    logger.info("%s: %d vectors, factory %s, %d training rows", m, n, name, len(train_ids))
+    return _Plan(m, n, name, index, train_ids, source, probe_ids)
+
+
+def _gather_samples(shard_dir: Path, plans: dict[str, _Plan], dim: int) -> None:
+    """One streaming pass that copies out the μ rows whose ids were sampled."""
+    wanted = [(p, "train", p.modality, p.train_ids) for p in plans.values()]
+    wanted += [(p, "probes", p.probe_source, p.probe_ids) for p in plans.values()]
+    for p, attr, _, ids in wanted:
+        setattr(p, attr, np.empty((len(ids), dim), np.float32))
+    for batch in read_shards(shard_dir):
+        for p, attr, modality, ids in wanted:
+            rows = np.flatnonzero(batch.modality == modality)
+            pos = np.searchsorted(ids, batch.ids[rows])
+            hit = pos < len(ids)
+            hit[hit] = ids[pos[hit]] == batch.ids[rows[hit]]
+            getattr(p, attr)[pos[hit]] = batch.mu[rows[hit]]
+
+
+def _train(plans: dict[str, _Plan]) -> None:
+    for p in plans.values():
+        t = time.perf_counter()
+        fx.train(p.index, p.train, p.factory)
+        p.mu_in_store = not fx.reconstructs_exactly(p.index, p.train)
+        if len(p.probe_ids):
+            p.exact = fx.ExactTopK(p.probes, min(RECALL_K, p.n))
+        logger.info("%s: trained in %.1f s; exact μ %s", p.modality, time.perf_counter() - t,
+                    "in the LMDB store" if p.mu_in_store else "reconstructed from FAISS")
+        p.train = None  # free the sample before the big pass
+
+
+def _add_all(shard_dir: Path, store_path: Path, plans: dict[str, _Plan], dim: int,
+             progress: Progress | None) -> None:
+    """Stream every row into FAISS, the store and the probes' exact top-k."""
+    total = sum(p.n for p in plans.values())
+    with_mu = any(p.mu_in_store for p in plans.values())
+    store = StoreWriter(store_path, estimate_map_size(total, dim, 128 * total, with_mu))
+    done, worst_norm, t = 0, 0.0, time.perf_counter()
+    for batch in read_shards(shard_dir):
+        for m, p in plans.items():
+            b = batch.select(m)
+            if not len(b):
+                continue
+            fx.add(p.index, b.mu, b.ids)
+            store.put(m, b.ids, b.log_var, b.groups, b.items, b.mu if p.mu_in_store else None)
+            if p.exact is not None:
+                p.exact.update(b.mu, b.ids)
+            norms = np.einsum("ij,ij->i", b.mu, b.mu)
+            worst_norm = max(worst_norm, float(np.abs(norms - 1.0).max()))
+            done += len(b)
+        if progress is not None:
+            progress("add", done, total)
+    store.close()
+    if worst_norm > 1e-3:  # inner product equals cosine only for unit vectors
+        logger.warning("μ is not L2-normalised (max |‖μ‖²-1| = %.3g)", worst_norm)
+    logger.info("added %d vectors in %.1f s", done, time.perf_counter() - t)
+
+
+def _nprobe(p: _Plan, override: int | None) -> tuple[int | None, float | None]:
+    """(nprobe, measured recall@10); (None, None) for indexes without inverted lists."""
+    ivf = fx.ivf_of(p.index)
+    if ivf is None:
+        return None, None
+    if override is not None:
+        return min(override, ivf.nlist), None
+    nprobe, recall = fx.choose_nprobe(p.index, p.probes, p.exact.ids, RECALL_TARGET)
+    logger.info("%s: nprobe %d (recall@%d %.3f vs brute force)", p.modality, nprobe,
+                p.exact.k, recall)
+    return nprobe, round(recall, 4)

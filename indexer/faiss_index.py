@@ -1,0 +1,155 @@
+"""FAISS on μ: choose a factory from N, build/train it, and pick nprobe by measured recall.
+
+μ is L2-normalised, so every index uses METRIC_INNER_PRODUCT and inner product = cosine.
+FAISS ids are the global shard ids: IVF indexes take them with add_with_ids; indexes without
+id support (Flat, HNSW, …) number rows 0..n-1 in add order, which equals the global ids
+because shards are read in id order (checked on every add).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import faiss
+import numpy as np
+
+from engine.errors import PcmeError
+
+logger = logging.getLogger(__name__)
+
+FLAT_MAX = 5_000          # below this brute force is fast and exact
+SQ8_MIN = 2_000_000       # from here 4 bytes/dim of IVF,Flat lists get costly; SQ8 is 1 byte
+MIN_POINTS_PER_LIST = 39  # FAISS warns below 39 training points per centroid
+MAX_TRAIN = 200_000
+TRAIN_PER_LIST = 256      # FAISS's own cap (max_points_per_centroid) on useful training points
+
+
+def choose_factory(n: int, dim: int) -> str:
+    """Flat when n <= 5,000; else IVF with K ≈ 4·sqrt(n) (a power of two, at least 39
+    training points per list), SQ8 codes from 2M vectors on (μ then goes to the store)."""
+    if n < 1 or dim < 1:
+        raise ValueError(f"choose_factory: need n >= 1 and dim >= 1, got n={n}, dim={dim}")
+    if n <= FLAT_MAX:
+        return "Flat"
+    k = 2 ** round(math.log2(4 * math.sqrt(n)))
+    k = min(k, 2 ** int(math.log2(n // MIN_POINTS_PER_LIST)))
+    return f"IVF{k},{'SQ8' if n >= SQ8_MIN else 'Flat'}"
+
+
+def make_index(factory: str, dim: int) -> faiss.Index:
+    try:
+        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        msg = str(e).strip().splitlines()[-1][:200]
+        raise PcmeError(f"--factory {factory!r}: faiss cannot build it ({msg})") from None
+
+
+def ivf_of(index: faiss.Index):
+    """The IVF layer of an index (through pre-transforms), or None for non-IVF indexes."""
+    return faiss.try_extract_index_ivf(index)
+
+
+def train_size(index: faiss.Index, n: int) -> int:
+    """Rows to sample: ≤ 256·K for IVF, ≤ 200k for other trained codecs (PQ, SQ…), and a
+    few hundred for untrained ones (used only to probe reconstruction)."""
+    ivf = ivf_of(index)
+    if ivf is not None:
+        return min(n, TRAIN_PER_LIST * ivf.nlist, MAX_TRAIN)
+    return min(n, 256 if index.is_trained else MAX_TRAIN)
+
+
+def train(index: faiss.Index, sample: np.ndarray, factory: str) -> None:
+    if index.is_trained:
+        return
+    ivf = ivf_of(index)
+    if ivf is not None and len(sample) < ivf.nlist:
+        raise PcmeError(f"--factory {factory!r}: {ivf.nlist} lists need at least that many "
+                        f"vectors to train, only {len(sample)} available")
+    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+
+
+def add(index: faiss.Index, mu: np.ndarray, ids: np.ndarray) -> None:
+    mu = np.ascontiguousarray(mu, dtype=np.float32)
+    if ivf_of(index) is not None:
+        index.add_with_ids(mu, np.ascontiguousarray(ids, dtype=np.int64))
+        return
+    if len(ids) and not np.array_equal(ids, np.arange(index.ntotal, index.ntotal + len(ids))):
+        raise ValueError(f"add: index without id support needs ids in order from {index.ntotal}")
+    index.add(mu)
+
+
+def reconstructs_exactly(index: faiss.Index, sample: np.ndarray, seed: int = 0) -> bool:
+    """Does this (trained) index give μ back bit for bit? Tried on a copy, so any factory
+    (PQ, SQ, OPQ/PCA transforms…) is classified by what it does. Random unit vectors join
+    the data sample because a codec can be exact on its own training points (PQ with
+    as many centroids as points) and lossy on everything else."""
+    probe = faiss.clone_index(index)
+    noise = np.random.default_rng(seed).standard_normal((64, index.d))
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    sample = np.ascontiguousarray(np.concatenate([sample[:256], noise]), dtype=np.float32)
+    add(probe, sample, np.arange(len(sample)))
+    try:
+        if ivf_of(probe) is not None:
+            ivf_of(probe).make_direct_map()
+        back = probe.reconstruct_n(0, len(sample))
+    except RuntimeError:
+        return False  # cannot reconstruct at all: μ must come from the store
+    return bool(np.array_equal(back, sample))
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int | None = None):
+    """Top-k inner products; nprobe is passed per call (no shared state is mutated)."""
+    params = faiss.SearchParametersIVF(nprobe=int(nprobe)) if nprobe and ivf_of(index) else None
+    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
+
+
+def nprobe_ladder(nlist: int) -> list[int]:
+    """1, 2, 4, … up to nlist, always ending at nlist (where IVF search becomes exact)."""
+    ladder = [2 ** i for i in range(int(math.log2(nlist)) + 1)]
+    return ladder if ladder[-1] == nlist else ladder + [nlist]
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean fraction of each query's true top-k ids found in its approximate top-k."""
+    if found.shape != truth.shape:
+        raise ValueError(f"recall_at_k: shapes {found.shape} and {truth.shape} differ")
+    hits = [len(np.intersect1d(f, t)) for f, t in zip(found, truth)]
+    return float(np.sum(hits) / truth.size)
+
+
+def choose_nprobe(index: faiss.Index, queries: np.ndarray, truth: np.ndarray,
+                  target: float = 0.95) -> tuple[int, float]:
+    """Smallest nprobe on the ladder whose recall@k (k = truth.shape[1]) against the exact
+    top-k reaches `target`; if none does (lossy codes), the best one, with a warning."""
+    nlist = ivf_of(index).nlist
+    best = (nlist, -1.0)
+    for nprobe in nprobe_ladder(nlist):
+        _, found = search(index, queries, truth.shape[1], nprobe)
+        r = recall_at_k(found, truth)
+        logger.info("nprobe %d: recall@%d %.3f", nprobe, truth.shape[1], r)
+        if r >= target:
+            return nprobe, r
+        if r > best[1]:
+            best = (nprobe, r)
+    logger.warning("no nprobe reaches recall %.2f (best %.3f at nprobe %d)", target, best[1], best[0])
+    return best
+
+
+class ExactTopK:
+    """Running exact top-k by inner product for a few queries, fed one batch at a time,
+    so the recall reference never needs all of μ in memory."""
+
+    def __init__(self, queries: np.ndarray, k: int):
+        self.queries, self.k = np.ascontiguousarray(queries, dtype=np.float32), k
+        self.scores = np.full((len(queries), 0), -np.inf, np.float32)
+        self.ids = np.zeros((len(queries), 0), np.int64)
+
+    def update(self, mu: np.ndarray, ids: np.ndarray) -> None:
+        scores = np.concatenate([self.scores, self.queries @ mu.T], axis=1)
+        cand = np.concatenate([self.ids, np.broadcast_to(ids, (len(self.queries), len(ids)))], 1)
+        if scores.shape[1] > self.k:
+            keep = np.argpartition(-scores, self.k - 1, axis=1)[:, :self.k]
+            scores = np.take_along_axis(scores, keep, 1)
+            cand = np.take_along_axis(cand, keep, 1)
+        self.scores, self.ids = scores, cand

@@ -1,0 +1,166 @@
+"""Open an index directory for the engine: FAISS search on μ, σ (and exact μ) from LMDB.
+
+Exact μ for a hit comes from the LMDB store when the FAISS codes are lossy (mu_in_store);
+otherwise it is reconstructed from FAISS. For IVF that needs the id -> list position map,
+which is built once per modality on first use (O(n) once, then each lookup is O(1)); the
+index files stay plain `faiss.write_index` output without it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from engine.errors import PcmeError
+from indexer import faiss_index as fx
+from indexer.manifest import read_manifest
+from indexer.shards import MODALITIES
+from indexer.store import StoreReader
+
+logger = logging.getLogger(__name__)
+
+
+class IndexReader:
+    def __init__(self, index_dir: Path, manifest: dict, indexes: dict, store: StoreReader):
+        self.index_dir, self.manifest, self.dim = index_dir, manifest, manifest["dim"]
+        self._indexes, self._store = indexes, store
+        self._direct_maps: set[str] = set()
+
+    @classmethod
+    def open(cls, index_dir: Path) -> "IndexReader":
+        index_dir = Path(index_dir)
+        manifest = read_manifest(index_dir, "index")
+        try:
+            dim, counts = int(manifest["dim"]), dict(manifest["counts"])
+            store_file = manifest["store"]["file"]
+            for m, n in counts.items():
+                if n:
+                    manifest["store"]["mu_in_store"][m], manifest["nprobe"][m]
+        except (KeyError, TypeError, ValueError) as e:
+            raise PcmeError(f"{index_dir / 'manifest.json'}: malformed index manifest "
+                            f"(missing or bad field {e})") from None
+        indexes = {m: _read_faiss(index_dir / f"{m}.faiss", dim, n) for m, n in counts.items() if n}
+        return cls(index_dir, manifest, indexes, StoreReader(index_dir / store_file, dim))
+
+    def count(self, modality: str) -> int:
+        _check_modality(modality)
+        return int(self.manifest["counts"].get(modality, 0))
+
+    def search(self, modality: str, queries: np.ndarray, n: int,
+               nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate top-n by inner product on μ: (ids [Q, n'], ip [Q, n']) with n' = min(n,
+        count). Never returns -1 ids: rows IVF left short are searched again with more lists."""
+        queries = self._check_queries(queries)
+        if n < 1:
+            raise PcmeError(f"search: n must be >= 1, got {n}")
+        n = min(n, self.count(modality))
+        if n == 0:
+            return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
+        index = self._indexes[modality]
+        nprobe = nprobe or self.manifest["nprobe"][modality]
+        ip, ids = fx.search(index, queries, n, nprobe)
+        ivf = fx.ivf_of(index)
+        while ivf is not None and nprobe and nprobe < ivf.nlist and (ids < 0).any():
+            nprobe = min(2 * nprobe, ivf.nlist)  # nprobe = nlist scans all n rows: never short
+            short = np.flatnonzero((ids < 0).any(axis=1))
+            ip[short], ids[short] = fx.search(index, queries[short], n, nprobe)
+        return _trim_missing(ids, ip)
+
+    def fetch(self, modality: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(μ float32 [M, D], log_var float32 [M, D]) for `ids`; store reads in one transaction."""
+        ids = self._check_ids(modality, ids)
+        if self._mu_in_store(modality):
+            mu_rows, lv_rows = self._store.get(modality, ("mu", "log_var"), ids)
+            return self._store.decode(mu_rows, np.float32), self._store.decode(lv_rows, np.float16)
+        log_var = self._store.log_var(modality, ids)
+        return self._reconstruct(modality, ids), log_var
+
+    def fetch_log_var(self, modality: str, ids: np.ndarray) -> np.ndarray:
+        return self._store.log_var(modality, self._check_ids(modality, ids))
+
+    def meta(self, modality: str, ids: np.ndarray) -> list[tuple[int, str]]:
+        """(group, item) per id."""
+        return self._store.meta(modality, self._check_ids(modality, ids))
+
+    def all_vectors(self, modality: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, μ, log_var) of every item, in id order: for exact search and evaluation."""
+        n = self.count(modality)
+        if n == 0:
+            empty = np.zeros((0, self.dim), np.float32)
+            return np.zeros(0, np.int64), empty, empty.copy()
+        log_var = self._store.scan(modality, "log_var", np.float16, n)
+        if self._mu_in_store(modality):
+            mu = self._store.scan(modality, "mu", np.float32, n)
+        else:  # IVF reconstruct_n walks the inverted lists; it needs no direct map
+            mu = self._indexes[modality].reconstruct_n(0, n)
+        return np.arange(n, dtype=np.int64), mu, log_var
+
+    def close(self) -> None:
+        self._store.close()
+        self._indexes = {}
+
+    def __enter__(self) -> "IndexReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _mu_in_store(self, modality: str) -> bool:
+        return bool(self.manifest["store"]["mu_in_store"][modality])
+
+    def _reconstruct(self, modality: str, ids: np.ndarray) -> np.ndarray:
+        index = self._indexes[modality]
+        ivf = fx.ivf_of(index)
+        if ivf is not None and modality not in self._direct_maps:
+            ivf.make_direct_map()
+            self._direct_maps.add(modality)
+        return index.reconstruct_batch(ids)
+
+    def _check_queries(self, queries: np.ndarray) -> np.ndarray:
+        queries = np.asarray(queries)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise PcmeError(f"{self.index_dir}: queries have shape {queries.shape}, "
+                            f"the index expects (Q, {self.dim})")
+        return np.ascontiguousarray(queries, dtype=np.float32)
+
+    def _check_ids(self, modality: str, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids)
+        n = self.count(modality)
+        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+            raise PcmeError(f"{self.index_dir}: ids must be a 1-D integer array, got "
+                            f"{ids.dtype} {ids.shape}")
+        bad = (ids < 0) | (ids >= n)
+        if bad.any():
+            raise PcmeError(f"{self._store.path}: no {modality} id {int(ids[bad][0])} "
+                            f"(ids are 0..{n - 1})")
+        return ids.astype(np.int64)
+
+
+def _check_modality(modality: str) -> None:
+    if modality not in MODALITIES:
+        raise PcmeError(f"modality {modality!r}: expected one of {MODALITIES}")
+
+
+def _read_faiss(path: Path, dim: int, count: int) -> faiss.Index:
+    if not path.is_file():
+        raise PcmeError(f"{path}: FAISS index file is missing")
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as e:
+        raise PcmeError(f"{path}: unreadable FAISS index ({str(e).splitlines()[-1][:200]})") from None
+    if index.d != dim or index.ntotal != count:
+        raise PcmeError(f"{path}: holds {index.ntotal} vectors of dim {index.d}, manifest says "
+                        f"{count} of dim {dim}")
+    return index
+
+
+def _trim_missing(ids: np.ndarray, ip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop trailing columns where some row found fewer hits (-1), so no -1 id leaks out."""
+    valid = int((ids >= 0).sum(axis=1).min())
+    if valid < ids.shape[1]:
+        logger.warning("search returned only %d of %d hits for some queries", valid, ids.shape[1])
+        ids, ip = ids[:, :valid], ip[:, :valid]
+    return ids, ip

@@ -1,0 +1,87 @@
+"""The README quick start, through the CLI, on a tiny configuration."""
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    cfg = root / "tiny.toml"
+    cfg.write_text("batch_size = 32\nn_samples = 3\n[model]\nembed_dim = 16\nresnet_width = 8\n"
+                   "gru_hidden = 32\nattn_hidden = 8\n")
+    args = ["train", "--config", str(cfg), "--root", str(root / "data"), "--out", str(root / "run"),
+            "--shards", str(root / "out"), "--train-images", "128", "--epochs", "1", "--device", "cpu"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["index", "--shards", str(root / "out"), "--out", str(root / "index")])
+    assert res.exit_code == 0, res.output
+    return root
+
+
+def query_json(root, *args):
+    res = runner.invoke(app, ["query", *args, "--index", str(root / "index"), "--json"])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def test_train_wrote_checkpoint_eval_and_shards(trained):
+    assert (trained / "run" / "checkpoint.pt").is_file()
+    report = json.loads((trained / "run" / "eval.json").read_text())
+    assert report["n_images"] == 1000 and report["n_captions"] == 5000
+    assert set(report["by_score"]) >= {"mu", "elk"}
+    assert json.loads((trained / "out" / "manifest.json").read_text())["counts"] == {"image": 1000, "text": 5000}
+
+
+def test_text_query_json_shape_and_order(trained):
+    out = query_json(trained, "people waiting for a train", "--k", "7")
+    assert out["modality"] == "image" and out["score"] == "elk"
+    assert [h["rank"] for h in out["results"]] == list(range(1, 8))
+    scores = [h["score"] for h in out["results"]]
+    assert scores == sorted(scores, reverse=True)
+    assert all(h["uncertainty"] > 0 and h["item"].endswith(".png") for h in out["results"])
+    assert len({h["id"] for h in out["results"]}) == 7
+    assert out["query_uncertainty"] > 0 and "ann_ms" in out["timings_ms"]
+
+
+def test_mu_score_equals_exhaustive_inner_product(trained):
+    from indexer.reader import IndexReader
+    from engine.search import SearchEngine
+
+    with SearchEngine(trained / "index") as eng:
+        mu, lv, _ = eng.encode_text("a red car next to a dog")
+    with IndexReader.open(trained / "index") as reader:
+        ids, mus, _ = reader.all_vectors("image")
+    expected = ids[np.argsort(-(mus @ mu), kind="stable")[:5]]
+    out = query_json(trained, "a red car next to a dog", "--score", "mu", "--k", "5")
+    assert [h["id"] for h in out["results"]] == list(expected)
+
+
+def test_unknown_words_are_reported(trained):
+    out = query_json(trained, "people waiting for a zeppelinx")
+    assert out["unknown_words"] == ["zeppelinx"]
+    res = runner.invoke(app, ["query", "qqq zzz", "--index", str(trained / "index")])
+    assert res.exit_code == 2 and "vocabulary" in res.output
+
+
+def test_image_query_returns_captions(trained):
+    img = trained / "data" / "scenes" / "test" / "images" / "000002.png"
+    out = query_json(trained, "--image", str(img), "--k", "3", "--score", "mc")
+    assert out["modality"] == "text" and len(out["results"]) == 3
+    again = query_json(trained, "--image", str(img), "--k", "3", "--score", "mc")
+    assert out["results"] == again["results"]  # fixed per-item Monte-Carlo noise
+
+
+def test_eval_json(trained):
+    res = runner.invoke(app, ["eval", "--checkpoint", str(trained / "run" / "checkpoint.pt"),
+                              "--root", str(trained / "data"), "--json", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout[res.stdout.index("{"):])
+    stored = json.loads((trained / "run" / "eval.json").read_text())
+    assert report["by_score"]["elk"]["t2i"]["R@1"] == pytest.approx(stored["by_score"]["elk"]["t2i"]["R@1"])
