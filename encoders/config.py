@@ -25,13 +25,13 @@ class ModelConfig:
     # text encoder
     vocab: list[str] = field(default_factory=list)  # index -> word; filled from training captions
     word_dim: int = 50              # word-vector dimension (GloVe 6B 50-d by default)
-    gru_hidden: int = 256           # hidden size of each direction of the bi-GRU
+    gru_hidden: int = 128           # hidden size of each direction of the bi-GRU
     # heads
     attn_hidden: int = 64           # hidden size of the local-attention scorer
     dropout: float = 0.0            # dropout on the attention residual
     init_log_var: float = -7.0      # initial log σ² (bias of the log_var head): small vs. |Δμ|²
-    init_a: float = 5.0             # initial a of sigmoid(-a d + b) (kept positive via softplus)
-    init_b: float = 5.0             # initial b
+    init_a: float = 15.0            # initial a of sigmoid(-a d + b) (kept positive via softplus)
+    init_b: float = 10.0            # initial b: p = 0.5 at distance b/a
 
 
 @dataclass
@@ -41,7 +41,9 @@ class TrainConfig:
     out: str = "runs/latest"        # run folder: checkpoint.pt, log.jsonl, eval.json
     shards: str = "out"             # where the test split's shards are written after training
     epochs: int = 8                 # passes over the training images (one random caption each)
-    batch_size: int = 128           # image-caption pairs per step
+    batch_size: int = 128           # images per step
+    captions_per_image: int = 5     # captions per image in a step (all 5 of a scene/COCO image):
+                                    # the costly image forward pass learns from every caption
     lr: float = 2e-3                # AdamW learning rate (peak of the cosine schedule)
     weight_decay: float = 1e-4      # AdamW weight decay
     warmup_steps: int = 50          # linear warm-up before the cosine decay

@@ -28,13 +28,17 @@ def pad_tokens(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tenso
     return tokens, lengths
 
 
-def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
-    """Any PIL image (grayscale, RGBA, any size) -> float [3, size, size] in [0, 1]."""
+def image_to_uint8(img: Image.Image, size: int) -> torch.Tensor:
+    """Any PIL image (grayscale, RGBA, any size) -> uint8 [3, size, size]."""
     img = img.convert("RGB")
     if img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR)
-    arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
+    """Any PIL image -> float [3, size, size] in [0, 1], what the image encoder takes."""
+    return image_to_uint8(img, size).float().div_(255.0)
 
 
 def _batches(n: int, batch_size: int) -> Iterator[slice]:

@@ -69,6 +69,21 @@ def match_log_probs(z_img: torch.Tensor, z_txt: torch.Tensor, a, b
     return log_p, log_not_p
 
 
+def label_log_likelihood(z_img: torch.Tensor, z_txt: torch.Tensor, a, b, matched: torch.Tensor
+                         ) -> torch.Tensor:
+    """[B_img, B_txt] log-probability of the observed label of each pair: log p where matched,
+    log(1−p) elsewhere. Same value as picking from `match_log_probs`, at half the cost: one
+    logsigmoid of the signed logit and one logsumexp, straight over the (j, j') axes."""
+    n_img, n_samples, dim = z_img.shape
+    n_txt = z_txt.shape[0]
+    x, y = z_img.reshape(-1, dim), z_txt.reshape(-1, dim)
+    sq = (x ** 2).sum(-1)[:, None] + (y ** 2).sum(-1)[None, :] - 2.0 * x @ y.T
+    dist = torch.sqrt(sq.clamp_min(0.0) + _DIST_EPS).reshape(n_img, n_samples, n_txt, n_samples)
+    sign = matched.to(dist.dtype).mul(2.0).sub(1.0)[:, None, :, None]  # +1 matched, −1 not
+    log_terms = F.logsigmoid(sign * (b - a * dist))
+    return torch.logsumexp(log_terms, dim=(1, 3)) - math.log(n_samples**2)
+
+
 def kl_to_standard_normal(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
     """[B] KL(N(μ, diag σ²) ‖ N(0, I)) = ½ Σ_d (σ² + μ² − 1 − log σ²)."""
     return 0.5 * (log_var.exp() + mu ** 2 - 1.0 - log_var).sum(-1)
@@ -132,14 +147,15 @@ def pcme_loss(img_mu, img_log_var, txt_mu, txt_log_var, matched: torch.Tensor,
     _check_loss_inputs(img_mu, img_log_var, txt_mu, txt_log_var, matched, n_samples)
     z_img = sample_embeddings(img_mu, img_log_var, n_samples, generator, img_eps)
     z_txt = sample_embeddings(txt_mu, txt_log_var, n_samples, generator, txt_eps)
-    log_p, log_not_p = match_log_probs(z_img, z_txt, a, b)
-    nll = _balanced_nll(log_p, log_not_p, matched)
+    loglik = label_log_likelihood(z_img, z_txt, a, b, matched)
+    nll = _balanced_nll(loglik, loglik, matched)
     kl = torch.cat([kl_to_standard_normal(img_mu, img_log_var),
                     kl_to_standard_normal(txt_mu, txt_log_var)]).mean()
     unif = nll.new_zeros(())
     if uniformity_weight:
         unif = uniformity(torch.cat([z_img, z_txt]).flatten(0, 1))
-    prob = log_p.detach().exp()
+    lik = loglik.detach().exp()
+    prob = torch.where(matched, lik, 1.0 - lik)  # p(match) of every pair
     nan = prob.new_tensor(float("nan"))
     return {
         "loss": nll + kl_weight * kl + uniformity_weight * unif,

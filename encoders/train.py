@@ -22,7 +22,7 @@ from .checkpoint import read_checkpoint, resolve_device, save_checkpoint
 from .config import TrainConfig, model_config_from_dict
 from .data import load_split
 from .data.base import Split
-from .encode import image_to_tensor, pad_tokens
+from .encode import image_to_tensor, image_to_uint8, pad_tokens
 from .evaluate import encode_split, evaluate_split
 from .export import export_shards
 from .pipeline import producer_of
@@ -34,19 +34,44 @@ from .text import Vocab, build_vocab, glove_matrix
 logger = logging.getLogger(__name__)
 
 
-def epoch_plan(split: Split, seed: int, epoch: int, caps_of: list[np.ndarray]):
-    """(image order, caption index per position) for one epoch, deterministic in (seed, epoch)."""
+def epoch_plan(split: Split, seed: int, epoch: int, caps_of: list[np.ndarray], per_image: int):
+    """(image order, caption indices [n_images, per_image]) for one epoch, deterministic in
+    (seed, epoch). Each image gets `per_image` of its captions, drawn without replacement while
+    it has enough (with replacement otherwise)."""
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(split.n_images)
-    picks = np.array([caps_of[i][rng.integers(len(caps_of[i]))] for i in order])
+    picks = np.array([rng.choice(caps_of[i], per_image, replace=len(caps_of[i]) < per_image)
+                      for i in order])
     return order, picks
 
 
-def make_batch(split: Split, vocab: Vocab, images, captions, size: int, flip_rng):
-    x = torch.stack([image_to_tensor(split.load_image(int(i)), size) for i in images])
+PRELOAD_BYTES = 2 * 2**30  # splits smaller than this are decoded once and kept as uint8
+
+
+class ImageSource:
+    """Training images as float [B, 3, S, S] batches: decoded once into memory when the split is
+    small (the scenes: 10k x 12 KB), else decoded from disk for every batch."""
+
+    def __init__(self, split: Split, size: int):
+        self.split, self.size, self.cache = split, size, None
+        if split.n_images * 3 * size * size <= PRELOAD_BYTES:
+            self.cache = torch.empty(split.n_images, 3, size, size, dtype=torch.uint8)
+            with track(f"decode {split.name} images", split.n_images) as bar:
+                for i in range(split.n_images):
+                    self.cache[i] = image_to_uint8(split.load_image(i), size)
+                    bar.advance(1)
+
+    def batch(self, indices) -> torch.Tensor:
+        if self.cache is not None:
+            return self.cache[torch.as_tensor(indices, dtype=torch.long)].float().div_(255.0)
+        return torch.stack([image_to_tensor(self.split.load_image(int(i)), self.size) for i in indices])
+
+
+def make_batch(split: Split, vocab: Vocab, source: ImageSource, images, captions, flip_rng):
+    x = source.batch(images)
     flip = torch.from_numpy(flip_rng.random(len(images)) < 0.5)  # no left/right words in captions
     x[flip] = x[flip].flip(-1)
-    tokens, lengths = pad_tokens([vocab.encode(split.captions[int(c)])[0] for c in captions])
+    tokens, lengths = pad_tokens([vocab.encode(split.captions[int(c)])[0] for c in captions.ravel()])
     return x, tokens, lengths
 
 
@@ -94,6 +119,7 @@ class Trainer:
             self.model = build_model(cfg, self.train_split).to(self.device)
             self._make_optimizer()
         self.vocab = Vocab(self.model.cfg.vocab)
+        self.images = ImageSource(self.train_split, self.model.cfg.image_size)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self._fp16())
 
     def _fp16(self) -> bool:
@@ -128,7 +154,9 @@ class Trainer:
         with _autocast(self.device, cfg.amp):
             i_mu, i_lv = model.image(x.to(self.device, non_blocking=True))
             t_mu, t_lv = model.text(tokens.to(self.device), lengths)
-        matched = torch.eye(len(x), dtype=torch.bool, device=self.device)
+        # image i matches the captions written for it: a block of `captions_per_image` columns
+        per = len(tokens) // len(x)
+        matched = torch.eye(len(x), dtype=torch.bool, device=self.device).repeat_interleave(per, dim=1)
         out = pcme_loss(i_mu.float(), i_lv.float(), t_mu.float(), t_lv.float(), matched,
                         model.a, model.b, cfg.n_samples, cfg.kl_weight, cfg.uniformity_weight)
         self.opt.zero_grad(set_to_none=True)
@@ -142,15 +170,14 @@ class Trainer:
 
     def run_epoch(self, log):
         cfg, split = self.cfg, self.train_split
-        order, picks = epoch_plan(split, cfg.seed, self.epoch, self.caps_of)
+        order, picks = epoch_plan(split, cfg.seed, self.epoch, self.caps_of, cfg.captions_per_image)
         flip_rng = np.random.default_rng([cfg.seed, self.epoch, 1])
         bs = cfg.batch_size
         with track(f"epoch {self.epoch + 1}/{cfg.epochs}", self.steps_per_epoch) as bar:
             bar.advance(self.step_in_epoch)
             for k in range(self.step_in_epoch, self.steps_per_epoch):
                 sl = slice(k * bs, (k + 1) * bs)
-                batch = make_batch(split, self.vocab, order[sl], picks[sl],
-                                   self.model.cfg.image_size, flip_rng)
+                batch = make_batch(split, self.vocab, self.images, order[sl], picks[sl], flip_rng)
                 stats = self.train_step(*batch)
                 self.step += 1
                 self.step_in_epoch = k + 1

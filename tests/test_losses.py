@@ -198,3 +198,15 @@ def test_bad_inputs_raise():
         sample_embeddings(mu, lv, 2, eps=torch.zeros(3, 3, 4))
     with pytest.raises(PcmeError, match="same J"):
         match_log_probs(torch.zeros(3, 2, 4), torch.zeros(3, 3, 4), 1.0, 0.0)
+
+
+def test_label_log_likelihood_picks_log_p_or_log_not_p():
+    from encoders.losses import label_log_likelihood, match_log_probs
+
+    g = torch.Generator().manual_seed(3)
+    z_img, z_txt = torch.randn(4, 3, 6, generator=g), torch.randn(10, 3, 6, generator=g)
+    matched = torch.rand(4, 10, generator=g) < 0.3
+    a, b = torch.tensor(2.0), torch.tensor(1.5)
+    log_p, log_not_p = match_log_probs(z_img, z_txt, a, b)
+    expected = torch.where(matched, log_p, log_not_p)
+    torch.testing.assert_close(label_log_likelihood(z_img, z_txt, a, b, matched), expected)
