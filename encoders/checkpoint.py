@@ -6,7 +6,6 @@ A checkpoint is a plain dict of tensors and primitives (loads with weights_only=
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import asdict
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 from engine.errors import PcmeError
+from indexer.manifest import sha256_file
 
 from .config import model_config_from_dict
 from .models import PCME
@@ -31,14 +31,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise PcmeError(f"--device {name}: no CUDA device is available on this machine")
     return torch.device(name)
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_checkpoint(path: str | Path, model: PCME, **extra) -> None:

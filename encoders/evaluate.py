@@ -67,6 +67,6 @@ def evaluate_split(model: PCME, vocab: Vocab, split: Split, device: torch.device
     """The eval JSON: {"split", "n_images", "n_captions", "by_score": {score: report}}."""
     i_mu, i_lv, t_mu, t_lv = embeddings or encode_split(model, vocab, split, device)
     by_score = evaluate_embeddings((i_mu, i_lv), (t_mu, t_lv), ground_truth(split), scores,
-                                   a=float(model.a), b=float(model.b))
+                                   a=model.a.item(), b=model.b.item())
     return {"split": split.name, "dataset": split.dataset, "n_images": split.n_images,
             "n_captions": split.n_captions, "by_score": by_score}

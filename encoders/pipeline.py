@@ -4,7 +4,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .checkpoint import load_model, resolve_device, sha256_file
+from indexer.manifest import sha256_file
+
+from .checkpoint import load_model, resolve_device
 from .data import load_split
 from .evaluate import encode_split, evaluate_split
 from .export import export_shards
@@ -16,7 +18,7 @@ def producer_of(checkpoint: str | Path, model) -> dict:
     """What the shard and index manifests record about the model that made the vectors."""
     path = Path(checkpoint).resolve()
     return {"checkpoint": str(path), "checkpoint_sha256": sha256_file(path),
-            "match_a": float(model.a), "match_b": float(model.b)}
+            "match_a": model.a.item(), "match_b": model.b.item()}
 
 
 def encode_to_shards(checkpoint: str, data: str, root: str, split: str, out: str,

@@ -184,7 +184,7 @@ class Trainer:
                 bar.advance(1, status=f"loss {stats['loss']:.3f}")
                 if self.step % 10 == 0:
                     log({"epoch": self.epoch, "step": self.step, "lr": self.sched.get_last_lr()[0],
-                         "a": float(self.model.a), "b": float(self.model.b), **stats})
+                         "a": self.model.a.item(), "b": self.model.b.item(), **stats})
                 if self.step % 50 == 0:
                     self.save("last.pt")
         self.epoch += 1

@@ -1,8 +1,9 @@
 """Build an index directory from a shard directory.
 
 Stages (each streams the shards; nothing holds all rows of a modality except FAISS itself):
-  1. validate the shards (hashes, schema, values, ids);
-  2. gather a seeded random sample per modality (IVF training) and ~200 probe queries;
+  1. choose each modality's factory from the manifest counts, and which ids to sample;
+  2. validate the shards (hashes, schema, values, ids) and, in the same pass, copy out the
+     seeded random training sample and ~200 probe queries;
   3. train each FAISS index; find out whether it gives μ back exactly (else μ goes to the store);
   4. add every row to FAISS and to the LMDB store, keeping the probes' exact top-10 on the side;
   5. choose nprobe by measured recall@10, write the FAISS files and, last, the manifest.
@@ -23,7 +24,7 @@ import numpy as np
 from engine.errors import PcmeError
 from indexer import faiss_index as fx
 from indexer.manifest import SCHEMA_VERSION, AtomicDir, sha256_file, utc_now, write_json
-from indexer.shards import MODALITIES, read_shards, validate_shards
+from indexer.shards import MODALITIES, ShardBatch, read_shard_manifest, read_shards, validate_shards
 from indexer.store import StoreWriter, estimate_map_size
 
 logger = logging.getLogger(__name__)
@@ -58,16 +59,16 @@ def build_index(shard_dir: Path, out_dir: Path, factory: str = "auto", nprobe: i
     shard_dir = Path(shard_dir).absolute()
     if nprobe is not None and nprobe < 1:
         raise PcmeError(f"--nprobe {nprobe}: must be >= 1")
-    shard_manifest = validate_shards(shard_dir)
-    shard_sha = sha256_file(shard_dir / "manifest.json")
+    shard_manifest = read_shard_manifest(shard_dir)  # counts are checked by validate below
     dim, counts = shard_manifest["dim"], {m: shard_manifest["counts"].get(m, 0) for m in MODALITIES}
     present = [m for m in MODALITIES if counts[m] > 0]
     if not present:
         raise PcmeError(f"{shard_dir}: the shards hold no rows; nothing to index")
     rng = np.random.default_rng(seed)
-    with AtomicDir(out_dir, kind="index") as tmp:
+    with AtomicDir(out_dir, kind="index") as tmp:  # first: refuse a foreign out_dir early
         plans = {m: _plan(m, counts, dim, factory, nprobe is None, rng) for m in present}
-        _gather_samples(shard_dir, plans, dim)
+        validate_shards(shard_dir, on_batch=_sample_gatherer(plans, dim, progress))
+        shard_sha = sha256_file(shard_dir / "manifest.json")
         _train(plans)
         _add_all(shard_dir, tmp / STORE_FILE, plans, dim, progress)
         chosen = {m: _nprobe(p, nprobe) for m, p in plans.items()}
@@ -106,19 +107,26 @@ def _plan(m: str, counts: dict, dim: int, factory: str, measure: bool, rng) -> _
     return _Plan(m, n, name, index, train_ids, source, probe_ids)
 
 
-def _gather_samples(shard_dir: Path, plans: dict[str, _Plan], dim: int) -> None:
-    """One streaming pass that copies out the μ rows whose ids were sampled."""
+def _sample_gatherer(plans: dict[str, _Plan], dim: int,
+                     progress: Progress | None) -> Callable[[ShardBatch], None]:
+    """A per-batch callback that copies out the μ rows whose ids were sampled."""
     wanted = [(p, "train", p.modality, p.train_ids) for p in plans.values()]
     wanted += [(p, "probes", p.probe_source, p.probe_ids) for p in plans.values()]
     for p, attr, _, ids in wanted:
         setattr(p, attr, np.empty((len(ids), dim), np.float32))
-    for batch in read_shards(shard_dir):
+    seen, total = [0], sum(p.n for p in plans.values())
+
+    def gather(batch: ShardBatch) -> None:
+        seen[0] += len(batch)
+        if progress is not None:
+            progress("validate", seen[0], total)
         for p, attr, modality, ids in wanted:
             rows = np.flatnonzero(batch.modality == modality)
             pos = np.searchsorted(ids, batch.ids[rows])
             hit = pos < len(ids)
             hit[hit] = ids[pos[hit]] == batch.ids[rows[hit]]
             getattr(p, attr)[pos[hit]] = batch.mu[rows[hit]]
+    return gather
 
 
 def _train(plans: dict[str, _Plan]) -> None:
@@ -140,21 +148,23 @@ def _add_all(shard_dir: Path, store_path: Path, plans: dict[str, _Plan], dim: in
     with_mu = any(p.mu_in_store for p in plans.values())
     store = StoreWriter(store_path, estimate_map_size(total, dim, 128 * total, with_mu))
     done, worst_norm, t = 0, 0.0, time.perf_counter()
-    for batch in read_shards(shard_dir):
-        for m, p in plans.items():
-            b = batch.select(m)
-            if not len(b):
-                continue
-            fx.add(p.index, b.mu, b.ids)
-            store.put(m, b.ids, b.log_var, b.groups, b.items, b.mu if p.mu_in_store else None)
-            if p.exact is not None:
-                p.exact.update(b.mu, b.ids)
-            norms = np.einsum("ij,ij->i", b.mu, b.mu)
-            worst_norm = max(worst_norm, float(np.abs(norms - 1.0).max()))
-            done += len(b)
-        if progress is not None:
-            progress("add", done, total)
-    store.close()
+    try:
+        for batch in read_shards(shard_dir):
+            for m, p in plans.items():
+                b = batch.select(m)
+                if not len(b):
+                    continue
+                fx.add(p.index, b.mu, b.ids)
+                store.put(m, b.ids, b.log_var, b.groups, b.items, b.mu if p.mu_in_store else None)
+                if p.exact is not None:
+                    p.exact.update(b.mu, b.ids)
+                norms = np.einsum("ij,ij->i", b.mu, b.mu)
+                worst_norm = max(worst_norm, float(np.abs(norms - 1.0).max()))
+                done += len(b)
+            if progress is not None:
+                progress("add", done, total)
+    finally:
+        store.close()
     if worst_norm > 1e-3:  # inner product equals cosine only for unit vectors
         logger.warning("μ is not L2-normalised (max |‖μ‖²-1| = %.3g)", worst_norm)
     logger.info("added %d vectors in %.1f s", done, time.perf_counter() - t)

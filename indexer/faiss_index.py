@@ -146,8 +146,13 @@ class ExactTopK:
         self.ids = np.zeros((len(queries), 0), np.int64)
 
     def update(self, mu: np.ndarray, ids: np.ndarray) -> None:
-        scores = np.concatenate([self.scores, self.queries @ mu.T], axis=1)
-        cand = np.concatenate([self.ids, np.broadcast_to(ids, (len(self.queries), len(ids)))], 1)
+        # faiss.knn keeps a k-heap per query while it scans: far cheaper than partitioning
+        # the full [Q, batch] score matrix; the small [Q, 2k] merge is then done in numpy.
+        k = min(self.k, len(ids))
+        batch_scores, rows = faiss.knn(self.queries, np.ascontiguousarray(mu, dtype=np.float32),
+                                       k, metric=faiss.METRIC_INNER_PRODUCT)
+        scores = np.concatenate([self.scores, batch_scores], axis=1)
+        cand = np.concatenate([self.ids, np.asarray(ids)[rows]], axis=1)
         if scores.shape[1] > self.k:
             keep = np.argpartition(-scores, self.k - 1, axis=1)[:, :self.k]
             scores = np.take_along_axis(scores, keep, 1)

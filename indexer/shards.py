@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -47,6 +47,8 @@ class ShardBatch:
 
     def select(self, modality: str) -> "ShardBatch":
         keep = self.modality == modality
+        if keep.all():  # the usual case (writers add one modality at a time): no copy
+            return self
         rows = np.flatnonzero(keep)
         return ShardBatch(self.file, self.modality[keep], self.ids[keep], self.mu[keep],
                           self.log_var[keep], [self.items[i] for i in rows], self.groups[keep])
@@ -228,9 +230,11 @@ def _to_batch(path: Path, rb: pa.RecordBatch, dim: int) -> ShardBatch:
                       col("item").to_pylist(), col("group").to_numpy())
 
 
-def validate_shards(shard_dir: Path) -> dict:
+def validate_shards(shard_dir: Path, on_batch: Callable[[ShardBatch], None] | None = None) -> dict:
     """Check a shard directory end to end, streaming; returns its manifest or raises PcmeError
-    naming the file and the problem."""
+    naming the file and the problem. `on_batch` sees every checked batch, so a caller can do
+    its own work in the same pass (the builder gathers its training sample) instead of
+    reading the shards again."""
     shard_dir = Path(shard_dir)
     manifest = read_shard_manifest(shard_dir)
     dim, next_id = manifest["dim"], {m: 0 for m in MODALITIES}
@@ -243,6 +247,8 @@ def validate_shards(shard_dir: Path) -> dict:
         rows = 0
         for batch in _read_file(path, dim, READ_BATCH):
             _check_values(path, batch, next_id)
+            if on_batch is not None:
+                on_batch(batch)
             rows += len(batch)
         if rows != entry["rows"]:
             raise PcmeError(f"{path}: has {rows} rows, manifest says {entry['rows']}")

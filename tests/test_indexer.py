@@ -230,3 +230,24 @@ def test_reader_errors_name_the_missing_file(index, tmp_path):
     (broken / "text.faiss").write_bytes(b"garbage")
     with pytest.raises(PcmeError, match="text.faiss: unreadable FAISS index"):
         IndexReader.open(broken)
+
+
+def test_store_grows_when_full_and_clips_extreme_log_var(tmp_path, caplog):
+    from indexer.store import StoreReader, StoreWriter
+    rng = np.random.default_rng(6)
+    log_var = rng.normal(0, 5, (300, D)).astype(np.float32)
+    log_var[0, :3] = [-30.0, 25.0, -20.0]
+    items = [f"{i} " + "long caption ✓ " * 200 for i in range(300)]  # ~1 MB: past the 64 KiB map
+    store = StoreWriter(tmp_path / "s.lmdb", map_size=64 << 10)
+    for start in (0, 150):
+        sl = slice(start, start + 150)
+        store.put("text", np.arange(start, start + 150), log_var[sl], np.arange(300)[sl] // 3, items[sl])
+    with caplog.at_level("WARNING"):
+        store.close()
+    assert "clipped 2 log_var values" in caplog.text
+    reader = StoreReader(tmp_path / "s.lmdb", D)
+    got = reader.scan("text", "log_var", np.float16, 300)
+    np.testing.assert_array_equal(got[0, :3], [-20.0, 20.0, -20.0])
+    np.testing.assert_allclose(got[1:], log_var[1:], rtol=2**-11, atol=1e-6)
+    assert reader.meta("text", np.array([299, 0])) == [(99, items[299]), (0, items[0])]
+    reader.close()
