@@ -105,7 +105,8 @@ def index(
 
     manifest = _run(build_index, Path(shards), Path(out), factory, nprobe)
     counts = ", ".join(f"{n} {m}" for m, n in manifest["counts"].items())
-    factories = ", ".join(f"{m}: {f} (nprobe {manifest['nprobe'][m]})" for m, f in manifest["factory"].items())
+    factories = ", ".join(f"{m}: {f}" + (f" nprobe {manifest['nprobe'][m]}" if manifest["nprobe"].get(m) else "")
+                          for m, f in manifest["factory"].items())
     typer.echo(f"indexed {counts} in {manifest['build_s']:.2f} s -> {out}/  [{factories}]")
 
 

@@ -233,3 +233,15 @@ def test_validation_rejects_missing_empty_and_unreadable_dirs(tmp_path):
     (out / "manifest.json").write_text(json.dumps({"schema_version": 1, "kind": "index"}))
     with pytest.raises(PcmeError, match="not a shards manifest"):
         validate_shards(out)
+
+
+@pytest.mark.parametrize("exchange_available", [True, False])
+def test_commit_swaps_directories_with_or_without_renameat2(tmp_path, monkeypatch, exchange_available):
+    from indexer import manifest as manifest_mod
+    if not exchange_available:
+        monkeypatch.setattr(manifest_mod, "_exchange", lambda a, b: False)
+    out = tmp_path / "out"
+    write_example(out, seed=1)
+    write_example(out, rows_per_shard=100, seed=2)
+    assert [s["rows"] for s in validate_shards(out)["shards"]] == [28]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .old / .tmp leftovers
