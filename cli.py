@@ -49,6 +49,7 @@ def train(
     epochs: Optional[int] = typer.Option(None, help="Training epochs. [default: 8]"),
     batch_size: Optional[int] = typer.Option(None, help="Pairs per step. [default: 128]"),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate. [default: 2e-3]"),
+    loss: Optional[str] = typer.Option(None, help="pcme, pcmepp, infonce or vse++. [default: pcme]"),
     train_images: Optional[int] = typer.Option(None, help="Scenes training images. [default: 10000]"),
     glove: Optional[str] = typer.Option(None, help="GloVe text file; default: offline GloVe 6B 50-d."),
     seed: Optional[int] = typer.Option(None, help="Random seed. [default: 0]"),
@@ -63,7 +64,7 @@ def train(
     from encoders.train import train as run_train
 
     overrides = dict(data=data, root=root, out=out, shards=shards, epochs=epochs,
-                     batch_size=batch_size, lr=lr, train_images=train_images, glove=glove,
+                     batch_size=batch_size, lr=lr, loss=loss, train_images=train_images, glove=glove,
                      seed=seed, device=device)
     cfg = _run(load_train_config, config, overrides)
     result = _run(run_train, cfg, resume)
@@ -145,17 +146,21 @@ def eval_cmd(
     data: str = typer.Option("scenes", help="Dataset name."),
     root: str = typer.Option("data", help="Dataset root folder."),
     split: str = typer.Option("test", help="Split to evaluate."),
-    scores: str = typer.Option("mu,elk", help="Comma-separated scores: mu, elk, csd, w2, bhattacharyya, mc."),
+    scores: str = typer.Option("mu,csd,elk,mc", help="Comma-separated scores: mu, elk, csd, w2, bhattacharyya, mc."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    plot: Optional[str] = typer.Option(None, help="Write a PNG of R@1 per caption-uncertainty bin."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     verbose: bool = Verbose,
 ):
-    """Evaluate a checkpoint on a split against its exact ground truth."""
+    """Evaluate a checkpoint on a split against its ground truth, with an uncertainty report."""
     _setup_logging(verbose)
+    from encoders.evaluate import plot_uncertainty
     from encoders.pipeline import evaluate_checkpoint
 
     names = tuple(s.strip() for s in scores.split(",") if s.strip())
     report = _run(evaluate_checkpoint, checkpoint, data, root, split, names, device)
+    if plot:
+        _run(plot_uncertainty, report, plot)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:
@@ -171,6 +176,11 @@ def _print_eval(report: dict) -> None:
             rsum = f"{rep['rsum']:8.1f}" if d == "t2i" else ""
             typer.echo(f"{name:<14}{d:<5}{m['R@1']:7.3f}{m['R@5']:7.3f}{m['R@10']:7.3f}"
                        f"{m['PMRP']:7.3f}{m['mAP@R']:7.3f}{rsum}")
+    unc = report.get("uncertainty")
+    if unc:
+        typer.echo(f"uncertainty ({unc['score']}): Spearman(caption Σσ², true matches) = "
+                   f"{unc['spearman_caption_var_vs_matches']:.3f}; t2i R@1 per Σσ² bin, low→high: "
+                   + " ".join(f"{b['R@1']:.2f}" for b in unc["bins"]))
 
 
 def _print_result(result) -> None:

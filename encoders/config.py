@@ -48,6 +48,14 @@ class TrainConfig:
     weight_decay: float = 1e-4      # AdamW weight decay
     warmup_steps: int = 50          # linear warm-up before the cosine decay
     grad_clip: float = 2.0          # max global gradient norm
+    accum_steps: int = 1            # micro-batches per optimiser step (negatives stay in-batch)
+    freeze_backbone_epochs: int = 0 # stage 1: epochs with the ResNet frozen (pretrained weights)
+    backbone_lr_scale: float = 1.0  # stage 2: backbone learning rate = lr * this (e.g. 0.1)
+    ckpt_every: int = 50            # optimiser steps between resumable last.pt saves
+    loss: str = "pcme"              # pcme | pcmepp | infonce | vse++
+    pseudo_weight: float = 0.1      # pcmepp: weight of the pseudo-positive pairs
+    margin: float = 0.2             # vse++: triplet margin
+    temperature: float = 0.0        # infonce: fixed τ; 0 = learn it (1/τ is the model's a)
     n_samples: int = 7              # J: samples per item in the loss
     kl_weight: float = 1e-4         # weight of KL(N(μ,σ²) ‖ N(0,I))
     uniformity_weight: float = 0.0  # weight of the uniformity loss on samples (0 = off)

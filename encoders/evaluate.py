@@ -15,10 +15,12 @@ from engine.scores import pairwise, rank_key
 
 from .data.base import Split
 from .encode import encode_images, encode_texts
-from .metrics import retrieval_report
+from .metrics import pmrp_coco, retrieval_report
 from .models import PCME
+from .plots import bar_chart
 from .progress import track
 from .text import Vocab
+from .uncertainty import uncertainty_report
 
 logger = logging.getLogger(__name__)
 
@@ -46,15 +48,16 @@ def score_matrix(name: str, txt, img, a: float, b: float, n_samples: int = 8, se
     return rank_key(name, raw).numpy()
 
 
-def evaluate_embeddings(img, txt, gt: np.ndarray, scores=DEFAULT_SCORES, a: float = 5.0,
-                        b: float = 5.0) -> dict:
-    out = {}
-    for name in scores:
-        out[name] = retrieval_report(score_matrix(name, txt, img, a, b), gt)
-        logger.info("%s: t2i R@1 %.3f PMRP %.3f | i2t R@1 %.3f PMRP %.3f | rsum %.1f", name,
-                    out[name]["t2i"]["R@1"], out[name]["t2i"]["PMRP"], out[name]["i2t"]["R@1"],
-                    out[name]["i2t"]["PMRP"], out[name]["rsum"])
-    return out
+def score_report(split: Split, gt: np.ndarray, matrix: np.ndarray) -> dict:
+    """Retrieval metrics of one [n_captions, n_images] score matrix. COCO replaces PMRP by the
+    paper's plausible-match R-precision from category multi-hots (Hamming ≤ ζ, ζ ∈ {0,1,2})."""
+    report = retrieval_report(matrix, gt)
+    multi_hot = getattr(split, "multi_hot_images", None)
+    if multi_hot is not None:
+        caps = split.multi_hot_captions
+        report["t2i"]["PMRP"] = pmrp_coco(matrix, caps, multi_hot)
+        report["i2t"]["PMRP"] = pmrp_coco(matrix.T, multi_hot, caps)
+    return report
 
 
 def ground_truth(split: Split) -> np.ndarray:
@@ -64,9 +67,31 @@ def ground_truth(split: Split) -> np.ndarray:
 
 def evaluate_split(model: PCME, vocab: Vocab, split: Split, device: torch.device,
                    scores=DEFAULT_SCORES, embeddings=None) -> dict:
-    """The eval JSON: {"split", "n_images", "n_captions", "by_score": {score: report}}."""
+    """The eval JSON: {"split", "n_images", "n_captions", "by_score": {score: report},
+    "uncertainty": {"score", "spearman_caption_var_vs_matches", "bins"}}."""
     i_mu, i_lv, t_mu, t_lv = embeddings or encode_split(model, vocab, split, device)
-    by_score = evaluate_embeddings((i_mu, i_lv), (t_mu, t_lv), ground_truth(split), scores,
-                                   a=model.a.item(), b=model.b.item())
+    gt = ground_truth(split)
+    a, b = model.a.item(), model.b.item()
+    # R@1 per uncertainty bin under the probabilistic score when one was asked for
+    unc_score = "elk" if "elk" in scores else scores[0]
+    by_score, unc = {}, None
+    for name in scores:
+        matrix = score_matrix(name, (t_mu, t_lv), (i_mu, i_lv), a, b)
+        rep = by_score[name] = score_report(split, gt, matrix)
+        logger.info("%s: t2i R@1 %.3f PMRP %.3f | i2t R@1 %.3f PMRP %.3f | rsum %.1f", name,
+                    rep["t2i"]["R@1"], rep["t2i"]["PMRP"], rep["i2t"]["R@1"], rep["i2t"]["PMRP"],
+                    rep["rsum"])
+        if name == unc_score:
+            unc = uncertainty_report(t_lv, matrix, gt)
+    logger.info("Spearman(caption Σσ², true matches) = %.3f", unc["spearman_caption_var_vs_matches"])
     return {"split": split.name, "dataset": split.dataset, "n_images": split.n_images,
-            "n_captions": split.n_captions, "by_score": by_score}
+            "n_captions": split.n_captions, "by_score": by_score,
+            "uncertainty": {"score": unc_score, **unc}}
+
+
+def plot_uncertainty(report: dict, path) -> None:
+    """--plot: R@1 of text→image queries per caption-uncertainty bin (low → high Σσ²)."""
+    unc = report["uncertainty"]
+    bar_chart([b["R@1"] for b in unc["bins"]], [str(b["bin"]) for b in unc["bins"]],
+              f"t2i R@1 per caption Σσ² bin, low -> high ({unc['score']}; Spearman "
+              f"{unc['spearman_caption_var_vs_matches']:.2f})", path)

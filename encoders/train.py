@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,12 +22,13 @@ from .config import TrainConfig, model_config_from_dict
 from .data import load_split
 from .data.base import Split
 from .encode import image_to_tensor, image_to_uint8, pad_tokens
-from .evaluate import encode_split, evaluate_split
+from .evaluate import DEFAULT_SCORES, encode_split, evaluate_split
 from .export import export_shards
 from .pipeline import producer_of
-from .losses import pcme_loss
+from .losses_baselines import LOSSES, PROBABILISTIC
 from .models import PCME
 from .progress import track
+from .schedule import backbone_frozen, make_optimizer
 from .text import Vocab, build_vocab, glove_matrix
 
 logger = logging.getLogger(__name__)
@@ -75,10 +75,14 @@ def make_batch(split: Split, vocab: Vocab, source: ImageSource, images, captions
     return x, tokens, lengths
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+def compute_loss(cfg: TrainConfig, i_mu, i_lv, t_mu, t_lv, matched, a, b) -> dict:
+    """The training objective chosen by cfg.loss, on one batch (all share one harness)."""
+    if cfg.loss not in LOSSES:
+        raise PcmeError(f"loss {cfg.loss!r}: unknown; choose one of {', '.join(LOSSES)}")
+    options = {"n_samples": cfg.n_samples, "kl_weight": cfg.kl_weight,
+               "uniformity_weight": cfg.uniformity_weight, "pseudo_weight": cfg.pseudo_weight,
+               "margin": cfg.margin, "temperature": cfg.temperature or None}
+    return LOSSES[cfg.loss](i_mu, i_lv, t_mu, t_lv, matched, a, b, options)
 
 
 def build_model(cfg: TrainConfig, train_split: Split) -> PCME:
@@ -108,10 +112,13 @@ class Trainer:
                         for i in range(self.train_split.n_images)]
         if any(len(c) == 0 for c in self.caps_of):
             raise PcmeError(f"{cfg.data} train split: some images have no caption")
-        self.steps_per_epoch = self.train_split.n_images // cfg.batch_size
+        if cfg.accum_steps < 1:
+            raise PcmeError(f"accum_steps {cfg.accum_steps}: must be at least 1")
+        # an epoch is a whole number of optimiser steps of accum_steps micro-batches each
+        self.steps_per_epoch = self.train_split.n_images // (cfg.batch_size * cfg.accum_steps)
         if self.steps_per_epoch == 0:
-            raise PcmeError(f"batch_size {cfg.batch_size} is larger than the training split")
-        self.total_steps = self.steps_per_epoch * cfg.epochs
+            raise PcmeError(f"batch_size x accum_steps {cfg.batch_size * cfg.accum_steps} is larger "
+                            f"than the training split ({self.train_split.n_images} images)")
         self.epoch = self.step_in_epoch = self.step = 0
         if resume and (self.out / "last.pt").is_file():
             self._resume(self.out / "last.pt")
@@ -127,10 +134,7 @@ class Trainer:
                 and not torch.cuda.is_bf16_supported())
 
     def _make_optimizer(self):
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr,
-                                     weight_decay=self.cfg.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: lr_factor(s, self.total_steps, self.cfg.warmup_steps))
+        self.opt, self.sched = make_optimizer(self.model, self.cfg, self.steps_per_epoch)
 
     def _resume(self, path: Path):
         ckpt = read_checkpoint(path)
@@ -141,54 +145,76 @@ class Trainer:
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
         self.epoch, self.step_in_epoch, self.step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
+        torch.set_rng_state(ckpt["rng"])  # the loss's sampling noise continues where it stopped
         logger.info("resumed %s at epoch %d, batch %d", path, self.epoch, self.step_in_epoch)
 
     def save(self, name: str):
         save_checkpoint(self.out / name, self.model, train_config=asdict(self.cfg),
                         optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
-                        epoch=self.epoch, step_in_epoch=self.step_in_epoch, step=self.step)
+                        epoch=self.epoch, step_in_epoch=self.step_in_epoch, step=self.step,
+                        rng=torch.get_rng_state())
 
-    def train_step(self, x, tokens, lengths) -> dict:
+    def forward_loss(self, x, tokens, lengths) -> dict:
         cfg, model = self.cfg, self.model
-        model.train()
         with _autocast(self.device, cfg.amp):
             i_mu, i_lv = model.image(x.to(self.device, non_blocking=True))
             t_mu, t_lv = model.text(tokens.to(self.device), lengths)
         # image i matches the captions written for it: a block of `captions_per_image` columns
         per = len(tokens) // len(x)
         matched = torch.eye(len(x), dtype=torch.bool, device=self.device).repeat_interleave(per, dim=1)
-        out = pcme_loss(i_mu.float(), i_lv.float(), t_mu.float(), t_lv.float(), matched,
-                        model.a, model.b, cfg.n_samples, cfg.kl_weight, cfg.uniformity_weight)
+        return compute_loss(cfg, i_mu.float(), i_lv.float(), t_mu.float(), t_lv.float(), matched,
+                            model.a, model.b)
+
+    def train_step(self, micro_batches) -> dict:
+        """One optimiser step over `accum_steps` micro-batches (gradients summed, loss averaged)."""
+        cfg, model = self.cfg, self.model
+        model.train()
+        if backbone_frozen(cfg, self.epoch):
+            model.image.backbone.eval()  # frozen stage: BatchNorm statistics stay as loaded
         self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(out["loss"]).backward()
+        totals: dict[str, float] = {}
+        for batch in micro_batches:
+            out = self.forward_loss(*batch)
+            self.scaler.scale(out["loss"] / len(micro_batches)).backward()
+            for k, v in out.items():
+                totals[k] = totals.get(k, 0.0) + float(v.detach()) / len(micro_batches)
         self.scaler.unscale_(self.opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         self.scaler.step(self.opt)
         self.scaler.update()
         self.sched.step()
-        return {k: float(v.detach()) for k, v in out.items()}
+        return totals
 
     def run_epoch(self, log):
         cfg, split = self.cfg, self.train_split
         order, picks = epoch_plan(split, cfg.seed, self.epoch, self.caps_of, cfg.captions_per_image)
-        flip_rng = np.random.default_rng([cfg.seed, self.epoch, 1])
-        bs = cfg.batch_size
+        bs, acc = cfg.batch_size, cfg.accum_steps
         with track(f"epoch {self.epoch + 1}/{cfg.epochs}", self.steps_per_epoch) as bar:
             bar.advance(self.step_in_epoch)
             for k in range(self.step_in_epoch, self.steps_per_epoch):
-                sl = slice(k * bs, (k + 1) * bs)
-                batch = make_batch(split, self.vocab, self.images, order[sl], picks[sl], flip_rng)
-                stats = self.train_step(*batch)
+                micro = []
+                for m in range(k * acc, (k + 1) * acc):
+                    sl = slice(m * bs, (m + 1) * bs)
+                    flip_rng = np.random.default_rng([cfg.seed, self.epoch, m])  # resumable
+                    micro.append(make_batch(split, self.vocab, self.images, order[sl], picks[sl], flip_rng))
+                stats = self.train_step(micro)
                 self.step += 1
                 self.step_in_epoch = k + 1
                 bar.advance(1, status=f"loss {stats['loss']:.3f}")
                 if self.step % 10 == 0:
                     log({"epoch": self.epoch, "step": self.step, "lr": self.sched.get_last_lr()[0],
                          "a": self.model.a.item(), "b": self.model.b.item(), **stats})
-                if self.step % 50 == 0:
+                if self.step % cfg.ckpt_every == 0:
                     self.save("last.pt")
         self.epoch += 1
         self.step_in_epoch = 0
+
+    def fit(self, log=lambda row: None) -> None:
+        """Run the remaining epochs; last.pt after each one (and every ckpt_every steps)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        while self.epoch < self.cfg.epochs:
+            self.run_epoch(log)
+            self.save("last.pt")
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
@@ -201,16 +227,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         def log(row):
             logf.write(json.dumps(row) + "\n")
             logf.flush()
-        while trainer.epoch < cfg.epochs:
-            trainer.run_epoch(log)
-            trainer.save("last.pt")
+        trainer.fit(log)
         train_s = time.perf_counter() - t0
         trainer.save("checkpoint.pt")
         ckpt_path = out / "checkpoint.pt"
         result = {"train_s": round(train_s, 1), "checkpoint": str(ckpt_path)}
         split = load_split(cfg.data, Path(cfg.root), cfg.eval_split)
         emb = encode_split(trainer.model, trainer.vocab, split, trainer.device)
-        report = evaluate_split(trainer.model, trainer.vocab, split, trainer.device, embeddings=emb)
+        # μ-only baselines leave log_var untrained: only the μ score means anything for them
+        scores = DEFAULT_SCORES if cfg.loss in PROBABILISTIC else ("mu",)
+        report = evaluate_split(trainer.model, trainer.vocab, split, trainer.device, scores,
+                                embeddings=emb)
         (out / "eval.json").write_text(json.dumps(report, indent=2))
         log({"eval": report})
         result["eval"] = report

@@ -79,9 +79,16 @@ def test_image_query_returns_captions(trained):
 
 
 def test_eval_json(trained):
+    png = trained / "unc.png"
     res = runner.invoke(app, ["eval", "--checkpoint", str(trained / "run" / "checkpoint.pt"),
-                              "--root", str(trained / "data"), "--json", "--device", "cpu"])
+                              "--root", str(trained / "data"), "--json", "--device", "cpu",
+                              "--scores", "mu,elk", "--plot", str(png)])
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout[res.stdout.index("{"):])
     stored = json.loads((trained / "run" / "eval.json").read_text())
     assert report["by_score"]["elk"]["t2i"]["R@1"] == pytest.approx(stored["by_score"]["elk"]["t2i"]["R@1"])
+    unc = report["uncertainty"]
+    assert len(unc["bins"]) == 10 and sum(b["n"] for b in unc["bins"]) == 5000
+    assert -1 <= unc["spearman_caption_var_vs_matches"] <= 1
+    from PIL import Image
+    assert Image.open(png).size == (640, 360)

@@ -1,0 +1,201 @@
+"""PCME++, InfoNCE and VSE++ against plain Python loops and hand-built batches."""
+import math
+
+import pytest
+import torch
+
+from encoders.losses_baselines import (LOSSES, infonce_loss, pcmepp_loss, pseudo_positives,
+                                       vsepp_loss)
+from engine.errors import PcmeError
+
+
+def _gauss(n, dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.nn.functional.normalize(torch.randn(n, dim, generator=g, dtype=torch.float64), dim=1)
+    return mu, torch.randn(n, dim, generator=g, dtype=torch.float64) - 2.0
+
+
+def _two_captions_each(n_img):
+    return torch.eye(n_img, dtype=torch.bool).repeat_interleave(2, dim=1)  # [n, 2n]
+
+
+def _loop_csd(mi, vi, mt, vt):
+    return sum((mi[d] - mt[d]) ** 2 + math.exp(vi[d]) + math.exp(vt[d]) for d in range(len(mi)))
+
+
+def _loop_balanced_bce(logit, label):
+    pos = [math.log(1 + math.exp(-x)) for row, lab in zip(logit, label)
+           for x, l in zip(row, lab) if l]
+    neg = [math.log(1 + math.exp(x)) for row, lab in zip(logit, label)
+           for x, l in zip(row, lab) if not l]
+    return (sum(pos) / len(pos) if pos else 0.0) + (sum(neg) / len(neg) if neg else 0.0)
+
+
+def test_pcmepp_equals_plain_loop():
+    (im, iv), (tm, tv) = _gauss(3, 4, 0), _gauss(6, 4, 1)
+    matched = _two_captions_each(3)
+    a, b = 2.0, 3.0
+    out = pcmepp_loss(im, iv, tm, tv, matched, torch.tensor(a), torch.tensor(b),
+                      pseudo_weight=0.3, kl_weight=0.01)
+    csd = [[_loop_csd(im[i].tolist(), iv[i].tolist(), tm[k].tolist(), tv[k].tolist())
+            for k in range(6)] for i in range(3)]
+    logit = [[-a * c + b for c in row] for row in csd]
+    lab = matched.tolist()
+    pseudo = [[not lab[i][k] and (csd[i][k] <= max(c for c, l in zip(csd[i], lab[i]) if l)
+                                  or csd[i][k] <= max(csd[j][k] for j in range(3) if lab[j][k]))
+               for k in range(6)] for i in range(3)]
+    relab = [[lab[i][k] or pseudo[i][k] for k in range(6)] for i in range(3)]
+    kl = sum(0.5 * (math.exp(v) + m * m - 1 - v) for mu, lv in ((im, iv), (tm, tv))
+             for r in range(len(mu)) for m, v in zip(mu[r].tolist(), lv[r].tolist())) / 9
+    bce = _loop_balanced_bce(logit, lab)
+    pseudo_bce = _loop_balanced_bce(logit, relab) if any(map(any, pseudo)) else 0.0
+    assert out["n_pseudo"].item() == sum(map(sum, pseudo)) > 0  # the pseudo term is exercised
+    assert out["bce"].item() == pytest.approx(bce, rel=1e-9)
+    assert out["loss"].item() == pytest.approx(bce + 0.3 * pseudo_bce + 0.01 * kl, rel=1e-9)
+
+
+def test_pseudo_positives_by_hand():
+    # 2 images, 3 captions; caption 0,1 belong to image 0, caption 2 to image 1.
+    matched = torch.tensor([[True, True, False], [False, False, True]])
+    csd = torch.tensor([[1.0, 3.0, 2.5],    # image 0: worst own caption at 3.0 -> caption 2 (2.5)
+                        [2.0, 4.0, 1.5]])   # image 1: own caption at 1.5 -> none of 2.0, 4.0
+    # caption side: caption 0's own image at 1.0 -> image 1 (2.0) is not; caption 1's own at
+    # 3.0 -> image 1 (4.0) is not; caption 2's own at 1.5 -> image 0 (2.5) is not.
+    expected = torch.tensor([[False, False, True], [False, False, False]])
+    assert torch.equal(pseudo_positives(csd, matched), expected)
+    # From the caption side only: caption 0's own image is far (5.0), image 1 is closer.
+    csd2 = torch.tensor([[5.0, 0.1, 9.0], [4.0, 9.0, 0.1]])
+    assert torch.equal(pseudo_positives(csd2, matched),
+                       torch.tensor([[False, False, False], [True, False, False]]))
+
+
+def _loop_infonce(im, tm, matched, scale):
+    def direction(sim, pos):
+        losses = []
+        for row, prow in zip(sim, pos):
+            if not any(prow):
+                continue
+            lse = math.log(sum(math.exp(scale * s) for s in row))
+            terms = [scale * s - lse for s, p in zip(row, prow) if p]
+            losses.append(-sum(terms) / len(terms))
+        return sum(losses) / len(losses)
+    sim = [[sum(x * y for x, y in zip(im[i], tm[k])) for k in range(len(tm))]
+           for i in range(len(im))]
+    sim_t = [list(col) for col in zip(*sim)]
+    pos = matched.tolist()
+    return 0.5 * (direction(sim, pos) + direction(sim_t, [list(c) for c in zip(*pos)]))
+
+
+def test_infonce_equals_plain_loop_with_several_captions_per_image():
+    (im, _), (tm, _) = _gauss(3, 5, 2), _gauss(6, 5, 3)
+    matched = _two_captions_each(3)
+    out = infonce_loss(im, tm, matched, logit_scale=10.0)
+    ref = _loop_infonce(im.tolist(), tm.tolist(), matched, 10.0)
+    assert out["loss"].item() == pytest.approx(ref, rel=1e-9)
+
+
+def test_infonce_one_to_one_equals_torch_cross_entropy():
+    (im, _), (tm, _) = _gauss(5, 8, 4), _gauss(5, 8, 5)
+    logits = 7.0 * im @ tm.T
+    target = torch.arange(5)
+    ref = 0.5 * (torch.nn.functional.cross_entropy(logits, target)
+                 + torch.nn.functional.cross_entropy(logits.T, target))
+    out = infonce_loss(im, tm, torch.eye(5, dtype=torch.bool), 7.0)
+    assert out["loss"].item() == pytest.approx(ref.item(), rel=1e-12)
+
+
+def _loop_vsepp(im, tm, matched, margin):
+    sim = [[sum(x * y for x, y in zip(im[i], tm[k])) for k in range(len(tm))]
+           for i in range(len(im))]
+    pos = matched.tolist()
+    i2t, t2i = [], []
+    for i in range(len(im)):
+        for k in range(len(tm)):
+            if not pos[i][k]:
+                continue
+            hard_t = max(sim[i][kk] for kk in range(len(tm)) if not pos[i][kk])
+            hard_i = max(sim[ii][k] for ii in range(len(im)) if not pos[ii][k])
+            i2t.append(max(0.0, margin - sim[i][k] + hard_t))
+            t2i.append(max(0.0, margin - sim[i][k] + hard_i))
+    return sum(i2t) / len(i2t) + sum(t2i) / len(t2i)
+
+
+def test_vsepp_equals_plain_loop():
+    (im, _), (tm, _) = _gauss(4, 6, 6), _gauss(8, 6, 7)
+    matched = _two_captions_each(4)
+    out = vsepp_loss(im, tm, matched, margin=0.5)
+    assert out["loss"].item() == pytest.approx(_loop_vsepp(im.tolist(), tm.tolist(), matched,
+                                                           0.5), rel=1e-9)
+
+
+def test_vsepp_picks_the_hardest_negative_by_hand():
+    # s = [[0.9, 0.8, 0.1], [0.3, 0.2, 0.7]] with image 0 <-> captions 0, 1; image 1 <-> 2.
+    im = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    tm = torch.tensor([[0.9, 0.3], [0.8, 0.2], [0.1, 0.7]])
+    matched = torch.tensor([[True, True, False], [False, False, True]])
+    out = vsepp_loss(im, tm, matched, margin=0.2)
+    # image 0's hardest negative is caption 2 (0.1): hinges 0.2−0.9+0.1 < 0, 0.2−0.8+0.1 < 0.
+    # image 1's hardest negative is caption 0 (0.3), not caption 1 (0.2): 0.2−0.7+0.3 < 0 too.
+    # caption 0's hardest negative image: 1 (0.3) -> 0; caption 1: image 1 (0.2) -> 0;
+    # caption 2: image 0 (0.1) -> 0.  Shrink the margin's room: raise caption 2 toward image 0.
+    assert out["loss"].item() == pytest.approx(0.0)
+    tm2 = tm.clone()
+    tm2[2] = torch.tensor([0.6, 0.7])  # s(0,2) = 0.6, s(1,2) = 0.7
+    out2 = vsepp_loss(im, tm2, matched, margin=0.2)
+    # i2t: image 0 pairs (0.9, 0.8) vs hardest 0.6: [0.2−0.9+0.6]₊ = 0, [0.2−0.8+0.6]₊ = 0;
+    #      image 1 pair 0.7 vs hardest 0.3 -> 0.  t2i: caption 2 (0.7) vs image 0 (0.6): 0.1;
+    #      caption 0 (0.9) vs 0.3, caption 1 (0.8) vs 0.2 -> 0.  Means over 3 pairs.
+    assert out2["t2i"].item() == pytest.approx(0.1 / 3)
+    assert out2["i2t"].item() == pytest.approx(0.0, abs=1e-7)
+    assert out2["hard_neg_sim"].item() == pytest.approx((0.6 + 0.3 + 0.3 + 0.2 + 0.6) / 5)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_gradients_reach_mu_and_log_var_of_probabilistic_losses(name):
+    (im, iv), (tm, tv) = _gauss(3, 4, 8), _gauss(6, 4, 9)
+    leaves = [t.clone().requires_grad_() for t in (im, iv, tm, tv)]
+    a = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    cfg = {"n_samples": 3, "generator": torch.Generator().manual_seed(0)}
+    LOSSES[name](*leaves, _two_captions_each(3), a, b, cfg)["loss"].backward()
+    for t in (leaves[0], leaves[2]):
+        assert t.grad is not None and t.grad.abs().sum() > 0
+    probabilistic = name in ("pcme", "pcmepp")
+    for t in (leaves[1], leaves[3]):
+        assert (t.grad is not None and t.grad.abs().sum() > 0) == probabilistic
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_matched_batch_scores_lower_than_shuffled(name):
+    g = torch.Generator().manual_seed(10)
+    im = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=1)
+    tm = torch.nn.functional.normalize(im + 0.1 * torch.randn(8, 16, generator=g), dim=1)
+    lv = torch.full((8, 16), -6.0)
+    perm = torch.roll(torch.arange(8), 1)  # every caption moves to another image
+    cfg = {"n_samples": 4, "generator": torch.Generator().manual_seed(0)}
+    eye = torch.eye(8, dtype=torch.bool)
+    args = (torch.tensor(5.0), torch.tensor(2.0), cfg)
+    good = LOSSES[name](im, lv, tm, lv, eye, *args)["loss"]
+    bad = LOSSES[name](im, lv, tm[perm], lv, eye, *args)["loss"]
+    assert good < bad
+
+
+def test_infonce_registry_uses_fixed_temperature_or_a():
+    (im, _), (tm, _) = _gauss(4, 5, 11), _gauss(4, 5, 12)
+    eye = torch.eye(4, dtype=torch.bool)
+    a = torch.tensor(6.0, dtype=torch.float64)
+    via_a = LOSSES["infonce"](im, im, tm, tm, eye, a, None, {})["loss"]
+    assert via_a.item() == pytest.approx(infonce_loss(im, tm, eye, 6.0)["loss"].item())
+    fixed = LOSSES["infonce"](im, im, tm, tm, eye, a, None, {"temperature": 0.1})["loss"]
+    assert fixed.item() == pytest.approx(infonce_loss(im, tm, eye, 10.0)["loss"].item())
+
+
+def test_bad_shapes_raise():
+    (im, iv), (tm, tv) = _gauss(3, 4, 0), _gauss(3, 4, 1)
+    with pytest.raises(PcmeError, match="matched"):
+        pcmepp_loss(im, iv, tm, tv, torch.eye(2, dtype=torch.bool), torch.tensor(1.0),
+                    torch.tensor(0.0))
+    with pytest.raises(PcmeError, match="same D"):
+        infonce_loss(im, tm[:, :3], torch.eye(3, dtype=torch.bool), 1.0)
+    with pytest.raises(PcmeError, match="no matched"):
+        vsepp_loss(im, tm, torch.zeros(3, 3, dtype=torch.bool))

@@ -1,0 +1,301 @@
+"""Real-format readers (COCO, Flickr30k, CUB, folder) on tiny fixture files written here in
+the datasets' own formats."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from encoders.data import LOADERS, load_split
+from encoders.data.coco import hamming
+from engine.errors import PcmeError
+
+
+def _image(path, colour=(200, 10, 10)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 6), colour).save(path)
+
+
+def _karpathy_entry(filename, split, n_captions=5, filepath=None, cocoid=None):
+    entry = {"filename": filename, "split": split,
+             "sentences": [{"raw": f" {filename} caption {j} ", "tokens": [filename, str(j)]}
+                           for j in range(n_captions)]}
+    if filepath is not None:
+        entry.update(filepath=filepath, cocoid=cocoid)
+    return entry
+
+
+# ------------------------------------------------------------------------------------ COCO
+
+COCO_LAYOUT = [  # (split, folder, cocoid, categories)
+    ("train", "train2014", 1, [1]), ("restval", "val2014", 2, [1, 3]), ("val", "val2014", 3, []),
+    ("test", "val2014", 4, [1]), ("test", "val2014", 5, [1, 2]), ("test", "val2014", 6, [2]),
+    ("train", "train2014", 7, [3]),
+]
+
+
+def _instances(path, images):
+    anns = [{"id": 100 * i + c, "image_id": i, "category_id": c}
+            for i, cats in images for c in cats for _ in range(2)]  # 2 instances: counts ≠ labels
+    data = {"images": [{"id": i} for i, _ in images], "annotations": anns,
+            "categories": [{"id": c, "name": f"cat{c}"} for c in (3, 1, 2)]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+@pytest.fixture
+def coco_root(tmp_path):
+    entries = []
+    for split, folder, cocoid, _ in COCO_LAYOUT:
+        name = f"COCO_{folder}_{cocoid:012d}.jpg"
+        _image(tmp_path / folder / name)
+        entries.append(_karpathy_entry(name, split, 7 if cocoid == 4 else 5, folder, cocoid))
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": entries}))
+    for folder in ("train2014", "val2014"):
+        _instances(tmp_path / "annotations" / f"instances_{folder}.json",
+                   [(c, cats) for _, f, c, cats in COCO_LAYOUT if f == folder])
+    return tmp_path
+
+
+def test_coco_splits_restval_in_train_and_five_captions(coco_root):
+    train = load_split("coco", coco_root, "train")
+    assert train.image_keys == ["coco/1", "coco/2", "coco/7"]
+    assert train.image_paths[1] == "val2014/COCO_val2014_000000000002.jpg"
+    test = load_split("coco", coco_root, "test")
+    assert test.image_keys == ["coco/4", "coco/5", "coco/6"]
+    assert test.n_captions == 15  # image 4 has 7 sentences; the protocol keeps 5
+    assert test.captions[0] == "COCO_val2014_000000000004.jpg caption 0"
+    assert list(test.caption_image) == [0] * 5 + [1] * 5 + [2] * 5
+    assert test.match_matrix() is None
+    assert test.load_image(2).size == (8, 6)
+    assert load_split("coco", coco_root, "test", n_images=2).image_keys == ["coco/4", "coco/5"]
+
+
+def test_coco_multi_hot_and_plausible_matrix_against_brute_force(coco_root):
+    test = load_split("coco", coco_root, "test")
+    # columns follow sorted category ids (1, 2, 3); repeated instances count once
+    assert test.multi_hot_images.tolist() == [[1, 0, 0], [1, 1, 0], [0, 1, 0]]
+    assert np.array_equal(test.multi_hot_captions, test.multi_hot_images[test.caption_image])
+    labels = test.multi_hot_images.astype(int)
+    for zeta in (0, 1, 2):
+        brute = np.array([[sum(x != y for x, y in zip(labels[test.caption_image[c]], labels[i]))
+                           <= zeta for i in range(3)] for c in range(test.n_captions)])
+        assert np.array_equal(test.plausible_matrix(zeta), brute)
+    assert test.plausible_matrix(0)[0].tolist() == [True, False, False]
+    assert test.plausible_matrix(1)[0].tolist() == [True, True, False]
+    train = load_split("coco", coco_root, "train")  # needs both instances files
+    assert train.multi_hot_images.tolist() == [[1, 0, 0], [1, 0, 1], [0, 0, 1]]
+
+
+def test_hamming_by_hand():
+    a = np.array([[1, 0, 1, 1]])
+    b = np.array([[1, 0, 1, 1], [0, 1, 0, 0], [1, 1, 1, 1]])
+    assert hamming(a, b).tolist() == [[0, 4, 1]]
+
+
+def test_coco_without_instances_has_no_multi_hot(coco_root):
+    (coco_root / "annotations" / "instances_val2014.json").unlink()
+    test = load_split("coco", coco_root, "test")
+    assert test.multi_hot_images is None
+    with pytest.raises(PcmeError, match="annotations"):
+        test.plausible_matrix(0)
+
+
+def test_coco_1k_folds_are_consecutive_blocks_of_the_5k_test(tmp_path):
+    entries = [_karpathy_entry(f"{i}.jpg", "test", 1, "val2014", i) for i in range(5000)]
+    entries.insert(10, _karpathy_entry("x.jpg", "val", 1, "val2014", 99999))
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": entries}))
+    (tmp_path / "val2014").mkdir()
+    for i in range(5000):  # existence is checked; pixels are decoded lazily
+        (tmp_path / "val2014" / f"{i}.jpg").touch()
+    assert load_split("coco", tmp_path, "test").n_images == 5000
+    for k in range(5):
+        fold = load_split("coco", tmp_path, f"test1k-{k}")
+        assert fold.image_keys == [f"coco/{i}" for i in range(1000 * k, 1000 * (k + 1))]
+    with pytest.raises(PcmeError, match="unknown split"):
+        load_split("coco", tmp_path, "test1k-5")
+
+
+def test_coco_errors_name_the_file(coco_root):
+    (coco_root / "val2014" / "COCO_val2014_000000000005.jpg").unlink()
+    with pytest.raises(PcmeError, match=r"dataset_coco.json: 1 of 3 captioned images are "
+                                        r"missing, first .*000000000005.jpg"):
+        load_split("coco", coco_root, "test")
+    (coco_root / "dataset_coco.json").write_text('{"images": [\n{"filename": }')
+    with pytest.raises(PcmeError, match=r"dataset_coco.json:2: malformed JSON"):
+        load_split("coco", coco_root, "test")
+    (coco_root / "dataset_coco.json").unlink()
+    with pytest.raises(PcmeError, match="dataset_coco.json: file not found"):
+        load_split("coco", coco_root, "test")
+
+
+# ------------------------------------------------------------------------------------ Flickr30k
+
+@pytest.mark.parametrize("image_dir", ["flickr30k-images", "images"])
+def test_flickr30k_splits_and_both_image_folders(tmp_path, image_dir):
+    layout = [("1000.jpg", "train"), ("1001.jpg", "test"), ("1002.jpg", "val"),
+              ("1003.jpg", "test")]
+    for name, _ in layout:
+        _image(tmp_path / image_dir / name)
+    (tmp_path / "dataset_flickr30k.json").write_text(json.dumps(
+        {"images": [_karpathy_entry(n, s) for n, s in layout], "dataset": "flickr30k"}))
+    test = load_split("flickr30k", tmp_path, "test")
+    assert test.image_keys == ["flickr30k/1001", "flickr30k/1003"]
+    assert test.image_paths == [f"{image_dir}/1001.jpg", f"{image_dir}/1003.jpg"]
+    assert test.n_captions == 10 and test.captions[5] == "1003.jpg caption 0"
+    assert test.load_image(1).mode == "RGB"
+    assert load_split("flickr30k", tmp_path, "train").n_images == 1
+    assert load_split("flickr30k", tmp_path, "test", n_images=1).image_keys == ["flickr30k/1001"]
+
+
+def test_flickr30k_errors(tmp_path):
+    (tmp_path / "dataset_flickr30k.json").write_text(json.dumps({"images": [
+        {"filename": "a.jpg", "split": "test", "sentences": [{"raw": "a dog"}]}]}))
+    with pytest.raises(PcmeError, match="no Flickr30k image folder"):
+        load_split("flickr30k", tmp_path, "test")
+    (tmp_path / "images").mkdir()
+    with pytest.raises(PcmeError, match=r"dataset_flickr30k.json: 1 of 1 captioned images"):
+        load_split("flickr30k", tmp_path, "test")
+    with pytest.raises(PcmeError, match="no images with split val"):
+        load_split("flickr30k", tmp_path, "val")
+    (tmp_path / "dataset_flickr30k.json").write_text(json.dumps({"pictures": []}))
+    with pytest.raises(PcmeError, match="not a Karpathy split file"):
+        load_split("flickr30k", tmp_path, "test")
+
+
+# ------------------------------------------------------------------------------------ CUB
+
+def _cub(root, n_classes=4, per_class=2, class_files=None):
+    for c in range(1, n_classes + 1):
+        cls = f"{c:03d}.Bird_{c}"
+        for j in range(per_class):
+            _image(root / "CUB_200_2011" / "images" / cls / f"Bird_{c}_{j}.jpg")
+            text = root / "text_c10" / cls / f"Bird_{c}_{j}.txt"
+            text.parent.mkdir(parents=True, exist_ok=True)
+            text.write_text("".join(f"bird {c} image {j} caption {k}\n" for k in range(10)) + "\n")
+    for name, classes in (class_files or {}).items():
+        (root / name).write_text("".join(f"{c}\n" for c in classes))
+
+
+def test_cub_class_files_give_the_zero_shot_split_and_class_ground_truth(tmp_path):
+    _cub(tmp_path, class_files={"trainvalclasses.txt": ["001.Bird_1", "003.Bird_3"],
+                                "testclasses.txt": ["004.Bird_4", "002.Bird_2"]})
+    test = load_split("cub", tmp_path, "test")
+    assert test.image_keys == ["cub/002.Bird_2/Bird_2_0", "cub/002.Bird_2/Bird_2_1",
+                               "cub/004.Bird_4/Bird_4_0", "cub/004.Bird_4/Bird_4_1"]
+    assert test.n_captions == 40 and test.captions[10] == "bird 2 image 1 caption 0"
+    assert test.image_class.tolist() == [2, 2, 4, 4]
+    cls = test.image_class
+    brute = np.array([[cls[test.caption_image[c]] == cls[i] for i in range(4)]
+                      for c in range(40)])
+    assert np.array_equal(test.match_matrix(), brute)
+    assert test.match_matrix()[0].tolist() == [True, True, False, False]
+    assert test.load_image(3).size == (8, 6)
+    train = load_split("cub", tmp_path, "train")
+    assert set(train.image_class.tolist()) == {1, 3}
+    assert load_split("cub", tmp_path, "all", n_images=3).n_images == 3
+
+
+def test_cub_fallback_split_is_first_150_classes_by_id(tmp_path, monkeypatch):
+    import encoders.data.cub as cub
+    monkeypatch.setattr(cub, "N_TRAIN_CLASSES", 3)  # 150 of 200, scaled down to 3 of 4
+    _cub(tmp_path, per_class=1)
+    assert load_split("cub", tmp_path, "train").image_class.tolist() == [1, 2, 3]
+    assert load_split("cub", tmp_path, "test").image_class.tolist() == [4]
+
+
+def test_cub_errors(tmp_path):
+    with pytest.raises(PcmeError, match="text_c10"):
+        load_split("cub", tmp_path, "train")
+    _cub(tmp_path, per_class=1, class_files={"trainvalclasses.txt": ["001.Bird_1", "009.Nope"],
+                                             "testclasses.txt": ["002.Bird_2"]})
+    with pytest.raises(PcmeError, match=r"trainvalclasses.txt: 1 classes have no folder"):
+        load_split("cub", tmp_path, "train")
+    (tmp_path / "CUB_200_2011/images/002.Bird_2/Bird_2_0.jpg").unlink()
+    with pytest.raises(PcmeError, match=r"text_c10: 1 of 1 captioned images are missing"):
+        load_split("cub", tmp_path, "test")
+
+
+# ------------------------------------------------------------------------------------ folder
+
+def _folder(root, names=("a.jpg", "sub/b.png", "c.jpg")):
+    for n in names:
+        _image(root / "images" / n)
+
+
+def test_folder_jsonl_groups_captions_and_resolves_paths(tmp_path):
+    _folder(tmp_path)
+    lines = [{"image": "a.jpg", "caption": "a red square"},
+             {"image": "sub/b.png", "captions": ["one", "two"]},
+             {"image": "images/c.jpg", "caption": "third"},
+             {"image": "a.jpg", "caption": "again a"}]
+    (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    split = load_split("folder", tmp_path, "all")
+    assert split.image_paths == ["images/a.jpg", "images/sub/b.png", "images/c.jpg"]
+    assert split.captions == ["a red square", "again a", "one", "two", "third"]
+    assert list(split.caption_image) == [0, 0, 1, 1, 2]
+    assert split.load_image(1).size == (8, 6)
+    assert load_split("folder", tmp_path, "all", n_images=2).n_images == 2
+
+
+def test_folder_csv_and_split_field(tmp_path):
+    _folder(tmp_path)
+    (tmp_path / "captions.csv").write_text(
+        'image,caption,split\na.jpg,"a cat, sitting",train\nsub/b.png,a dog,test\n'
+        'c.jpg,a bird,test\n')
+    assert load_split("folder", tmp_path, "train").captions == ["a cat, sitting"]
+    assert load_split("folder", tmp_path, "test").image_paths == ["images/sub/b.png",
+                                                                  "images/c.jpg"]
+    with pytest.raises(PcmeError, match="no images in split 'val'"):
+        load_split("folder", tmp_path, "val")
+
+
+def test_folder_hash_split_is_deterministic_and_partitions_all(tmp_path):
+    import hashlib
+    names = [f"img{i}.jpg" for i in range(60)]
+    (tmp_path / "images").mkdir()
+    for n in names:
+        (tmp_path / "images" / n).touch()
+    (tmp_path / "captions.jsonl").write_text(
+        "".join(json.dumps({"image": n, "caption": f"c {n}"}) + "\n" for n in names))
+    parts = {s: load_split("folder", tmp_path, s).image_keys for s in ("train", "val", "test")}
+    assert sorted(k for keys in parts.values() for k in keys) == sorted(f"folder/{n}"
+                                                                      for n in names)
+    for split, keys in parts.items():
+        for key in keys:
+            bucket = int(hashlib.sha1(key[len("folder/"):].encode()).hexdigest(), 16) % 100
+            assert split == ("train" if bucket < 80 else "val" if bucket < 90 else "test")
+
+
+def test_folder_errors_name_file_and_line(tmp_path):
+    with pytest.raises(PcmeError, match="images folder not found"):
+        load_split("folder", tmp_path, "all")
+    _folder(tmp_path)
+    with pytest.raises(PcmeError, match="no captions.jsonl or captions.csv"):
+        load_split("folder", tmp_path, "all")
+    path = tmp_path / "captions.jsonl"
+    path.write_text('{"image": "a.jpg", "caption": "ok"}\n{"image": "c.jpg", "caption": \n')
+    with pytest.raises(PcmeError, match=r"captions.jsonl:2: malformed JSON"):
+        load_split("folder", tmp_path, "all")
+    path.write_text('{"image": "a.jpg", "caption": "ok"}\n{"image": "c.jpg"}\n')
+    with pytest.raises(PcmeError, match=r"captions.jsonl:2: expected a non-empty"):
+        load_split("folder", tmp_path, "all")
+    path.write_text("".join(json.dumps({"image": n, "caption": "x"}) + "\n"
+                            for n in ("a.jpg", "gone1.jpg", "gone2.jpg")))
+    with pytest.raises(PcmeError, match=r"captions.jsonl: 2 of 3 captioned images are missing, "
+                                        r"first .*gone1.jpg"):
+        load_split("folder", tmp_path, "all")
+    path.unlink()
+    (tmp_path / "captions.csv").write_text("image,caption\na.jpg,fine\nc.jpg,too,many\n")
+    with pytest.raises(PcmeError, match=r"captions.csv:3: wrong number of fields"):
+        load_split("folder", tmp_path, "all")
+    (tmp_path / "captions.csv").write_text("picture,text\na.jpg,fine\n")
+    with pytest.raises(PcmeError, match=r"captions.csv:1: header"):
+        load_split("folder", tmp_path, "all")
+
+
+def test_registry_and_unknown_split(tmp_path):
+    assert {"scenes", "coco", "flickr30k", "cub", "folder"} <= set(LOADERS)
+    for dataset in ("coco", "flickr30k", "cub", "folder"):
+        with pytest.raises(PcmeError, match="unknown split"):
+            load_split(dataset, tmp_path, "nope")

@@ -1,0 +1,100 @@
+"""Training loop behaviour: resume is exact, kill -9 then --resume finishes, two stages, accumulation."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from encoders.config import ModelConfig, TrainConfig
+from encoders.train import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_MODEL = dict(embed_dim=16, resnet_width=8, gru_hidden=16, attn_hidden=8)
+
+
+def tiny(tmp_path, **kw) -> TrainConfig:
+    base = dict(root=str(tmp_path / "data"), out=str(tmp_path / "run"), train_images=64,
+                batch_size=16, epochs=2, n_samples=2, ckpt_every=1, warmup_steps=2,
+                device="cpu", model=ModelConfig(**TINY_MODEL))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(trainer):
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
+    full = Trainer(tiny(tmp_path, out=str(tmp_path / "full")))
+    full.fit()
+    expected = weights(full)
+
+    cfg = tiny(tmp_path, out=str(tmp_path / "cut"))
+    cut = Trainer(cfg)
+    real_step, calls = cut.train_step, []
+
+    def dying_step(micro):
+        if len(calls) == 5:  # 5 of 8 optimiser steps done (mid-epoch 2), last.pt at step 5
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_step(micro)
+
+    monkeypatch.setattr(cut, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit()
+    resumed = Trainer(cfg, resume=True)
+    assert (resumed.epoch, resumed.step_in_epoch, resumed.step) == (1, 1, 5)
+    resumed.fit()
+    assert resumed.step == full.step == 8
+    for k, v in weights(resumed).items():
+        torch.testing.assert_close(v, expected[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_frozen_backbone_stage_then_end_to_end(tmp_path):
+    t = Trainer(tiny(tmp_path, freeze_backbone_epochs=1, epochs=2))
+    before = weights(t)
+    t.run_epoch(lambda row: None)
+    after1 = weights(t)
+    for k in before:
+        if k.startswith("image.backbone."):
+            torch.testing.assert_close(after1[k], before[k], rtol=0, atol=0, msg=k)
+    assert not torch.equal(after1["image.head.fc.weight"], before["image.head.fc.weight"])
+    t.run_epoch(lambda row: None)
+    assert not torch.equal(weights(t)["image.backbone.layer1.0.conv1.weight"],
+                           after1["image.backbone.layer1.0.conv1.weight"])
+
+
+def test_gradient_accumulation_counts_optimiser_steps(tmp_path):
+    t = Trainer(tiny(tmp_path, accum_steps=2, epochs=1))
+    assert t.steps_per_epoch == 64 // (16 * 2)
+    t.fit()
+    assert t.step == 2 and t.opt.state_dict()["state"][0]["step"] == 2
+
+
+def test_kill_9_mid_training_then_resume_finishes(tmp_path):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text("batch_size = 16\nn_samples = 2\nckpt_every = 1\nepochs = 12\nexport = false\n"
+                   "eval_split = \"val\"\n"
+                   "train_images = 64\n[model]\nembed_dim = 16\nresnet_width = 8\ngru_hidden = 16\n"
+                   "attn_hidden = 8\n")
+    args = [sys.executable, "cli.py", "train", "--config", str(cfg), "--root", str(tmp_path / "data"),
+            "--out", str(tmp_path / "run"), "--device", "cpu"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "run" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    assert proc.poll() is None, "training finished before it could be interrupted"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    done = subprocess.run(args[:3] + ["--resume"] + args[3:], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 12 and ckpt["step"] == 12 * 4
+    assert "resumed" in done.stderr
