@@ -59,6 +59,7 @@ class TrainConfig:
     n_samples: int = 7              # J: samples per item in the loss
     kl_weight: float = 1e-4         # weight of KL(N(μ,σ²) ‖ N(0,I))
     uniformity_weight: float = 0.0  # weight of the uniformity loss on samples (0 = off)
+    balanced_pairs: bool = True     # pcme: mean(pos) + mean(neg); false = mean over all pairs
     train_images: int = 10000       # size of the scenes training split
     glove: str = ""                 # GloVe text file; empty = offline GloVe 6B 50-d package
     min_word_count: int = 1         # words seen fewer times in training captions map to <unk>
@@ -70,7 +71,17 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
 
 
+# Lower bounds checked when a config is built: a 0 batch size or a negative epoch count would
+# otherwise fail deep inside training with a traceback instead of naming the key.
+MINIMUM = {"epochs": 0, "batch_size": 1, "captions_per_image": 1, "accum_steps": 1, "ckpt_every": 1,
+           "n_samples": 1, "train_images": 1, "warmup_steps": 0, "freeze_backbone_epochs": 0,
+           "min_word_count": 1, "embed_dim": 2, "resnet_width": 1, "image_size": 8, "word_dim": 1,
+           "gru_hidden": 1, "attn_hidden": 1}
+
+
 def _check_and_build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise PcmeError(f"{where}: expected a table of options, got {values!r}")
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
@@ -79,6 +90,8 @@ def _check_and_build(cls, values: dict, where: str):
     for name, value in values.items():
         default = getattr(cls(), name)
         if name == "model":
+            if not isinstance(value, dict):
+                raise PcmeError(f"{where}: 'model' must be a table ([model]), got {value!r}")
             out[name] = _check_and_build(ModelConfig, value, f"{where} [model]")
             continue
         if isinstance(default, bool) and not isinstance(value, bool):
@@ -92,7 +105,16 @@ def _check_and_build(cls, values: dict, where: str):
         if isinstance(default, str) and not isinstance(value, str):
             raise PcmeError(f"{where}: '{name}' must be a string, got {value!r}")
         if isinstance(default, tuple):
+            if not isinstance(value, (list, tuple)) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
+                raise PcmeError(f"{where}: '{name}' must be a list of positive whole numbers, "
+                                f"got {value!r}")
             value = tuple(value)
+        if isinstance(default, list) and not (
+                isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise PcmeError(f"{where}: '{name}' must be a list of strings")
+        if name in MINIMUM and value < MINIMUM[name]:
+            raise PcmeError(f"{where}: '{name}' must be >= {MINIMUM[name]}, got {value!r}")
         out[name] = value
     return cls(**out)
 
@@ -112,7 +134,20 @@ def load_train_config(path: str | Path | None, overrides: dict) -> TrainConfig:
         if not isinstance(values, dict):
             raise PcmeError(f"--config {path}: expected a table/object at the top level")
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return _check_and_build(TrainConfig, values, str(path or "config"))
+    cfg = _check_and_build(TrainConfig, values, str(path or "config"))
+    _check_choices(cfg, str(path or "config"))
+    return cfg
+
+
+def _check_choices(cfg: TrainConfig, where: str) -> None:
+    """Names that would otherwise fail only after the dataset is generated and decoded."""
+    from .data import LOADERS  # lazy: the readers and losses pull in torch
+    from .losses_baselines import LOSSES
+
+    for name, choices in (("loss", LOSSES), ("data", LOADERS)):
+        if getattr(cfg, name) not in choices:
+            raise PcmeError(f"{where}: {name} {getattr(cfg, name)!r} is unknown; choose one of "
+                            f"{', '.join(choices)}")
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:

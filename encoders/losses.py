@@ -104,12 +104,16 @@ def uniformity(z: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(log_terms.flatten(), dim=0) - math.log(n * (n - 1))
 
 
-def _balanced_nll(log_p, log_not_p, matched) -> torch.Tensor:
-    """Mean NLL over matched pairs + mean NLL over unmatched pairs.
+def _balanced_nll(log_p, log_not_p, matched, balanced: bool = True) -> torch.Tensor:
+    """Mean NLL over matched pairs + mean NLL over unmatched pairs (balanced), or the mean over
+    all pairs (balanced=False, every pair weighs the same, as in the original PCME).
 
-    Balanced because a batch has about B positives and B²−B negatives: a plain mean over all
-    pairs would let the negatives drown the positives. An empty group contributes 0.
+    Balanced keeps the B positives from drowning in B²−B negatives; but then a caption's false
+    negatives (other images it is also true of) weigh ~B times less than its positive, which
+    removes most of the pressure that makes generic captions uncertain. An empty group gives 0.
     """
+    if not balanced:
+        return -torch.where(matched, log_p, log_not_p).mean()
     zero = log_p.new_zeros(())
     pos = -log_p[matched].mean() if matched.any() else zero
     neg = -log_not_p[~matched].mean() if (~matched).any() else zero
@@ -132,7 +136,8 @@ def _check_loss_inputs(img_mu, img_log_var, txt_mu, txt_log_var, matched, n_samp
 def pcme_loss(img_mu, img_log_var, txt_mu, txt_log_var, matched: torch.Tensor,
               a: torch.Tensor, b: torch.Tensor, n_samples: int, kl_weight: float = 1e-4,
               uniformity_weight: float = 0.0, generator: torch.Generator | None = None,
-              img_eps: torch.Tensor | None = None, txt_eps: torch.Tensor | None = None) -> dict:
+              img_eps: torch.Tensor | None = None, txt_eps: torch.Tensor | None = None,
+              balanced: bool = True) -> dict:
     """PCME loss for a batch of B_img images and B_txt captions; matched [B_img, B_txt] bool.
 
     `a` must be positive (the model passes softplus or exp of a raw parameter); a and b are
@@ -148,7 +153,7 @@ def pcme_loss(img_mu, img_log_var, txt_mu, txt_log_var, matched: torch.Tensor,
     z_img = sample_embeddings(img_mu, img_log_var, n_samples, generator, img_eps)
     z_txt = sample_embeddings(txt_mu, txt_log_var, n_samples, generator, txt_eps)
     loglik = label_log_likelihood(z_img, z_txt, a, b, matched)
-    nll = _balanced_nll(loglik, loglik, matched)
+    nll = _balanced_nll(loglik, loglik, matched, balanced)
     kl = torch.cat([kl_to_standard_normal(img_mu, img_log_var),
                     kl_to_standard_normal(txt_mu, txt_log_var)]).mean()
     unif = nll.new_zeros(())

@@ -166,7 +166,8 @@ def _pcme(img_mu, img_lv, txt_mu, txt_lv, matched, a, b, cfg: Mapping) -> dict:
                      n_samples=int(cfg.get("n_samples", 8)),
                      kl_weight=float(cfg.get("kl_weight", 1e-4)),
                      uniformity_weight=float(cfg.get("uniformity_weight", 0.0)),
-                     generator=cfg.get("generator"))
+                     generator=cfg.get("generator"),
+                     balanced=bool(cfg.get("balanced", True)))
 
 
 def _pcmepp(img_mu, img_lv, txt_mu, txt_lv, matched, a, b, cfg: Mapping) -> dict:

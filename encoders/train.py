@@ -81,7 +81,8 @@ def compute_loss(cfg: TrainConfig, i_mu, i_lv, t_mu, t_lv, matched, a, b) -> dic
         raise PcmeError(f"loss {cfg.loss!r}: unknown; choose one of {', '.join(LOSSES)}")
     options = {"n_samples": cfg.n_samples, "kl_weight": cfg.kl_weight,
                "uniformity_weight": cfg.uniformity_weight, "pseudo_weight": cfg.pseudo_weight,
-               "margin": cfg.margin, "temperature": cfg.temperature or None}
+               "margin": cfg.margin, "temperature": cfg.temperature or None,
+               "balanced": cfg.balanced_pairs}
     return LOSSES[cfg.loss](i_mu, i_lv, t_mu, t_lv, matched, a, b, options)
 
 

@@ -210,3 +210,21 @@ def test_label_log_likelihood_picks_log_p_or_log_not_p():
     log_p, log_not_p = match_log_probs(z_img, z_txt, a, b)
     expected = torch.where(matched, log_p, log_not_p)
     torch.testing.assert_close(label_log_likelihood(z_img, z_txt, a, b, matched), expected)
+
+
+def test_unbalanced_weighting_is_the_mean_over_all_pairs():
+    from encoders.losses import match_log_probs, sample_embeddings
+
+    g = torch.Generator().manual_seed(5)
+    mu_i, mu_t = torch.randn(3, 4, generator=g), torch.randn(6, 4, generator=g)
+    lv_i, lv_t = torch.randn(3, 4, generator=g) - 2, torch.randn(6, 4, generator=g) - 2
+    matched = torch.eye(3, dtype=torch.bool).repeat_interleave(2, dim=1)
+    a, b = torch.tensor(3.0), torch.tensor(2.0)
+    out = pcme_loss(mu_i, lv_i, mu_t, lv_t, matched, a, b, 2, kl_weight=0.0,
+                    generator=torch.Generator().manual_seed(9), balanced=False)
+    g2 = torch.Generator().manual_seed(9)
+    z_i, z_t = sample_embeddings(mu_i, lv_i, 2, g2), sample_embeddings(mu_t, lv_t, 2, g2)
+    log_p, log_not_p = match_log_probs(z_i, z_t, a, b)
+    nll = [-(log_p if m else log_not_p)[i, k] for i in range(3) for k in range(6)
+           for m in [bool(matched[i, k])]]
+    torch.testing.assert_close(out["loss"], torch.stack(nll).mean())
