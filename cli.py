@@ -22,7 +22,9 @@ err = typer.echo
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    # faiss logs which SIMD build it loads, with the failed attempts as exceptions: noise, not errors
+    logging.getLogger("faiss").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def _run(fn, *args, **kwargs):
@@ -54,7 +56,7 @@ def train(
     glove: Optional[str] = typer.Option(None, help="GloVe text file; default: offline GloVe 6B 50-d."),
     seed: Optional[int] = typer.Option(None, help="Random seed. [default: 0]"),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda. [default: auto]"),
-    config: Optional[str] = typer.Option(None, help="TOML or JSON file of train options; flags override it."),
+    config: Optional[str] = typer.Option(None, help="TOML or JSON file of train options; flags override it. [default: none]"),
     resume: bool = typer.Option(False, help="Continue the interrupted run in --out from last.pt."),
     verbose: bool = Verbose,
 ):
@@ -102,9 +104,11 @@ def index(
 ):
     """Build FAISS indexes on μ and an LMDB store of log σ² from shards."""
     _setup_logging(verbose)
+    from encoders.progress import StageBars
     from indexer.build import build_index
 
-    manifest = _run(build_index, Path(shards), Path(out), factory, nprobe)
+    with StageBars("index") as bars:
+        manifest = _run(build_index, Path(shards), Path(out), factory, nprobe, progress=bars)
     counts = ", ".join(f"{n} {m}" for m, n in manifest["counts"].items())
     factories = ", ".join(f"{m}: {f}" + (f" nprobe {manifest['nprobe'][m]}" if manifest["nprobe"].get(m) else "")
                           for m, f in manifest["factory"].items())
@@ -117,9 +121,12 @@ def query(
     index: str = typer.Option("index", help="Index directory."),
     k: int = typer.Option(10, help="Number of results."),
     score: str = typer.Option("elk", help="Rescoring: elk, mc, csd, w2, bhattacharyya or mu."),
-    image: Optional[str] = typer.Option(None, help="Image file to query with (searches captions)."),
+    image: Optional[str] = typer.Option(None, help="Image file to query with (searches captions). [default: none]"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     device: str = typer.Option("cpu", help="Device for query encoding: auto, cpu or cuda."),
+    exact: bool = typer.Option(False, "--exact", help="Score every item (no ANN): the reference."),
+    show: Optional[str] = typer.Option(None, help="Also write a PNG contact sheet of the hits "
+                                       "(rank, score, σ² under each). [default: none]"),
     verbose: bool = Verbose,
 ):
     """Search the index with a text (or --image) query and print ranked hits with uncertainty."""
@@ -131,13 +138,34 @@ def query(
         raise typer.Exit(2)
     with _run(SearchEngine, index, device) as engine:
         if image is not None:
-            result = _run(engine.query_image, image, k, score)
+            result = _run(engine.query_image, image, k, score, exact)
         else:
-            result = _run(engine.query_text, text, k, score)
+            result = _run(engine.query_text, text, k, score, exact)
+    if show:
+        from engine.contact_sheet import contact_sheet
+        _run(contact_sheet, result, show)
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
         return
     _print_result(result)
+
+
+@app.command()
+def info(
+    index_dir: str = typer.Argument("index", help="Index directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the facts as JSON."),
+    verbose: bool = Verbose,
+):
+    """Show what an index holds: counts, dim, factory, nprobe, model + sha256, size on disk."""
+    _setup_logging(verbose)
+    from engine.info import format_info, index_info
+
+    facts = _run(index_info, index_dir)
+    if as_json:
+        typer.echo(json.dumps(facts, indent=2))
+        return
+    for line in format_info(facts):
+        typer.echo(line)
 
 
 @app.command("eval")
@@ -148,7 +176,7 @@ def eval_cmd(
     split: str = typer.Option("test", help="Split to evaluate."),
     scores: str = typer.Option("mu,csd,elk,mc", help="Comma-separated scores: mu, elk, csd, w2, bhattacharyya, mc."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-    plot: Optional[str] = typer.Option(None, help="Write a PNG of R@1 per caption-uncertainty bin."),
+    plot: Optional[str] = typer.Option(None, help="Write a PNG of R@1 per caption-uncertainty bin. [default: none]"),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     verbose: bool = Verbose,
 ):
@@ -165,6 +193,44 @@ def eval_cmd(
         typer.echo(json.dumps(report, indent=2))
     else:
         _print_eval(report)
+
+
+@app.command()
+def bench(
+    index: Optional[str] = typer.Option(None, help="Existing index directory to benchmark. [default: none]"),
+    synthetic: Optional[int] = typer.Option(None, help="Instead: N clustered synthetic items, written and indexed. [default: none]"),
+    dim: int = typer.Option(256, help="Dimension of the synthetic vectors."),
+    workdir: str = typer.Option("bench_work", help="Where synthetic shards and index are written."),
+    factory: str = typer.Option("auto", help="FAISS factory for the synthetic index."),
+    augmented: str = typer.Option("", help="Also build exact augmented indexes, e.g. csd,w2."),
+    scores: str = typer.Option("mu,elk,csd,w2,bhattacharyya,mc", help="Scores to measure."),
+    queries: int = typer.Option(200, help="Single queries per score."),
+    batch: int = typer.Option(64, help="Queries per search_batch call."),
+    recall_queries: int = typer.Option(50, help="Queries checked against exhaustive search."),
+    mc_recall_queries: int = typer.Option(5, help="Same for mc (exhaustive Monte Carlo is costly)."),
+    recall_target: float = typer.Option(0.999, help="μ recall@10 the synthetic build tunes nprobe for."),
+    shortlist: Optional[int] = typer.Option(None, help="Fixed shortlist (no bound): measure its recall. [default: none: bounded]"),
+    plot: Optional[str] = typer.Option(None, help="Write a latency-vs-recall chart (PNG). [default: none]"),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    verbose: bool = Verbose,
+):
+    """Latency (per stage, p50/p95/p99), QPS and recall@10 against --exact, for every score."""
+    _setup_logging(verbose)
+    from engine.bench import BenchConfig, format_table, run_bench
+
+    names = tuple(s.strip() for s in scores.split(",") if s.strip())
+    extra = tuple(s.strip() for s in augmented.split(",") if s.strip())
+    cfg = BenchConfig(index=Path(index) if index else None, synthetic=synthetic, dim=dim,
+                      workdir=Path(workdir), factory=factory, augmented=extra, scores=names,
+                      queries=queries, batch=batch, recall_queries=recall_queries,
+                      mc_recall_queries=mc_recall_queries, recall_target=recall_target,
+                      shortlist=shortlist)
+    report = _run(run_bench, cfg)
+    if plot:
+        from engine.plot import plot_latency_recall
+
+        _run(plot_latency_recall, report, Path(plot))
+    typer.echo(json.dumps(report, indent=2) if as_json else format_table(report))
 
 
 def _print_eval(report: dict) -> None:

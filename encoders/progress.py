@@ -56,3 +56,32 @@ def track(description: str, total: int):
                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
     with Progress(*columns, console=console, transient=False) as progress:
         yield _RichBar(progress, progress.add_task(description, total=total, status=""))
+
+
+class StageBars:
+    """Adapts a `progress(stage, done, total)` callback (indexer.build's, which knows nothing of
+    rich) to one bar per stage: `with StageBars("index") as cb: build_index(..., progress=cb)`."""
+
+    def __init__(self, prefix: str):
+        self.prefix, self.stage, self.done = prefix, None, 0
+        self._bar_cm, self._bar = None, None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage != self.stage:
+            self._close()
+            self.stage, self.done = stage, 0
+            self._bar_cm = track(f"{self.prefix} {stage}", total)
+            self._bar = self._bar_cm.__enter__()
+        self._bar.advance(done - self.done)  # the callback reports totals, bars take steps
+        self.done = done
+
+    def _close(self) -> None:
+        if self._bar_cm is not None:
+            self._bar_cm.__exit__(None, None, None)
+            self._bar_cm = self._bar = None
+
+    def __enter__(self) -> "StageBars":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._close()

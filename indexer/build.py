@@ -5,7 +5,9 @@ Stages (each streams the shards; nothing holds all rows of a modality except FAI
   2. validate the shards (hashes, schema, values, ids) and, in the same pass, copy out the
      seeded random training sample and ~200 probe queries;
   3. train each FAISS index; find out whether it gives μ back exactly (else μ goes to the store);
-  4. add every row to FAISS and to the LMDB store, keeping the probes' exact top-10 on the side;
+  4. add every row to FAISS and to the LMDB store, keeping the probes' exact top-10 and the
+     variance ranges per stratum (for the engine's shortlist bounds) on the side, and to the
+     optional augmented CSD/W2 indexes;
   5. choose nprobe by measured recall@10, write the FAISS files and, last, the manifest.
 All of it happens in a temp sibling dir that replaces `out_dir` only when complete.
 """
@@ -22,15 +24,17 @@ import faiss
 import numpy as np
 
 from engine.errors import PcmeError
+from indexer import augmented as aug
 from indexer import faiss_index as fx
 from indexer.manifest import SCHEMA_VERSION, AtomicDir, sha256_file, utc_now, write_json
 from indexer.shards import MODALITIES, ShardBatch, read_shard_manifest, read_shards, validate_shards
-from indexer.store import StoreWriter, estimate_map_size
+from indexer.store import StoreWriter, VarianceStats, estimate_map_size, stored_log_var
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]  # (stage, rows done, rows total)
 N_PROBES, RECALL_K, RECALL_TARGET = 200, 10, 0.95
+VARIANCE_STRATA = 16  # strata of Σ log v for the engine's shortlist bounds (store.VarianceStats)
 STORE_FILE = "store.lmdb"
 
 
@@ -48,13 +52,22 @@ class _Plan:
     probes: np.ndarray | None = None
     exact: fx.ExactTopK | None = None
     mu_in_store: bool = False
+    stats: VarianceStats | None = None          # σ ranges for the engine's shortlist bounds
+    train_lv_sum: np.ndarray | None = None      # Σ log v of the training rows: stratum edges
+    augmented: dict | None = None               # score -> exact augmented-vector index
 
 
 def build_index(shard_dir: Path, out_dir: Path, factory: str = "auto", nprobe: int | None = None,
-                progress: Progress | None = None, seed: int = 0) -> dict:
+                progress: Progress | None = None, seed: int = 0,
+                augmented: tuple[str, ...] = (), recall_target: float = RECALL_TARGET) -> dict:
     """Validate `shard_dir`, build FAISS + LMDB + manifest, atomically replace `out_dir`.
     `factory` "auto" picks per modality from its count; any other string goes to FAISS as is.
-    `nprobe` None measures it per modality; an int is used as given (capped at nlist)."""
+    `nprobe` None measures it per modality; an int is used as given (capped at nlist).
+    `augmented` names scores ("csd", "w2") to also index exactly by augmented vectors.
+    `recall_target`: recall@10 of the μ ranking that the measured nprobe must reach."""
+    if not 0.0 < recall_target <= 1.0:
+        raise PcmeError(f"recall target {recall_target}: must be in (0, 1]")
+    aug.check_scores(augmented)
     start = time.perf_counter()
     shard_dir = Path(shard_dir).absolute()
     if nprobe is not None and nprobe < 1:
@@ -67,19 +80,25 @@ def build_index(shard_dir: Path, out_dir: Path, factory: str = "auto", nprobe: i
     rng = np.random.default_rng(seed)
     with AtomicDir(out_dir, kind="index") as tmp:  # first: refuse a foreign out_dir early
         plans = {m: _plan(m, counts, dim, factory, nprobe is None, rng) for m in present}
+        for p in plans.values():
+            p.augmented = {s: aug.make_index(s, dim) for s in augmented}
         validate_shards(shard_dir, on_batch=_sample_gatherer(plans, dim, progress))
         shard_sha = sha256_file(shard_dir / "manifest.json")
         _train(plans)
         _add_all(shard_dir, tmp / STORE_FILE, plans, dim, progress)
-        chosen = {m: _nprobe(p, nprobe) for m, p in plans.items()}
+        chosen = {m: _nprobe(p, nprobe, recall_target) for m, p in plans.items()}
         for m, p in plans.items():
             faiss.write_index(p.index, str(tmp / f"{m}.faiss"))
+            for score, index in p.augmented.items():
+                faiss.write_index(index, str(tmp / aug.file_name(m, score)))
         manifest = {
             "schema_version": SCHEMA_VERSION, "kind": "index", "dim": dim, "counts": counts,
             "factory": {m: p.factory for m, p in plans.items()},
             "nprobe": {m: c[0] for m, c in chosen.items()},
-            "nprobe_recall": {m: c[1] for m, c in chosen.items()},
+            "nprobe_recall": {m: c[1] for m, c in chosen.items()}, "recall_target": recall_target,
             "metric": "inner_product",
+            "variance_stats": {m: p.stats.to_json() for m, p in plans.items()},
+            "augmented": {m: sorted(p.augmented) for m, p in plans.items()},
             "store": {"file": STORE_FILE, "dtype": "float16",
                       "mu_in_store": {m: p.mu_in_store for m, p in plans.items()}},
             "shards": {"dir": str(shard_dir), "manifest_sha256": shard_sha},
@@ -114,6 +133,7 @@ def _sample_gatherer(plans: dict[str, _Plan], dim: int,
     wanted += [(p, "probes", p.probe_source, p.probe_ids) for p in plans.values()]
     for p, attr, _, ids in wanted:
         setattr(p, attr, np.empty((len(ids), dim), np.float32))
+        p.train_lv_sum = np.empty(len(p.train_ids))
     seen, total = [0], sum(p.n for p in plans.values())
 
     def gather(batch: ShardBatch) -> None:
@@ -126,6 +146,8 @@ def _sample_gatherer(plans: dict[str, _Plan], dim: int,
             hit = pos < len(ids)
             hit[hit] = ids[pos[hit]] == batch.ids[rows[hit]]
             getattr(p, attr)[pos[hit]] = batch.mu[rows[hit]]
+            if attr == "train":
+                p.train_lv_sum[pos[hit]] = stored_log_var(batch.log_var[rows[hit]]).sum(axis=1)
     return gather
 
 
@@ -133,6 +155,8 @@ def _train(plans: dict[str, _Plan]) -> None:
     for p in plans.values():
         t = time.perf_counter()
         fx.train(p.index, p.train, p.factory)
+        edges = np.quantile(p.train_lv_sum, np.linspace(0, 1, VARIANCE_STRATA + 1)[1:-1])
+        p.stats = VarianceStats(p.train.shape[1], np.unique(edges))
         p.mu_in_store = not fx.reconstructs_exactly(p.index, p.train)
         if len(p.probe_ids):
             p.exact = fx.ExactTopK(p.probes, min(RECALL_K, p.n))
@@ -158,6 +182,9 @@ def _add_all(shard_dir: Path, store_path: Path, plans: dict[str, _Plan], dim: in
                 store.put(m, b.ids, b.log_var, b.groups, b.items, b.mu if p.mu_in_store else None)
                 if p.exact is not None:
                     p.exact.update(b.mu, b.ids)
+                p.stats.update(b.mu, b.log_var)
+                for score, index in p.augmented.items():
+                    index.add(aug.item_vectors(score, b.mu, b.log_var))
                 norms = np.einsum("ij,ij->i", b.mu, b.mu)
                 worst_norm = max(worst_norm, float(np.abs(norms - 1.0).max()))
                 done += len(b)
@@ -170,14 +197,14 @@ def _add_all(shard_dir: Path, store_path: Path, plans: dict[str, _Plan], dim: in
     logger.info("added %d vectors in %.1f s", done, time.perf_counter() - t)
 
 
-def _nprobe(p: _Plan, override: int | None) -> tuple[int | None, float | None]:
+def _nprobe(p: _Plan, override: int | None, target: float) -> tuple[int | None, float | None]:
     """(nprobe, measured recall@10); (None, None) for indexes without inverted lists."""
     ivf = fx.ivf_of(p.index)
     if ivf is None:
         return None, None
     if override is not None:
         return min(override, ivf.nlist), None
-    nprobe, recall = fx.choose_nprobe(p.index, p.probes, p.exact.ids, RECALL_TARGET)
+    nprobe, recall = fx.choose_nprobe(p.index, p.probes, p.exact.ids, target)
     logger.info("%s: nprobe %d (recall@%d %.3f vs brute force)", p.modality, nprobe,
                 p.exact.k, recall)
     return nprobe, round(recall, 4)

@@ -88,8 +88,22 @@ class AtomicDir:
         self.tmp = self.out_dir.parent / f".{self.out_dir.name}.tmp-{os.getpid()}"
         if self.tmp.exists():  # left by an earlier crashed run that had our pid
             shutil.rmtree(self.tmp)
+        self._remove_stale_temps()
         self.tmp.mkdir(parents=True)
         self.done = False
+
+    def _remove_stale_temps(self) -> None:
+        """Delete temp dirs of earlier runs into the same out_dir whose process is gone (killed
+        with -9, power loss): they are partial builds nobody will finish. A live pid's dir is
+        left alone, since another build may be running; `.old-*` dirs are never touched (after
+        a kill between two renames that is the only complete copy)."""
+        if not self.out_dir.parent.is_dir():
+            return
+        for path in self.out_dir.parent.glob(f".{self.out_dir.name}.tmp-*"):
+            pid = path.name.rsplit("-", 1)[-1]
+            if path.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+                logger.info("removing %s, left by an interrupted run", path)
+                shutil.rmtree(path, ignore_errors=True)
 
     def _check_replaceable(self) -> None:
         out = self.out_dir
@@ -102,7 +116,8 @@ class AtomicDir:
         try:
             read_manifest(out, self.kind)
         except PcmeError:
-            raise PcmeError(f"{out}: exists and is not a {self.kind} directory "
+            article = "an" if self.kind[0] in "aeiou" else "a"
+            raise PcmeError(f"{out}: exists and is not {article} {self.kind} directory "
                             f"(no valid {MANIFEST}); refusing to replace it") from None
 
     def commit(self) -> Path:
@@ -140,6 +155,16 @@ class AtomicDir:
             self.commit()
         else:
             self.abort()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 _RENAME_EXCHANGE = 2  # linux/fs.h

@@ -15,6 +15,7 @@ import faiss
 import numpy as np
 
 from engine.errors import PcmeError
+from indexer import augmented as aug
 from indexer import faiss_index as fx
 from indexer.manifest import read_manifest
 from indexer.shards import MODALITIES
@@ -28,6 +29,15 @@ class IndexReader:
         self.index_dir, self.manifest, self.dim = index_dir, manifest, manifest["dim"]
         self._indexes, self._store = indexes, store
         self._direct_maps: set[str] = set()
+        self._augmented: dict[tuple[str, str], faiss.Index] = {}
+
+    def augmented(self, modality: str, score: str) -> faiss.Index | None:
+        """The exact augmented-vector index for (modality, score) if the build made one."""
+        return self._augmented.get((modality, score))
+
+    def variance_stats(self, modality: str) -> dict | None:
+        """Global σ ranges recorded at build time (None for indexes built before them)."""
+        return self.manifest.get("variance_stats", {}).get(modality)
 
     @classmethod
     def open(cls, index_dir: Path) -> "IndexReader":
@@ -43,7 +53,12 @@ class IndexReader:
             raise PcmeError(f"{index_dir / 'manifest.json'}: malformed index manifest "
                             f"(missing or bad field {e})") from None
         indexes = {m: _read_faiss(index_dir / f"{m}.faiss", dim, n) for m, n in counts.items() if n}
-        return cls(index_dir, manifest, indexes, StoreReader(index_dir / store_file, dim))
+        reader = cls(index_dir, manifest, indexes, StoreReader(index_dir / store_file, dim))
+        for m, scores in manifest.get("augmented", {}).items():
+            for score in scores:
+                reader._augmented[m, score] = _read_faiss(
+                    index_dir / aug.file_name(m, score), aug.aug_dim(score, dim), counts[m])
+        return reader
 
     def count(self, modality: str) -> int:
         _check_modality(modality)
@@ -68,6 +83,13 @@ class IndexReader:
             short = np.flatnonzero((ids < 0).any(axis=1))
             ip[short], ids[short] = fx.search(index, queries[short], n, nprobe)
         return _trim_missing(ids, ip)
+
+    def range_search(self, modality: str, query: np.ndarray, threshold: float,
+                     nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """All items with ⟨query, μ⟩ > threshold (approximate for IVF: only the probed lists)."""
+        (query,) = self._check_queries(np.asarray(query)[None])
+        nprobe = nprobe or self.manifest["nprobe"].get(modality)
+        return fx.range_search(self._indexes[modality], query, threshold, nprobe)
 
     def fetch(self, modality: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(μ float32 [M, D], log_var float32 [M, D]) for `ids`; store reads in one transaction."""
@@ -100,7 +122,7 @@ class IndexReader:
 
     def close(self) -> None:
         self._store.close()
-        self._indexes = {}
+        self._indexes, self._augmented = {}, {}
 
     def __enter__(self) -> "IndexReader":
         return self

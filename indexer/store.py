@@ -152,3 +152,53 @@ class StoreReader:
 
     def close(self) -> None:
         self.env.close()
+
+
+def stored_log_var(log_var: np.ndarray) -> np.ndarray:
+    """log_var exactly as the store gives it back (clipped, rounded to float16), as float32."""
+    return np.clip(log_var, -LOG_VAR_CLIP, LOG_VAR_CLIP).astype(np.float16).astype(np.float32)
+
+
+class VarianceStats:
+    """Ranges of the stored variances of one modality, gathered while the index is built and
+    kept in the manifest. The engine's shortlist bounds (engine/shortlist.py) need them to say
+    how good a probabilistic score an item it has not fetched could possibly have.
+
+    Items are split into strata by their Σ_d log v (edges: quantiles of the training sample),
+    and each stratum keeps its own ranges. A single global range pairs the smallest log-det of
+    any item with the largest variance of any other, which makes the bounds loose; within a
+    stratum the items are alike, so the bound per stratum is tight and the engine takes the
+    max over strata. Computed on the values as stored (float16), which the engine rescores."""
+
+    def __init__(self, dim: int, edges=()):
+        self.edges = np.sort(np.asarray(edges, np.float64))
+        strata = len(self.edges) + 1
+        self.lv_min = np.full((strata, dim), np.inf)
+        self.lv_max = np.full((strata, dim), -np.inf)
+        self.sum_lv_min = np.full(strata, np.inf)   # min over the stratum's items of Σ_d log v
+        self.sum_v_min = np.full(strata, np.inf)    # min over the stratum's items of Σ_d v
+        self.count = np.zeros(strata, np.int64)
+        self.sq_norm_min = np.inf                   # min over all items of ‖μ‖² (1 ± rounding)
+
+    def update(self, mu: np.ndarray, log_var: np.ndarray) -> None:
+        if not len(mu):
+            return
+        lv = stored_log_var(log_var).astype(np.float64)
+        sums, sums_v = lv.sum(axis=1), np.exp(lv).sum(axis=1)
+        stratum = np.searchsorted(self.edges, sums, side="right")
+        for s in np.unique(stratum):
+            rows = stratum == s
+            self.lv_min[s] = np.minimum(self.lv_min[s], lv[rows].min(axis=0))
+            self.lv_max[s] = np.maximum(self.lv_max[s], lv[rows].max(axis=0))
+            self.sum_lv_min[s] = min(self.sum_lv_min[s], float(sums[rows].min()))
+            self.sum_v_min[s] = min(self.sum_v_min[s], float(sums_v[rows].min()))
+            self.count[s] += int(rows.sum())
+        self.sq_norm_min = min(self.sq_norm_min, float(np.einsum("ij,ij->i", mu, mu).min()))
+
+    def to_json(self) -> dict:
+        used = np.flatnonzero(self.count)
+        return {"sq_norm_min": self.sq_norm_min, "edges": self.edges.tolist(),
+                "strata": [{"count": int(self.count[s]), "lv_min": self.lv_min[s].tolist(),
+                            "lv_max": self.lv_max[s].tolist(),
+                            "sum_lv_min": float(self.sum_lv_min[s]),
+                            "sum_v_min": float(self.sum_v_min[s])} for s in used]}

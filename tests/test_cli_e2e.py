@@ -10,21 +10,6 @@ from cli import app
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    cfg = root / "tiny.toml"
-    cfg.write_text("batch_size = 32\nn_samples = 3\n[model]\nembed_dim = 16\nresnet_width = 8\n"
-                   "gru_hidden = 32\nattn_hidden = 8\n")
-    args = ["train", "--config", str(cfg), "--root", str(root / "data"), "--out", str(root / "run"),
-            "--shards", str(root / "out"), "--train-images", "128", "--epochs", "1", "--device", "cpu"]
-    res = runner.invoke(app, args)
-    assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["index", "--shards", str(root / "out"), "--out", str(root / "index")])
-    assert res.exit_code == 0, res.output
-    return root
-
-
 def query_json(root, *args):
     res = runner.invoke(app, ["query", *args, "--index", str(root / "index"), "--json"])
     assert res.exit_code == 0, res.output
@@ -78,8 +63,8 @@ def test_image_query_returns_captions(trained):
     assert out["results"] == again["results"]  # fixed per-item Monte-Carlo noise
 
 
-def test_eval_json(trained):
-    png = trained / "unc.png"
+def test_eval_json(trained, tmp_path):
+    png = tmp_path / "unc.png"
     res = runner.invoke(app, ["eval", "--checkpoint", str(trained / "run" / "checkpoint.pt"),
                               "--root", str(trained / "data"), "--json", "--device", "cpu",
                               "--scores", "mu,elk", "--plot", str(png)])

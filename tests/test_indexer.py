@@ -58,8 +58,9 @@ def test_choose_factory():
     assert fx.choose_factory(5000, 8) == "Flat"
     assert fx.choose_factory(6000, 8) == "IVF128,Flat"        # 4·sqrt ≈ 310 -> 256, capped: 6000/39 -> 128
     assert fx.choose_factory(100_000, 8) == "IVF1024,Flat"    # 4·sqrt ≈ 1265 -> 1024
-    assert fx.choose_factory(1_000_000, 8) == "IVF4096,Flat"
-    assert fx.choose_factory(3_000_000, 8) == "IVF8192,SQ8"
+    assert fx.choose_factory(1_000_000, 8) == "IVF1024,Flat"
+    assert fx.choose_factory(3_000_000, 8) == "IVF1024,SQ8"           # flat quantizer: K <= 1024
+    assert fx.choose_factory(5_000_000, 8) == "IVF8192_HNSW32,SQ8"
     for n in (5001, 20_000, 300_000):
         k = int(fx.choose_factory(n, 8)[3:].split(",")[0])
         assert k & (k - 1) == 0 and n / k >= 39

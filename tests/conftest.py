@@ -1,0 +1,26 @@
+"""Shared fixtures: one tiny trained model + index per test session (the README quick start
+on a tiny configuration), used by the CLI end-to-end and robustness tests."""
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+
+TINY_TOML = ("batch_size = 32\nn_samples = 3\n[model]\nembed_dim = 16\nresnet_width = 8\n"
+             "gru_hidden = 32\nattn_hidden = 8\n")
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A folder with data/ (scenes), run/checkpoint.pt, out/ (shards) and index/. Tests must
+    not modify it: copy what they want to damage."""
+    root = tmp_path_factory.mktemp("trained")
+    cfg = root / "tiny.toml"
+    cfg.write_text(TINY_TOML)
+    runner = CliRunner()
+    args = ["train", "--config", str(cfg), "--root", str(root / "data"), "--out", str(root / "run"),
+            "--shards", str(root / "out"), "--train-images", "128", "--epochs", "1", "--device", "cpu"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["index", "--shards", str(root / "out"), "--out", str(root / "index")])
+    assert res.exit_code == 0, res.output
+    return root
