@@ -28,8 +28,6 @@ from indexer.reader import IndexReader
 
 from .batch import BatchResult, BatchSearcher
 from .errors import PcmeError
-from .rescore import item_noise, rescore  # noqa: F401  (re-exported: older callers)
-from .shortlist import shortlist_size  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
