@@ -52,6 +52,7 @@ def train(
     batch_size: Optional[int] = typer.Option(None, help="Pairs per step. [default: 128]"),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate. [default: 2e-3]"),
     loss: Optional[str] = typer.Option(None, help="pcme, pcmepp, infonce or vse++. [default: pcme]"),
+    positives: Optional[str] = typer.Option(None, help="In-batch positives: pairs (captions written for the image) or plausible (every caption true of it: scenes, cub). [default: pairs]"),
     train_images: Optional[int] = typer.Option(None, help="Scenes training images. [default: 10000]"),
     glove: Optional[str] = typer.Option(None, help="GloVe text file; default: offline GloVe 6B 50-d."),
     seed: Optional[int] = typer.Option(None, help="Random seed. [default: 0]"),
@@ -66,7 +67,7 @@ def train(
     from encoders.train import train as run_train
 
     overrides = dict(data=data, root=root, out=out, shards=shards, epochs=epochs,
-                     batch_size=batch_size, lr=lr, loss=loss, train_images=train_images, glove=glove,
+                     batch_size=batch_size, lr=lr, loss=loss, positives=positives, train_images=train_images, glove=glove,
                      seed=seed, device=device)
     cfg = _run(load_train_config, config, overrides)
     result = _run(run_train, cfg, resume)

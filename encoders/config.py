@@ -60,6 +60,9 @@ class TrainConfig:
     kl_weight: float = 1e-4         # weight of KL(N(μ,σ²) ‖ N(0,I))
     uniformity_weight: float = 0.0  # weight of the uniformity loss on samples (0 = off)
     balanced_pairs: bool = True     # pcme: mean(pos) + mean(neg); false = mean over all pairs
+    positives: str = "pairs"        # in-batch positives: "pairs" = the captions written for the
+                                    # image; "plausible" = every caption true of it (datasets that
+                                    # know: scenes predicates, CUB classes)
     train_images: int = 10000       # size of the scenes training split
     glove: str = ""                 # GloVe text file; empty = offline GloVe 6B 50-d package
     min_word_count: int = 1         # words seen fewer times in training captions map to <unk>
@@ -139,12 +142,15 @@ def load_train_config(path: str | Path | None, overrides: dict) -> TrainConfig:
     return cfg
 
 
+POSITIVES = ("pairs", "plausible")
+
+
 def _check_choices(cfg: TrainConfig, where: str) -> None:
     """Names that would otherwise fail only after the dataset is generated and decoded."""
     from .data import LOADERS  # lazy: the readers and losses pull in torch
     from .losses_baselines import LOSSES
 
-    for name, choices in (("loss", LOSSES), ("data", LOADERS)):
+    for name, choices in (("loss", LOSSES), ("data", LOADERS), ("positives", POSITIVES)):
         if getattr(cfg, name) not in choices:
             raise PcmeError(f"{where}: {name} {getattr(cfg, name)!r} is unknown; choose one of "
                             f"{', '.join(choices)}")

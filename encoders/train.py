@@ -67,12 +67,31 @@ class ImageSource:
         return torch.stack([image_to_tensor(self.split.load_image(int(i)), self.size) for i in indices])
 
 
-def make_batch(split: Split, vocab: Vocab, source: ImageSource, images, captions, flip_rng):
+def batch_positives(split: Split, images, captions, positives: str = "pairs") -> torch.Tensor:
+    """bool [B_img, B_txt]: which in-batch pairs are positives. `captions` is [B_img, per_image]
+    (row i written for image i), flattened in row order as the text batch. "pairs": each image
+    matches the captions written for it; "plausible": also every other caption in the batch that
+    is true of it (a station caption and all station images), as the dataset knows them."""
+    captions = np.asarray(captions)
+    per = captions.shape[1]
+    matched = np.eye(len(images), dtype=bool).repeat(per, axis=1)
+    if positives == "plausible":
+        block = split.match_block(captions.ravel(), np.asarray(images))
+        if block is None:
+            raise PcmeError(f"positives 'plausible': the {split.dataset} dataset does not know "
+                            f"which captions are true of which images; use 'pairs'")
+        matched |= block.T
+    return torch.from_numpy(matched)
+
+
+def make_batch(split: Split, vocab: Vocab, source: ImageSource, images, captions, flip_rng,
+               positives: str = "pairs"):
+    """(images [B, 3, S, S], tokens, lengths, positives [B_img, B_txt]) for one micro-batch."""
     x = source.batch(images)
     flip = torch.from_numpy(flip_rng.random(len(images)) < 0.5)  # no left/right words in captions
     x[flip] = x[flip].flip(-1)
     tokens, lengths = pad_tokens([vocab.encode(split.captions[int(c)])[0] for c in captions.ravel()])
-    return x, tokens, lengths
+    return x, tokens, lengths, batch_positives(split, images, captions, positives)
 
 
 def compute_loss(cfg: TrainConfig, i_mu, i_lv, t_mu, t_lv, matched, a, b) -> dict:
@@ -113,6 +132,8 @@ class Trainer:
                         for i in range(self.train_split.n_images)]
         if any(len(c) == 0 for c in self.caps_of):
             raise PcmeError(f"{cfg.data} train split: some images have no caption")
+        if cfg.positives == "plausible":  # fail now, not after decoding every image
+            batch_positives(self.train_split, np.arange(1), self.caps_of[0][None, :1], "plausible")
         if cfg.accum_steps < 1:
             raise PcmeError(f"accum_steps {cfg.accum_steps}: must be at least 1")
         # an epoch is a whole number of optimiser steps of accum_steps micro-batches each
@@ -155,16 +176,13 @@ class Trainer:
                         epoch=self.epoch, step_in_epoch=self.step_in_epoch, step=self.step,
                         rng=torch.get_rng_state())
 
-    def forward_loss(self, x, tokens, lengths) -> dict:
+    def forward_loss(self, x, tokens, lengths, matched) -> dict:
         cfg, model = self.cfg, self.model
         with _autocast(self.device, cfg.amp):
             i_mu, i_lv = model.image(x.to(self.device, non_blocking=True))
             t_mu, t_lv = model.text(tokens.to(self.device), lengths)
-        # image i matches the captions written for it: a block of `captions_per_image` columns
-        per = len(tokens) // len(x)
-        matched = torch.eye(len(x), dtype=torch.bool, device=self.device).repeat_interleave(per, dim=1)
-        return compute_loss(cfg, i_mu.float(), i_lv.float(), t_mu.float(), t_lv.float(), matched,
-                            model.a, model.b)
+        return compute_loss(cfg, i_mu.float(), i_lv.float(), t_mu.float(), t_lv.float(),
+                            matched.to(self.device), model.a, model.b)
 
     def train_step(self, micro_batches) -> dict:
         """One optimiser step over `accum_steps` micro-batches (gradients summed, loss averaged)."""
@@ -197,7 +215,8 @@ class Trainer:
                 for m in range(k * acc, (k + 1) * acc):
                     sl = slice(m * bs, (m + 1) * bs)
                     flip_rng = np.random.default_rng([cfg.seed, self.epoch, m])  # resumable
-                    micro.append(make_batch(split, self.vocab, self.images, order[sl], picks[sl], flip_rng))
+                    micro.append(make_batch(split, self.vocab, self.images, order[sl], picks[sl],
+                                             flip_rng, cfg.positives))
                 stats = self.train_step(micro)
                 self.step += 1
                 self.step_in_epoch = k + 1

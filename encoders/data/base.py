@@ -80,3 +80,9 @@ class Split:
     def _compute_match_matrix(self) -> np.ndarray | None:
         """Override in datasets with exact ground truth; the default knows only the pairing."""
         return None
+
+    def match_block(self, captions: np.ndarray, images: np.ndarray) -> np.ndarray | None:
+        """bool [len(captions), len(images)]: the match matrix restricted to these caption and
+        image indices (a training batch), without building the whole matrix. None if the
+        dataset cannot know it. Override together with `_compute_match_matrix`."""
+        return None

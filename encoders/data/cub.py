@@ -42,6 +42,10 @@ class CubSplit(Split):
         caption_class = self.image_class[self.caption_image]
         return caption_class[:, None] == self.image_class[None, :]
 
+    def match_block(self, captions: np.ndarray, images: np.ndarray) -> np.ndarray:
+        caption_class = self.image_class[self.caption_image[np.asarray(captions, dtype=np.int64)]]
+        return caption_class[:, None] == self.image_class[np.asarray(images, dtype=np.int64)][None, :]
+
 
 def class_id(class_dir: str) -> int:
     """"017.Cardinal" -> 17: the id the CUB file names start with."""

@@ -47,6 +47,10 @@ class ScenesSplit(Split):
     def _compute_match_matrix(self) -> np.ndarray:
         return match_matrix(self.predicates, self.scenes)
 
+    def match_block(self, captions: np.ndarray, images: np.ndarray) -> np.ndarray:
+        return match_matrix([self.predicates[int(c)] for c in captions],
+                            [self.scenes[int(i)] for i in images])
+
 
 def generate_item(seed: int, index: int) -> tuple[Scene, Image.Image, list[Caption]]:
     """Image `index` of the split with this seed; the pair (seed, index) decides everything."""

@@ -1,0 +1,83 @@
+"""In-batch positives for training: the written pairing, or every caption true of an image."""
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import app
+from encoders.data import load_split
+from encoders.data.predicates import holds
+from encoders.train import Trainer, batch_positives
+from engine.errors import PcmeError
+from tests.test_readers import _cub
+from tests.test_train import tiny
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    return load_split("scenes", tmp_path_factory.mktemp("scenes"), "train", n_images=40)
+
+
+def _batch(split, images, per):
+    return np.array([np.flatnonzero(split.caption_image == i)[:per] for i in images])
+
+
+def test_pairs_are_the_captions_written_for_each_image(scenes):
+    images = np.array([7, 3, 12])
+    caps = _batch(scenes, images, 2)
+    m = batch_positives(scenes, images, caps, "pairs").numpy()
+    expected = np.zeros((3, 6), dtype=bool)
+    for i in range(3):
+        expected[i, 2 * i:2 * i + 2] = True
+    assert np.array_equal(m, expected)
+
+
+def test_plausible_positives_are_every_true_caption_checked_one_by_one(scenes):
+    images = np.arange(0, 40, 3)
+    caps = _batch(scenes, images, 5)
+    m = batch_positives(scenes, images, caps, "plausible").numpy()
+    flat = caps.ravel()
+    brute = np.array([[holds(scenes.predicates[c], scenes.scenes[i]) for c in flat] for i in images])
+    assert np.array_equal(m, brute)
+    # a caption is true of the image it was written for, and generic ones of many more
+    assert m[np.arange(len(images))[:, None], np.arange(len(flat)).reshape(len(images), 5)].all()
+    assert m.sum() > len(flat)
+    assert np.array_equal(scenes.match_block(flat, images), scenes.match_matrix()[flat][:, images])
+
+
+def test_cub_plausible_positives_are_same_class(tmp_path):
+    _cub(tmp_path, n_classes=3, per_class=2)
+    split = load_split("cub", tmp_path, "all")
+    images = np.array([5, 0, 2])
+    caps = _batch(split, images, 1)
+    m = batch_positives(split, images, caps, "plausible").numpy()
+    cls = split.image_class
+    assert np.array_equal(m, cls[images][:, None] == cls[images][None, :])
+
+
+def test_plausible_on_a_dataset_without_ground_truth_fails_before_training(tmp_path, monkeypatch):
+    scenes = load_split("scenes", tmp_path / "data", "train", n_images=32)
+    monkeypatch.setattr(type(scenes), "match_block", lambda self, c, i: None)
+    with pytest.raises(PcmeError, match="positives 'plausible'.*use 'pairs'"):
+        Trainer(tiny(tmp_path, positives="plausible", train_images=32))
+
+
+def test_training_with_plausible_positives(tmp_path):
+    from encoders.train import make_batch
+    t = Trainer(tiny(tmp_path, positives="plausible", epochs=1, captions_per_image=2))
+    images = np.arange(t.cfg.batch_size)
+    caps = np.array([t.caps_of[i][:2] for i in images])
+    x, tokens, lengths, matched = make_batch(t.train_split, t.vocab, t.images, images, caps,
+                                             np.random.default_rng(0), "plausible")
+    assert matched.shape == (len(images), 2 * len(images)) and len(tokens) == 2 * len(images)
+    assert matched.sum() > 2 * len(images)  # more positives than the pairing alone
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    stats = t.train_step([(x, tokens, lengths, matched)])
+    assert np.isfinite(stats["loss"]) and 0 < stats["pos_prob"] < 1
+    assert any(not torch.equal(v, t.model.state_dict()[k]) for k, v in before.items())
+
+
+def test_unknown_positives_is_a_one_line_error(tmp_path):
+    res = CliRunner().invoke(app, ["train", "--positives", "all", "--root", str(tmp_path)])
+    assert res.exit_code == 2
+    assert "positives 'all' is unknown; choose one of pairs, plausible" in res.output
