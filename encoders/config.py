@@ -51,6 +51,7 @@ class TrainConfig:
     accum_steps: int = 1            # micro-batches per optimiser step (negatives stay in-batch)
     freeze_backbone_epochs: int = 0 # stage 1: epochs with the ResNet frozen (pretrained weights)
     backbone_lr_scale: float = 1.0  # stage 2: backbone learning rate = lr * this (e.g. 0.1)
+    match_lr_scale: float = 1.0     # learning rate of a and b (p = sigmoid(-a d + b)) = lr * this
     ckpt_every: int = 50            # optimiser steps between resumable last.pt saves
     loss: str = "pcme"              # pcme | pcmepp | infonce | vse++
     pseudo_weight: float = 0.1      # pcmepp: weight of the pseudo-positive pairs

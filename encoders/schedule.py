@@ -26,11 +26,16 @@ def backbone_frozen(cfg: TrainConfig, epoch: int) -> bool:
 
 
 def make_optimizer(model: PCME, cfg: TrainConfig, steps_per_epoch: int):
-    """AdamW with two parameter groups (backbone, rest) and a LambdaLR per group."""
+    """AdamW with three parameter groups (backbone, the match scalars a and b, the rest) and a
+    LambdaLR per group. a and b get lr * match_lr_scale and no weight decay: they are two
+    scalars far from 0, and at lr 2e-3 Adam moves each by at most ~1 in a 600-step run."""
     backbone = list(model.image.backbone.parameters())
-    ids = {id(p) for p in backbone}
+    scalars = [model.a_raw, model.b]
+    ids = {id(p) for p in backbone + scalars}
     rest = [p for p in model.parameters() if id(p) not in ids]
     opt = torch.optim.AdamW([{"params": backbone, "lr": cfg.lr * cfg.backbone_lr_scale},
+                             {"params": scalars, "lr": cfg.lr * cfg.match_lr_scale,
+                              "weight_decay": 0.0},
                              {"params": rest, "lr": cfg.lr}], weight_decay=cfg.weight_decay)
     total = steps_per_epoch * cfg.epochs
     frozen_steps = steps_per_epoch * cfg.freeze_backbone_epochs
@@ -43,4 +48,4 @@ def make_optimizer(model: PCME, cfg: TrainConfig, steps_per_epoch: int):
     def rest_lambda(step: int) -> float:
         return lr_factor(step, total, cfg.warmup_steps)
 
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, [backbone_lambda, rest_lambda])
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, [backbone_lambda, rest_lambda, rest_lambda])

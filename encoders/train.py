@@ -222,7 +222,7 @@ class Trainer:
                 self.step_in_epoch = k + 1
                 bar.advance(1, status=f"loss {stats['loss']:.3f}")
                 if self.step % 10 == 0:
-                    log({"epoch": self.epoch, "step": self.step, "lr": self.sched.get_last_lr()[0],
+                    log({"epoch": self.epoch, "step": self.step, "lr": self.sched.get_last_lr()[-1],
                          "a": self.model.a.item(), "b": self.model.b.item(), **stats})
                 if self.step % cfg.ckpt_every == 0:
                     self.save("last.pt")

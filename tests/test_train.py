@@ -98,3 +98,17 @@ def test_kill_9_mid_training_then_resume_finishes(tmp_path):
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 12 and ckpt["step"] == 12 * 4
     assert "resumed" in done.stderr
+
+
+def test_match_scalars_have_their_own_learning_rate_and_no_decay(tmp_path):
+    t = Trainer(tiny(tmp_path, match_lr_scale=20.0, lr=1e-3, epochs=1))
+    groups = t.opt.param_groups
+    assert [id(p) for p in groups[1]["params"]] == [id(t.model.a_raw), id(t.model.b)]
+    assert groups[1]["weight_decay"] == 0.0 and groups[2]["weight_decay"] == t.cfg.weight_decay
+    assert groups[1]["lr"] == pytest.approx(20 * groups[2]["lr"])
+    n_params = sum(len(g["params"]) for g in groups)
+    assert n_params == len(list(t.model.parameters()))  # every parameter in exactly one group
+    b0 = t.model.b.item()
+    t.fit()
+    # Adam moves a scalar by about its lr per step: far more than the rest's lr allows
+    assert abs(t.model.b.item() - b0) > 2 * t.cfg.lr * t.step
