@@ -248,6 +248,9 @@ def _print_eval(report: dict) -> None:
         typer.echo(f"uncertainty ({unc['score']}): Spearman(caption Σσ², true matches) = "
                    f"{unc['spearman_caption_var_vs_matches']:.3f}; t2i R@1 per Σσ² bin, low→high: "
                    + " ".join(f"{b['R@1']:.2f}" for b in unc["bins"]))
+        for g in unc.get("by_group", []):
+            typer.echo(f"  {g['group']:<10} n {g['n']:5d}  true matches {g['mean_matches']:7.1f}  "
+                       f"Σσ² {g['mean_var']:.4g}  t2i R@1 {g['R@1']:.3f}")
 
 
 def _print_result(result) -> None:

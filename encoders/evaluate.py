@@ -82,7 +82,7 @@ def evaluate_split(model: PCME, vocab: Vocab, split: Split, device: torch.device
                     rep["t2i"]["R@1"], rep["t2i"]["PMRP"], rep["i2t"]["R@1"], rep["i2t"]["PMRP"],
                     rep["rsum"])
         if name == unc_score:
-            unc = uncertainty_report(t_lv, matrix, gt)
+            unc = uncertainty_report(t_lv, matrix, gt, groups=getattr(split, "caption_levels", None))
     logger.info("Spearman(caption Σσ², true matches) = %.3f", unc["spearman_caption_var_vs_matches"])
     return {"split": split.name, "dataset": split.dataset, "n_images": split.n_images,
             "n_captions": split.n_captions, "by_score": by_score,

@@ -75,5 +75,8 @@ def test_eval_json(trained, tmp_path):
     unc = report["uncertainty"]
     assert len(unc["bins"]) == 10 and sum(b["n"] for b in unc["bins"]) == 5000
     assert -1 <= unc["spearman_caption_var_vs_matches"] <= 1
+    levels = {g["group"]: g for g in unc["by_group"]}  # scenes captions come in levels
+    assert sum(g["n"] for g in levels.values()) == 5000
+    assert levels["setting"]["mean_matches"] > levels["pair"]["mean_matches"]
     from PIL import Image
     assert Image.open(png).size == (640, 360)

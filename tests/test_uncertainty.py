@@ -38,3 +38,16 @@ def test_report_on_a_constructed_run():
     rep = uncertainty_report(log_var, scores, gt, n_bins=3)
     assert rep["spearman_caption_var_vs_matches"] == pytest.approx(spearman([0.2, 2.0, 0.4], [1, 3, 1]))
     assert [b["R@1"] for b in rep["bins"]] == [1.0, 0.0, 1.0]
+
+
+def test_report_by_group_hand_computed():
+    gt = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 1, 0, 0]], dtype=bool)
+    scores = np.array([[0.9, 0.1, 0.0, 0.0], [0.2, 0.3, 0.1, 0.0], [0.1, 0.8, 0.0, 0.0]])
+    log_var = np.log(np.array([[0.5, 0.5], [0.1, 0.3], [0.2, 0.2]]))
+    rep = uncertainty_report(log_var, scores, gt, n_bins=1, groups=["setting", "pair", "pair"])
+    assert rep["by_group"] == [
+        {"group": "setting", "n": 1, "mean_matches": 3.0, "mean_var": pytest.approx(1.0), "R@1": 1.0},
+        {"group": "pair", "n": 2, "mean_matches": 1.0, "mean_var": pytest.approx(0.4), "R@1": 0.5}]
+    assert "by_group" not in uncertainty_report(log_var, scores, gt, n_bins=1)
+    with pytest.raises(PcmeError, match="2 group labels for 3 captions"):
+        uncertainty_report(log_var, scores, gt, n_bins=1, groups=["a", "b"])
