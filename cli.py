@@ -100,7 +100,9 @@ def index(
     shards: str = typer.Option(..., help="Shard directory written by train or encode."),
     out: str = typer.Option("index", help="Index directory to (re)build atomically."),
     factory: str = typer.Option("auto", help='FAISS factory string, e.g. "IVF1024,Flat"; auto picks by size.'),
-    nprobe: Optional[int] = typer.Option(None, help="IVF lists probed per query; default: tuned for 0.95 recall@10."),
+    nprobe: Optional[int] = typer.Option(None, help="IVF lists probed per query; default: tuned for --recall-target."),
+    recall_target: float = typer.Option(0.95, help="μ recall@10 the tuned nprobe must reach on held-out probes."),
+    augmented: str = typer.Option("", help="Also build exact augmented indexes for these scores, e.g. csd,w2."),
     verbose: bool = Verbose,
 ):
     """Build FAISS indexes on μ and an LMDB store of log σ² from shards."""
@@ -108,8 +110,10 @@ def index(
     from encoders.progress import StageBars
     from indexer.build import build_index
 
+    names = tuple(s.strip() for s in augmented.split(",") if s.strip())
     with StageBars("index") as bars:
-        manifest = _run(build_index, Path(shards), Path(out), factory, nprobe, progress=bars)
+        manifest = _run(build_index, Path(shards), Path(out), factory, nprobe, progress=bars,
+                        augmented=names, recall_target=recall_target)
     counts = ", ".join(f"{n} {m}" for m, n in manifest["counts"].items())
     factories = ", ".join(f"{m}: {f}" + (f" nprobe {manifest['nprobe'][m]}" if manifest["nprobe"].get(m) else "")
                           for m, f in manifest["factory"].items())

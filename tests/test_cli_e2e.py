@@ -80,3 +80,21 @@ def test_eval_json(trained, tmp_path):
     assert levels["setting"]["mean_matches"] > levels["pair"]["mean_matches"]
     from PIL import Image
     assert Image.open(png).size == (640, 360)
+
+
+def test_index_with_augmented_scores_and_recall_target(trained, tmp_path):
+    out = tmp_path / "aug_index"
+    res = runner.invoke(app, ["index", "--shards", str(trained / "out"), "--out", str(out),
+                              "--augmented", "csd,w2", "--recall-target", "0.99"])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["recall_target"] == 0.99
+    assert manifest["augmented"] == {"image": ["csd", "w2"], "text": ["csd", "w2"]}
+    for score in ("csd", "w2"):
+        args = ["query", "a street scene", "--index", str(out), "--json", "--k", "5", "--score", score]
+        fast = json.loads(runner.invoke(app, args).stdout)
+        exact = json.loads(runner.invoke(app, args + ["--exact"]).stdout)
+        assert [h["id"] for h in fast["results"]] == [h["id"] for h in exact["results"]]
+    bad = runner.invoke(app, ["index", "--shards", str(trained / "out"), "--out", str(out),
+                              "--augmented", "elk"])
+    assert bad.exit_code == 2 and "augmented index for ['elk']" in bad.output
