@@ -178,7 +178,7 @@ def eval_cmd(
     checkpoint: str = typer.Option("runs/latest/checkpoint.pt", help="Trained checkpoint."),
     data: str = typer.Option("scenes", help="Dataset name."),
     root: str = typer.Option("data", help="Dataset root folder."),
-    split: str = typer.Option("test", help="Split to evaluate."),
+    split: str = typer.Option("test", help="Split to evaluate; coco test1k = mean over the five 1K folds."),
     scores: str = typer.Option("mu,csd,elk,mc", help="Comma-separated scores: mu, elk, csd, w2, bhattacharyya, mc."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     plot: Optional[str] = typer.Option(None, help="Write a PNG of R@1 per caption-uncertainty bin. [default: none]"),

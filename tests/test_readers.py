@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from encoders.data import LOADERS, load_split
@@ -299,3 +300,32 @@ def test_registry_and_unknown_split(tmp_path):
     for dataset in ("coco", "flickr30k", "cub", "folder"):
         with pytest.raises(PcmeError, match="unknown split"):
             load_split(dataset, tmp_path, "nope")
+
+
+def test_coco_test1k_is_the_mean_of_the_five_folds(tmp_path, monkeypatch):
+    import encoders.data.coco as coco
+    from encoders.checkpoint import save_checkpoint
+    from encoders.config import ModelConfig
+    from encoders.models import PCME
+    from encoders.pipeline import evaluate_checkpoint
+
+    monkeypatch.setattr(coco, "FOLD_SIZE", 4)  # 4 images x 3 captions: enough for 10 σ bins
+    entries = [_karpathy_entry(f"{i}.jpg", "test", 3, "val2014", i) for i in range(20)]
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": entries}))
+    for i in range(20):
+        _image(tmp_path / "val2014" / f"{i}.jpg", colour=(12 * i, 255 - 11 * i, 90))
+    words = sorted({w for e in entries for s in e["sentences"] for w in s["raw"].split()})
+    cfg = ModelConfig(vocab=["<pad>", "<start>", "<end>", "<unk>", *words], embed_dim=8,
+                      resnet_width=4, gru_hidden=8, attn_hidden=4, image_size=16)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ck.pt", PCME(cfg))
+    args = (str(tmp_path / "ck.pt"), "coco", str(tmp_path))
+    folds = [evaluate_checkpoint(*args, f"test1k-{k}", ("mu", "elk"), "cpu") for k in range(5)]
+    mean = evaluate_checkpoint(*args, "test1k", ("mu", "elk"), "cpu")
+    assert mean["split"] == "test1k" and mean["folds"] == [f"test1k-{k}" for k in range(5)]
+    for score in ("mu", "elk"):
+        for d in ("t2i", "i2t"):
+            for metric in ("R@1", "R@5", "mAP@R"):
+                by_hand = sum(f["by_score"][score][d][metric] for f in folds) / 5
+                assert mean["by_score"][score][d][metric] == pytest.approx(by_hand)
+    assert mean["n_images"] == 4
