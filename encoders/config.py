@@ -40,7 +40,7 @@ class TrainConfig:
     root: str = "data"              # dataset root folder (scenes cache is generated there)
     out: str = "runs/latest"        # run folder: checkpoint.pt, log.jsonl, eval.json
     shards: str = "out"             # where the test split's shards are written after training
-    epochs: int = 8                 # passes over the training images (one random caption each)
+    epochs: int = 8                 # passes over the training images
     batch_size: int = 128           # images per step
     captions_per_image: int = 5     # captions per image in a step (all 5 of a scene/COCO image):
                                     # the costly image forward pass learns from every caption

@@ -1,8 +1,9 @@
-"""The training loop: PCME loss over in-batch image-caption pairs, then eval and shard export.
+"""The training loop: the chosen loss over in-batch image-caption pairs, then eval and shard export.
 
-Each epoch visits every training image once, with one of its captions drawn at random; the plan of an
-epoch (image order and caption choice) is a pure function of (seed, epoch), so a run interrupted
-mid-epoch resumes from `last.pt` by skipping the batches it already did.
+Each epoch visits every training image once, with `captions_per_image` of its captions drawn at
+random; the plan of an epoch (image order and caption choice) is a pure function of (seed, epoch),
+so a run interrupted mid-epoch resumes from `last.pt` by skipping the batches it already did.
+Which in-batch pairs count as positives is `positives` (see `batch_positives`).
 """
 from __future__ import annotations
 
