@@ -61,6 +61,8 @@ class TrainConfig:
     kl_weight: float = 1e-4         # weight of KL(N(μ,σ²) ‖ N(0,I))
     uniformity_weight: float = 0.0  # weight of the uniformity loss on samples (0 = off)
     balanced_pairs: bool = True     # pcme: mean(pos) + mean(neg); false = mean over all pairs
+    hard_negatives: bool = False    # pcme, not in the paper: weight each anchor's negatives by
+    hard_negative_beta: float = 1.0 # p(match)^beta instead of equally (see losses.hard_negative_nll)
     positives: str = "pairs"        # in-batch positives: "pairs" = the captions written for the
                                     # image; "plausible" = every caption true of it (datasets that
                                     # know: scenes predicates, CUB classes)

@@ -120,6 +120,31 @@ def _balanced_nll(log_p, log_not_p, matched, balanced: bool = True) -> torch.Ten
     return pos + neg
 
 
+def hard_negative_nll(loglik: torch.Tensor, matched: torch.Tensor, beta: float) -> torch.Tensor:
+    """Mean NLL over matched pairs + a hardness-weighted NLL over unmatched pairs.
+
+    Not in the PCME paper: an option for studying why PCME trails InfoNCE. Each anchor (an image
+    row, a caption column) spreads unit weight over its negatives in proportion to p(match)^beta,
+    detached, so the negatives it confuses most get the push, as under a softmax. The two
+    directions are averaged. beta = 0 is the plain mean over each anchor's negatives.
+    `loglik` holds log p on matched pairs and log(1 − p) elsewhere (label_log_likelihood).
+    """
+    zero = loglik.new_zeros(())
+    pos = -loglik[matched].mean() if matched.any() else zero
+    neg = ~matched
+    if not neg.any():
+        return pos
+    log_p = torch.log(-torch.expm1(loglik.detach().clamp(max=-1e-12)))  # log p of a negative
+    scores = torch.where(neg, beta * log_p, -math.inf)
+    terms = torch.where(neg, -loglik, 0.0)
+    sides = []
+    for dim in (1, 0):  # image rows, caption columns
+        has = neg.any(dim=dim)
+        w = torch.softmax(scores, dim=dim).nan_to_num(0.0)
+        sides.append((w * terms).sum(dim=dim)[has].mean())
+    return pos + 0.5 * (sides[0] + sides[1])
+
+
 def _check_loss_inputs(img_mu, img_log_var, txt_mu, txt_log_var, matched, n_samples) -> None:
     _check_gaussian(img_mu, img_log_var, "pcme_loss: image")
     _check_gaussian(txt_mu, txt_log_var, "pcme_loss: text")
@@ -137,7 +162,7 @@ def pcme_loss(img_mu, img_log_var, txt_mu, txt_log_var, matched: torch.Tensor,
               a: torch.Tensor, b: torch.Tensor, n_samples: int, kl_weight: float = 1e-4,
               uniformity_weight: float = 0.0, generator: torch.Generator | None = None,
               img_eps: torch.Tensor | None = None, txt_eps: torch.Tensor | None = None,
-              balanced: bool = True) -> dict:
+              balanced: bool = True, hard_negative_beta: float | None = None) -> dict:
     """PCME loss for a batch of B_img images and B_txt captions; matched [B_img, B_txt] bool.
 
     `a` must be positive (the model passes softplus or exp of a raw parameter); a and b are
@@ -153,7 +178,10 @@ def pcme_loss(img_mu, img_log_var, txt_mu, txt_log_var, matched: torch.Tensor,
     z_img = sample_embeddings(img_mu, img_log_var, n_samples, generator, img_eps)
     z_txt = sample_embeddings(txt_mu, txt_log_var, n_samples, generator, txt_eps)
     loglik = label_log_likelihood(z_img, z_txt, a, b, matched)
-    nll = _balanced_nll(loglik, loglik, matched, balanced)
+    if hard_negative_beta is None:
+        nll = _balanced_nll(loglik, loglik, matched, balanced)
+    else:
+        nll = hard_negative_nll(loglik, matched, hard_negative_beta)
     kl = torch.cat([kl_to_standard_normal(img_mu, img_log_var),
                     kl_to_standard_normal(txt_mu, txt_log_var)]).mean()
     unif = nll.new_zeros(())

@@ -167,7 +167,8 @@ def _pcme(img_mu, img_lv, txt_mu, txt_lv, matched, a, b, cfg: Mapping) -> dict:
                      kl_weight=float(cfg.get("kl_weight", 1e-4)),
                      uniformity_weight=float(cfg.get("uniformity_weight", 0.0)),
                      generator=cfg.get("generator"),
-                     balanced=bool(cfg.get("balanced", True)))
+                     balanced=bool(cfg.get("balanced", True)),
+                     hard_negative_beta=cfg.get("hard_negative_beta"))
 
 
 def _pcmepp(img_mu, img_lv, txt_mu, txt_lv, matched, a, b, cfg: Mapping) -> dict:

@@ -102,7 +102,8 @@ def compute_loss(cfg: TrainConfig, i_mu, i_lv, t_mu, t_lv, matched, a, b) -> dic
     options = {"n_samples": cfg.n_samples, "kl_weight": cfg.kl_weight,
                "uniformity_weight": cfg.uniformity_weight, "pseudo_weight": cfg.pseudo_weight,
                "margin": cfg.margin, "temperature": cfg.temperature or None,
-               "balanced": cfg.balanced_pairs}
+               "balanced": cfg.balanced_pairs,
+               "hard_negative_beta": cfg.hard_negative_beta if cfg.hard_negatives else None}
     return LOSSES[cfg.loss](i_mu, i_lv, t_mu, t_lv, matched, a, b, options)
 
 

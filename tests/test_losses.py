@@ -228,3 +228,29 @@ def test_unbalanced_weighting_is_the_mean_over_all_pairs():
     nll = [-(log_p if m else log_not_p)[i, k] for i in range(3) for k in range(6)
            for m in [bool(matched[i, k])]]
     torch.testing.assert_close(out["loss"], torch.stack(nll).mean())
+
+
+@pytest.mark.parametrize("beta", [0.0, 2.0])
+def test_hard_negative_weighting_equals_plain_loop(beta):
+    import math as m
+    from encoders.losses import hard_negative_nll
+    torch.manual_seed(3)
+    matched = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 1, 1]], dtype=torch.bool)
+    p = torch.rand(3, 5, dtype=torch.float64) * 0.9 + 0.05
+    loglik = torch.where(matched, p.log(), (1 - p).log())
+    pos = [-m.log(p[i, j]) for i in range(3) for j in range(5) if matched[i, j]]
+
+    def side(pairs_of_anchor):
+        per_anchor = []
+        for pairs in pairs_of_anchor:
+            negs = [(i, j) for i, j in pairs if not matched[i, j]]
+            if not negs:
+                continue
+            w = [float(p[i, j]) ** beta for i, j in negs]
+            per_anchor.append(sum(wk / sum(w) * -m.log(1 - p[i, j]) for wk, (i, j) in zip(w, negs)))
+        return sum(per_anchor) / len(per_anchor)
+
+    rows = side([[(i, j) for j in range(5)] for i in range(3)])
+    cols = side([[(i, j) for i in range(3)] for j in range(5)])
+    expected = sum(pos) / len(pos) + 0.5 * (rows + cols)
+    assert float(hard_negative_nll(loglik, matched, beta)) == pytest.approx(expected, rel=1e-9)
