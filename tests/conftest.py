@@ -4,6 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
+from tests.helpers import write_shards
 
 TINY_TOML = ("batch_size = 32\nn_samples = 3\n[model]\nembed_dim = 16\nresnet_width = 8\n"
              "gru_hidden = 32\nattn_hidden = 8\n")
@@ -22,5 +23,16 @@ def trained(tmp_path_factory):
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["index", "--shards", str(root / "out"), "--out", str(root / "index")])
+    assert res.exit_code == 0, res.output
+    return root
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    """A small synthetic shard set (300 images, 300 captions, D = 8) and the index built from it:
+    the 'last good output' that every bad-input case must leave intact. Tests must not modify it."""
+    root = tmp_path_factory.mktemp("bad")
+    write_shards(root / "out", 300)
+    res = CliRunner().invoke(app, ["index", "--shards", str(root / "out"), "--out", str(root / "index")])
     assert res.exit_code == 0, res.output
     return root

@@ -9,7 +9,7 @@ from encoders.data import load_split
 from encoders.data.predicates import holds
 from encoders.train import Trainer, batch_positives
 from engine.errors import PcmeError
-from tests.test_readers import _cub
+from tests.helpers import write_cub
 from tests.test_train import tiny
 
 
@@ -46,7 +46,7 @@ def test_plausible_positives_are_every_true_caption_checked_one_by_one(scenes):
 
 
 def test_cub_plausible_positives_are_same_class(tmp_path):
-    _cub(tmp_path, n_classes=3, per_class=2)
+    write_cub(tmp_path, n_classes=3, per_class=2)
     split = load_split("cub", tmp_path, "all")
     images = np.array([5, 0, 2])
     caps = _batch(split, images, 1)

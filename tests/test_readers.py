@@ -1,20 +1,15 @@
-"""Real-format readers (COCO, Flickr30k, CUB, folder) on tiny fixture files written here in
-the datasets' own formats."""
+"""Karpathy-format readers (COCO, Flickr30k) on tiny fixture files written here in the
+datasets' own formats; CUB and folder readers are in test_readers_cub_folder.py."""
 import json
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from encoders.data import LOADERS, load_split
+from encoders.data import load_split
 from encoders.data.coco import hamming
 from engine.errors import PcmeError
-
-
-def _image(path, colour=(200, 10, 10)):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 6), colour).save(path)
+from tests.helpers import write_image
 
 
 def _karpathy_entry(filename, split, n_captions=5, filepath=None, cocoid=None):
@@ -49,7 +44,7 @@ def coco_root(tmp_path):
     entries = []
     for split, folder, cocoid, _ in COCO_LAYOUT:
         name = f"COCO_{folder}_{cocoid:012d}.jpg"
-        _image(tmp_path / folder / name)
+        write_image(tmp_path / folder / name)
         entries.append(_karpathy_entry(name, split, 7 if cocoid == 4 else 5, folder, cocoid))
     (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": entries}))
     for folder in ("train2014", "val2014"):
@@ -130,6 +125,35 @@ def test_coco_errors_name_the_file(coco_root):
         load_split("coco", coco_root, "test")
 
 
+def test_coco_test1k_is_the_mean_of_the_five_folds(tmp_path, monkeypatch):
+    import encoders.data.coco as coco
+    from encoders.checkpoint import save_checkpoint
+    from encoders.config import ModelConfig
+    from encoders.models import PCME
+    from encoders.pipeline import evaluate_checkpoint
+
+    monkeypatch.setattr(coco, "FOLD_SIZE", 4)  # 4 images x 3 captions: enough for 10 σ bins
+    entries = [_karpathy_entry(f"{i}.jpg", "test", 3, "val2014", i) for i in range(20)]
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": entries}))
+    for i in range(20):
+        write_image(tmp_path / "val2014" / f"{i}.jpg", colour=(12 * i, 255 - 11 * i, 90))
+    words = sorted({w for e in entries for s in e["sentences"] for w in s["raw"].split()})
+    cfg = ModelConfig(vocab=["<pad>", "<start>", "<end>", "<unk>", *words], embed_dim=8,
+                      resnet_width=4, gru_hidden=8, attn_hidden=4, image_size=16)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ck.pt", PCME(cfg))
+    args = (str(tmp_path / "ck.pt"), "coco", str(tmp_path))
+    folds = [evaluate_checkpoint(*args, f"test1k-{k}", ("mu", "elk"), "cpu") for k in range(5)]
+    mean = evaluate_checkpoint(*args, "test1k", ("mu", "elk"), "cpu")
+    assert mean["split"] == "test1k" and mean["folds"] == [f"test1k-{k}" for k in range(5)]
+    for score in ("mu", "elk"):
+        for d in ("t2i", "i2t"):
+            for metric in ("R@1", "R@5", "mAP@R"):
+                by_hand = sum(f["by_score"][score][d][metric] for f in folds) / 5
+                assert mean["by_score"][score][d][metric] == pytest.approx(by_hand)
+    assert mean["n_images"] == 4
+
+
 # ------------------------------------------------------------------------------------ Flickr30k
 
 @pytest.mark.parametrize("image_dir", ["flickr30k-images", "images"])
@@ -137,7 +161,7 @@ def test_flickr30k_splits_and_both_image_folders(tmp_path, image_dir):
     layout = [("1000.jpg", "train"), ("1001.jpg", "test"), ("1002.jpg", "val"),
               ("1003.jpg", "test")]
     for name, _ in layout:
-        _image(tmp_path / image_dir / name)
+        write_image(tmp_path / image_dir / name)
     (tmp_path / "dataset_flickr30k.json").write_text(json.dumps(
         {"images": [_karpathy_entry(n, s) for n, s in layout], "dataset": "flickr30k"}))
     test = load_split("flickr30k", tmp_path, "test")
@@ -162,170 +186,3 @@ def test_flickr30k_errors(tmp_path):
     (tmp_path / "dataset_flickr30k.json").write_text(json.dumps({"pictures": []}))
     with pytest.raises(PcmeError, match="not a Karpathy split file"):
         load_split("flickr30k", tmp_path, "test")
-
-
-# ------------------------------------------------------------------------------------ CUB
-
-def _cub(root, n_classes=4, per_class=2, class_files=None):
-    for c in range(1, n_classes + 1):
-        cls = f"{c:03d}.Bird_{c}"
-        for j in range(per_class):
-            _image(root / "CUB_200_2011" / "images" / cls / f"Bird_{c}_{j}.jpg")
-            text = root / "text_c10" / cls / f"Bird_{c}_{j}.txt"
-            text.parent.mkdir(parents=True, exist_ok=True)
-            text.write_text("".join(f"bird {c} image {j} caption {k}\n" for k in range(10)) + "\n")
-    for name, classes in (class_files or {}).items():
-        (root / name).write_text("".join(f"{c}\n" for c in classes))
-
-
-def test_cub_class_files_give_the_zero_shot_split_and_class_ground_truth(tmp_path):
-    _cub(tmp_path, class_files={"trainvalclasses.txt": ["001.Bird_1", "003.Bird_3"],
-                                "testclasses.txt": ["004.Bird_4", "002.Bird_2"]})
-    test = load_split("cub", tmp_path, "test")
-    assert test.image_keys == ["cub/002.Bird_2/Bird_2_0", "cub/002.Bird_2/Bird_2_1",
-                               "cub/004.Bird_4/Bird_4_0", "cub/004.Bird_4/Bird_4_1"]
-    assert test.n_captions == 40 and test.captions[10] == "bird 2 image 1 caption 0"
-    assert test.image_class.tolist() == [2, 2, 4, 4]
-    cls = test.image_class
-    brute = np.array([[cls[test.caption_image[c]] == cls[i] for i in range(4)]
-                      for c in range(40)])
-    assert np.array_equal(test.match_matrix(), brute)
-    assert test.match_matrix()[0].tolist() == [True, True, False, False]
-    assert test.load_image(3).size == (8, 6)
-    train = load_split("cub", tmp_path, "train")
-    assert set(train.image_class.tolist()) == {1, 3}
-    assert load_split("cub", tmp_path, "all", n_images=3).n_images == 3
-
-
-def test_cub_fallback_split_is_first_150_classes_by_id(tmp_path, monkeypatch):
-    import encoders.data.cub as cub
-    monkeypatch.setattr(cub, "N_TRAIN_CLASSES", 3)  # 150 of 200, scaled down to 3 of 4
-    _cub(tmp_path, per_class=1)
-    assert load_split("cub", tmp_path, "train").image_class.tolist() == [1, 2, 3]
-    assert load_split("cub", tmp_path, "test").image_class.tolist() == [4]
-
-
-def test_cub_errors(tmp_path):
-    with pytest.raises(PcmeError, match="text_c10"):
-        load_split("cub", tmp_path, "train")
-    _cub(tmp_path, per_class=1, class_files={"trainvalclasses.txt": ["001.Bird_1", "009.Nope"],
-                                             "testclasses.txt": ["002.Bird_2"]})
-    with pytest.raises(PcmeError, match=r"trainvalclasses.txt: 1 classes have no folder"):
-        load_split("cub", tmp_path, "train")
-    (tmp_path / "CUB_200_2011/images/002.Bird_2/Bird_2_0.jpg").unlink()
-    with pytest.raises(PcmeError, match=r"text_c10: 1 of 1 captioned images are missing"):
-        load_split("cub", tmp_path, "test")
-
-
-# ------------------------------------------------------------------------------------ folder
-
-def _folder(root, names=("a.jpg", "sub/b.png", "c.jpg")):
-    for n in names:
-        _image(root / "images" / n)
-
-
-def test_folder_jsonl_groups_captions_and_resolves_paths(tmp_path):
-    _folder(tmp_path)
-    lines = [{"image": "a.jpg", "caption": "a red square"},
-             {"image": "sub/b.png", "captions": ["one", "two"]},
-             {"image": "images/c.jpg", "caption": "third"},
-             {"image": "a.jpg", "caption": "again a"}]
-    (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
-    split = load_split("folder", tmp_path, "all")
-    assert split.image_paths == ["images/a.jpg", "images/sub/b.png", "images/c.jpg"]
-    assert split.captions == ["a red square", "again a", "one", "two", "third"]
-    assert list(split.caption_image) == [0, 0, 1, 1, 2]
-    assert split.load_image(1).size == (8, 6)
-    assert load_split("folder", tmp_path, "all", n_images=2).n_images == 2
-
-
-def test_folder_csv_and_split_field(tmp_path):
-    _folder(tmp_path)
-    (tmp_path / "captions.csv").write_text(
-        'image,caption,split\na.jpg,"a cat, sitting",train\nsub/b.png,a dog,test\n'
-        'c.jpg,a bird,test\n')
-    assert load_split("folder", tmp_path, "train").captions == ["a cat, sitting"]
-    assert load_split("folder", tmp_path, "test").image_paths == ["images/sub/b.png",
-                                                                  "images/c.jpg"]
-    with pytest.raises(PcmeError, match="no images in split 'val'"):
-        load_split("folder", tmp_path, "val")
-
-
-def test_folder_hash_split_is_deterministic_and_partitions_all(tmp_path):
-    import hashlib
-    names = [f"img{i}.jpg" for i in range(60)]
-    (tmp_path / "images").mkdir()
-    for n in names:
-        (tmp_path / "images" / n).touch()
-    (tmp_path / "captions.jsonl").write_text(
-        "".join(json.dumps({"image": n, "caption": f"c {n}"}) + "\n" for n in names))
-    parts = {s: load_split("folder", tmp_path, s).image_keys for s in ("train", "val", "test")}
-    assert sorted(k for keys in parts.values() for k in keys) == sorted(f"folder/{n}"
-                                                                      for n in names)
-    for split, keys in parts.items():
-        for key in keys:
-            bucket = int(hashlib.sha1(key[len("folder/"):].encode()).hexdigest(), 16) % 100
-            assert split == ("train" if bucket < 80 else "val" if bucket < 90 else "test")
-
-
-def test_folder_errors_name_file_and_line(tmp_path):
-    with pytest.raises(PcmeError, match="images folder not found"):
-        load_split("folder", tmp_path, "all")
-    _folder(tmp_path)
-    with pytest.raises(PcmeError, match="no captions.jsonl or captions.csv"):
-        load_split("folder", tmp_path, "all")
-    path = tmp_path / "captions.jsonl"
-    path.write_text('{"image": "a.jpg", "caption": "ok"}\n{"image": "c.jpg", "caption": \n')
-    with pytest.raises(PcmeError, match=r"captions.jsonl:2: malformed JSON"):
-        load_split("folder", tmp_path, "all")
-    path.write_text('{"image": "a.jpg", "caption": "ok"}\n{"image": "c.jpg"}\n')
-    with pytest.raises(PcmeError, match=r"captions.jsonl:2: expected a non-empty"):
-        load_split("folder", tmp_path, "all")
-    path.write_text("".join(json.dumps({"image": n, "caption": "x"}) + "\n"
-                            for n in ("a.jpg", "gone1.jpg", "gone2.jpg")))
-    with pytest.raises(PcmeError, match=r"captions.jsonl: 2 of 3 captioned images are missing, "
-                                        r"first .*gone1.jpg"):
-        load_split("folder", tmp_path, "all")
-    path.unlink()
-    (tmp_path / "captions.csv").write_text("image,caption\na.jpg,fine\nc.jpg,too,many\n")
-    with pytest.raises(PcmeError, match=r"captions.csv:3: wrong number of fields"):
-        load_split("folder", tmp_path, "all")
-    (tmp_path / "captions.csv").write_text("picture,text\na.jpg,fine\n")
-    with pytest.raises(PcmeError, match=r"captions.csv:1: header"):
-        load_split("folder", tmp_path, "all")
-
-
-def test_registry_and_unknown_split(tmp_path):
-    assert {"scenes", "coco", "flickr30k", "cub", "folder"} <= set(LOADERS)
-    for dataset in ("coco", "flickr30k", "cub", "folder"):
-        with pytest.raises(PcmeError, match="unknown split"):
-            load_split(dataset, tmp_path, "nope")
-
-
-def test_coco_test1k_is_the_mean_of_the_five_folds(tmp_path, monkeypatch):
-    import encoders.data.coco as coco
-    from encoders.checkpoint import save_checkpoint
-    from encoders.config import ModelConfig
-    from encoders.models import PCME
-    from encoders.pipeline import evaluate_checkpoint
-
-    monkeypatch.setattr(coco, "FOLD_SIZE", 4)  # 4 images x 3 captions: enough for 10 σ bins
-    entries = [_karpathy_entry(f"{i}.jpg", "test", 3, "val2014", i) for i in range(20)]
-    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": entries}))
-    for i in range(20):
-        _image(tmp_path / "val2014" / f"{i}.jpg", colour=(12 * i, 255 - 11 * i, 90))
-    words = sorted({w for e in entries for s in e["sentences"] for w in s["raw"].split()})
-    cfg = ModelConfig(vocab=["<pad>", "<start>", "<end>", "<unk>", *words], embed_dim=8,
-                      resnet_width=4, gru_hidden=8, attn_hidden=4, image_size=16)
-    torch.manual_seed(0)
-    save_checkpoint(tmp_path / "ck.pt", PCME(cfg))
-    args = (str(tmp_path / "ck.pt"), "coco", str(tmp_path))
-    folds = [evaluate_checkpoint(*args, f"test1k-{k}", ("mu", "elk"), "cpu") for k in range(5)]
-    mean = evaluate_checkpoint(*args, "test1k", ("mu", "elk"), "cpu")
-    assert mean["split"] == "test1k" and mean["folds"] == [f"test1k-{k}" for k in range(5)]
-    for score in ("mu", "elk"):
-        for d in ("t2i", "i2t"):
-            for metric in ("R@1", "R@5", "mAP@R"):
-                by_hand = sum(f["by_score"][score][d][metric] for f in folds) / 5
-                assert mean["by_score"][score][d][metric] == pytest.approx(by_hand)
-    assert mean["n_images"] == 4

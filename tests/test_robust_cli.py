@@ -2,7 +2,7 @@
 LMDB store, odd images, k out of range, several query processes at once, `info`, `--show`, and
 every command's --help. One module-scoped fixture trains once (tiny config, ~45 s on 2 cores).
 
-Cases record `message`/`exit_code` with record_property (see tests/test_bad_input.py).
+Cases record `message`/`exit_code` with record_property (see tests/helpers.py: one_error_line).
 """
 import json
 import os
@@ -27,7 +27,7 @@ from engine.info import index_info
 from engine.search import SearchEngine
 from indexer.manifest import sha256_file
 
-from tests.test_bad_input import one_error_line
+from tests.helpers import one_error_line
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
