@@ -3,7 +3,7 @@
 A split is flat lists, so the rest of the code never needs to know which dataset it came from:
 image i is `image_paths[i]` (relative to `root`), caption j is `captions[j]`, written for image
 `caption_image[j]`. Datasets that know which captions are *true* of which images (the built-in
-scenes do) override `_compute_match_matrix`; real datasets only know their pairing.
+scenes, CUB) override `match_block`; real captioned datasets only know their pairing.
 """
 from __future__ import annotations
 
@@ -74,15 +74,12 @@ class Split:
         usually matches many images, not only its own). None if the dataset cannot know this.
         Computed once, then cached."""
         if self._match is _NOT_COMPUTED:
-            self._match = self._compute_match_matrix()
+            self._match = self.match_block(np.arange(self.n_captions), np.arange(self.n_images))
         return self._match
 
-    def _compute_match_matrix(self) -> np.ndarray | None:
-        """Override in datasets with exact ground truth; the default knows only the pairing."""
-        return None
-
     def match_block(self, captions: np.ndarray, images: np.ndarray) -> np.ndarray | None:
-        """bool [len(captions), len(images)]: the match matrix restricted to these caption and
-        image indices (a training batch), without building the whole matrix. None if the
-        dataset cannot know it. Override together with `_compute_match_matrix`."""
+        """bool [len(captions), len(images)]: which of these captions are true of which of these
+        images (a training batch, or the whole split for `match_matrix`). None if the dataset
+        cannot know it: the default, which knows only the pairing. Datasets with exact ground
+        truth override this one method."""
         return None

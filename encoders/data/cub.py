@@ -38,10 +38,6 @@ TEXT_DIR = "text_c10"
 class CubSplit(Split):
     image_class: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [n_images]
 
-    def _compute_match_matrix(self) -> np.ndarray:
-        caption_class = self.image_class[self.caption_image]
-        return caption_class[:, None] == self.image_class[None, :]
-
     def match_block(self, captions: np.ndarray, images: np.ndarray) -> np.ndarray:
         caption_class = self.image_class[self.caption_image[np.asarray(captions, dtype=np.int64)]]
         return caption_class[:, None] == self.image_class[np.asarray(images, dtype=np.int64)][None, :]

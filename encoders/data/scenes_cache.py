@@ -44,9 +44,6 @@ class ScenesSplit(Split):
     predicates: list[Predicate] = field(default_factory=list)    # per caption: its meaning
     caption_levels: list[str] = field(default_factory=list)      # per caption: see captions.py
 
-    def _compute_match_matrix(self) -> np.ndarray:
-        return match_matrix(self.predicates, self.scenes)
-
     def match_block(self, captions: np.ndarray, images: np.ndarray) -> np.ndarray:
         return match_matrix([self.predicates[int(c)] for c in captions],
                             [self.scenes[int(i)] for i in images])
