@@ -67,8 +67,8 @@ def train(
     from encoders.train import train as run_train
 
     overrides = dict(data=data, root=root, out=out, shards=shards, epochs=epochs,
-                     batch_size=batch_size, lr=lr, loss=loss, positives=positives, train_images=train_images, glove=glove,
-                     seed=seed, device=device)
+                     batch_size=batch_size, lr=lr, loss=loss, positives=positives,
+                     train_images=train_images, glove=glove, seed=seed, device=device)
     cfg = _run(load_train_config, config, overrides)
     result = _run(run_train, cfg, resume)
     typer.echo(f"trained in {result['train_s']} s -> {result['checkpoint']}")

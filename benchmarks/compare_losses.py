@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from encoders.config import load_train_config  # noqa: E402
 from encoders.losses_baselines import PROBABILISTIC  # noqa: E402
-from encoders.pipeline import evaluate_checkpoint  # noqa: E402
 from encoders.train import train  # noqa: E402
 
 SCORES = ("mu", "csd", "elk", "mc")
@@ -63,12 +62,10 @@ def main() -> int:
         for loss in args.losses.split(","):
             cfg = load_train_config(args.config, {
                 "loss": loss, "positives": positives, "epochs": args.epochs, "root": args.root,
-                "out": f"{args.out}/{loss}-{positives}", "export": False})
+                "out": f"{args.out}/{loss}-{positives}", "export": False,
+                "eval_scores": list(SCORES if loss in PROBABILISTIC else ("mu",))})
             result = train(cfg)
             report = result["eval"]
-            if loss in PROBABILISTIC:  # every score of `cli.py eval`, not only train's mu, elk
-                report = evaluate_checkpoint(result["checkpoint"], cfg.data, cfg.root, "test",
-                                             SCORES, cfg.device)
             unc = report.get("uncertainty", {})
             spearman = unc.get("spearman_caption_var_vs_matches") if loss in PROBABILISTIC else None
             for score, rep in report["by_score"].items():

@@ -73,6 +73,8 @@ class TrainConfig:
     device: str = "auto"            # auto | cpu | cuda
     amp: bool = True                # autocast on CUDA (bf16 when supported, else fp16)
     eval_split: str = "test"        # split evaluated and exported at the end
+    eval_scores: list[str] = field(default_factory=list)  # scores evaluated at the end; empty =
+                                    # mu, elk (probabilistic losses) or mu (μ-only baselines)
     export: bool = True             # write the eval split's shards after training
     model: ModelConfig = field(default_factory=ModelConfig)
 
@@ -151,12 +153,17 @@ POSITIVES = ("pairs", "plausible")
 def _check_choices(cfg: TrainConfig, where: str) -> None:
     """Names that would otherwise fail only after the dataset is generated and decoded."""
     from .data import LOADERS  # lazy: the readers and losses pull in torch
+    from engine.scores import SCORES
+
     from .losses_baselines import LOSSES
 
     for name, choices in (("loss", LOSSES), ("data", LOADERS), ("positives", POSITIVES)):
         if getattr(cfg, name) not in choices:
             raise PcmeError(f"{where}: {name} {getattr(cfg, name)!r} is unknown; choose one of "
                             f"{', '.join(choices)}")
+    unknown = [s for s in cfg.eval_scores if s not in SCORES]
+    if unknown:
+        raise PcmeError(f"{where}: eval_scores {unknown} unknown; choose from {', '.join(SCORES)}")
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:

@@ -257,7 +257,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         split = load_split(cfg.data, Path(cfg.root), cfg.eval_split)
         emb = encode_split(trainer.model, trainer.vocab, split, trainer.device)
         # μ-only baselines leave log_var untrained: only the μ score means anything for them
-        scores = DEFAULT_SCORES if cfg.loss in PROBABILISTIC else ("mu",)
+        scores = tuple(cfg.eval_scores) or (DEFAULT_SCORES if cfg.loss in PROBABILISTIC else ("mu",))
         report = evaluate_split(trainer.model, trainer.vocab, split, trainer.device, scores,
                                 embeddings=emb)
         (out / "eval.json").write_text(json.dumps(report, indent=2))

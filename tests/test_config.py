@@ -25,6 +25,9 @@ def test_json_config(tmp_path):
     ('amp = 1\n', "true or false"),
     ('[model]\nembed = 3\n', "unknown key"),
     ('epochs = \n', "cannot parse"),
+    ('eval_scores = ["mu", "elkk"]\n', r"eval_scores \['elkk'\] unknown; choose from"),
+    ('eval_scores = "mu"\n', "'eval_scores' must be a list of strings"),
+    ('positives = "all"\n', "positives 'all' is unknown"),
 ])
 def test_bad_configs_name_the_file_and_key(tmp_path, text, needle):
     f = tmp_path / "bad.toml"
