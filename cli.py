@@ -1,7 +1,10 @@
-"""pcme-search command line: train → index → query, plus encode and eval.
+"""pcme-search command line: train → index → query, plus encode, eval, info and bench.
 
 Each command parses its options, calls one library function and prints the result. Known failures
 (bad input, missing files) end as one line on stderr and exit code 2, never a traceback.
+This module is where the stages meet: it hands the engine a query encoder built from the
+checkpoint an index names (`open_engine`), and it makes the process-wide settings.
+Installed with the package: `pcme <command>` is `python cli.py <command>`.
 """
 from __future__ import annotations
 
@@ -13,11 +16,39 @@ from typing import Optional
 
 import typer
 
-from engine.errors import PcmeError
+from core.errors import PcmeError
+from core.process import configure_process
+from encoders.training.config import TrainConfig
+from encoders.training.data import LOADERS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Probabilistic (PCME) image-text search: train, index, query.")
 err = typer.echo
+DEFAULTS = TrainConfig()          # the one copy of every training default
+CHECKPOINT = f"{DEFAULTS.out}/checkpoint.pt"
+DATASETS = tuple(LOADERS)
+
+
+@app.callback()
+def _edge() -> None:
+    """Process-wide settings, before any command imports torch or faiss."""
+    configure_process()
+
+
+def open_engine(index: str | Path, device: str = "cpu"):
+    """A SearchEngine on `index` with the query encoder of the checkpoint its manifest names
+    (none when it names none, e.g. synthetic benchmark indexes)."""
+    from encoders.model.query import QueryEncoder
+    from engine.search import SearchEngine
+
+    engine = SearchEngine(index)
+    if engine.reader.manifest.get("producer", {}).get("checkpoint"):
+        try:
+            engine.encoder = QueryEncoder.for_index(engine.reader.manifest, index, device)
+        except BaseException:
+            engine.close()
+            raise
+    return engine
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -42,29 +73,39 @@ def _run(fn, *args, **kwargs):
 Verbose = typer.Option(False, "--verbose", "-v", help="Debug logging.")
 
 
+def _default(name: str, help: str):
+    """A train option whose default (shown in --help) is TrainConfig's; None when not given,
+    so a --config file's value is overridden only by flags the user typed."""
+    return typer.Option(None, help=help, show_default=str(getattr(DEFAULTS, name)))
+
+
 @app.command()
 def train(
-    data: Optional[str] = typer.Option(None, help="Dataset: scenes (built-in). [default: scenes]"),
-    root: Optional[str] = typer.Option(None, help="Dataset root folder. [default: data]"),
-    out: Optional[str] = typer.Option(None, help="Run folder for checkpoint and logs. [default: runs/latest]"),
-    shards: Optional[str] = typer.Option(None, help="Where the eval split's shards go. [default: out]"),
-    epochs: Optional[int] = typer.Option(None, help="Training epochs. [default: 8]"),
-    batch_size: Optional[int] = typer.Option(None, help="Pairs per step. [default: 128]"),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate. [default: 2e-3]"),
-    loss: Optional[str] = typer.Option(None, help="pcme, pcmepp, infonce or vse++. [default: pcme]"),
-    positives: Optional[str] = typer.Option(None, help="In-batch positives: pairs (captions written for the image) or plausible (every caption true of it: scenes, cub). [default: pairs]"),
-    train_images: Optional[int] = typer.Option(None, help="Scenes training images. [default: 10000]"),
-    glove: Optional[str] = typer.Option(None, help="GloVe text file; default: offline GloVe 6B 50-d."),
-    seed: Optional[int] = typer.Option(None, help="Random seed. [default: 0]"),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda. [default: auto]"),
-    config: Optional[str] = typer.Option(None, help="TOML or JSON file of train options; flags override it. [default: none]"),
+    data: Optional[str] = _default("data", f"Dataset: {', '.join(DATASETS)}."),
+    root: Optional[str] = _default("root", "Dataset root folder (the scenes are generated there)."),
+    out: Optional[str] = _default("out", "Run folder for checkpoint, log and eval."),
+    shards: Optional[str] = _default("shards", "Where the eval split's shards go."),
+    epochs: Optional[int] = _default("epochs", "Training epochs."),
+    batch_size: Optional[int] = _default("batch_size", "Images per step."),
+    lr: Optional[float] = _default("lr", "Peak learning rate."),
+    loss: Optional[str] = _default("loss", "pcme, pcmepp, infonce or vse++."),
+    positives: Optional[str] = _default("positives", "In-batch positives: pairs (captions written "
+                                        "for the image) or plausible (every caption true of it: "
+                                        "scenes, cub)."),
+    train_images: Optional[int] = _default("train_images", "Scenes training images."),
+    glove: Optional[str] = typer.Option(None, help="GloVe text file.",
+                                        show_default="offline GloVe 6B 50-d"),
+    seed: Optional[int] = _default("seed", "Random seed."),
+    device: Optional[str] = _default("device", "auto, cpu or cuda."),
+    config: Optional[str] = typer.Option(None, help="TOML or JSON file of train options; flags "
+                                         "override it.", show_default="none"),
     resume: bool = typer.Option(False, help="Continue the interrupted run in --out from last.pt."),
     verbose: bool = Verbose,
 ):
     """Train PCME encoders, evaluate on the test split and write its μ/log σ² shards."""
     _setup_logging(verbose)
-    from encoders.config import load_train_config
-    from encoders.train import train as run_train
+    from encoders.training.config import load_train_config
+    from encoders.training.train import train as run_train
 
     overrides = dict(data=data, root=root, out=out, shards=shards, epochs=epochs,
                      batch_size=batch_size, lr=lr, loss=loss, positives=positives,
@@ -79,17 +120,17 @@ def train(
 
 @app.command()
 def encode(
-    checkpoint: str = typer.Option("runs/latest/checkpoint.pt", help="Trained checkpoint."),
-    data: str = typer.Option("scenes", help="Dataset name."),
-    root: str = typer.Option("data", help="Dataset root folder."),
-    split: str = typer.Option("test", help="Split to encode."),
-    out: str = typer.Option("out", help="Shard directory to write."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    checkpoint: str = typer.Option(CHECKPOINT, help="Trained checkpoint."),
+    data: str = typer.Option(DEFAULTS.data, help=f"Dataset: {', '.join(DATASETS)}."),
+    root: str = typer.Option(DEFAULTS.root, help="Dataset root folder."),
+    split: str = typer.Option(DEFAULTS.eval_split, help="Split to encode."),
+    out: str = typer.Option(DEFAULTS.shards, help="Shard directory to write."),
+    device: str = typer.Option(DEFAULTS.device, help="auto, cpu or cuda."),
     verbose: bool = Verbose,
 ):
     """Encode a split with a checkpoint into μ/log σ² parquet shards."""
     _setup_logging(verbose)
-    from encoders.pipeline import encode_to_shards
+    from encoders.training.pipeline import encode_to_shards
 
     path = _run(encode_to_shards, checkpoint, data, root, split, out, device)
     typer.echo(f"shards: {path}")
@@ -107,7 +148,7 @@ def index(
 ):
     """Build FAISS indexes on μ and an LMDB store of log σ² from shards."""
     _setup_logging(verbose)
-    from encoders.progress import StageBars
+    from core.progress import StageBars
     from indexer.build import build_index
 
     names = tuple(s.strip() for s in augmented.split(",") if s.strip())
@@ -136,23 +177,27 @@ def query(
 ):
     """Search the index with a text (or --image) query and print ranked hits with uncertainty."""
     _setup_logging(verbose)
-    from engine.search import SearchEngine
+    from core.charts import check_png_path
+    from core.scores import score_name
 
+    score = _run(score_name, score, "--score")
     if (text is None) == (image is None):
         err("error: give either a text query or --image PATH", err=True)
         raise typer.Exit(2)
-    with _run(SearchEngine, index, device) as engine:
+    if show:
+        _run(check_png_path, show, "--show")
+    with _run(open_engine, index, device) as engine:
         if image is not None:
             result = _run(engine.query_image, image, k, score, exact)
         else:
             result = _run(engine.query_text, text, k, score, exact)
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
+    else:
+        _print_result(result)
     if show:
         from engine.contact_sheet import contact_sheet
         _run(contact_sheet, result, show)
-    if as_json:
-        typer.echo(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
-        return
-    _print_result(result)
 
 
 @app.command()
@@ -163,7 +208,7 @@ def info(
 ):
     """Show what an index holds: counts, dim, factory, nprobe, model + sha256, size on disk."""
     _setup_logging(verbose)
-    from engine.info import format_info, index_info
+    from indexer.info import format_info, index_info
 
     facts = _run(index_info, index_dir)
     if as_json:
@@ -175,29 +220,33 @@ def info(
 
 @app.command("eval")
 def eval_cmd(
-    checkpoint: str = typer.Option("runs/latest/checkpoint.pt", help="Trained checkpoint."),
-    data: str = typer.Option("scenes", help="Dataset name."),
-    root: str = typer.Option("data", help="Dataset root folder."),
-    split: str = typer.Option("test", help="Split to evaluate; coco test1k = mean over the five 1K folds."),
+    checkpoint: str = typer.Option(CHECKPOINT, help="Trained checkpoint."),
+    data: str = typer.Option(DEFAULTS.data, help=f"Dataset: {', '.join(DATASETS)}."),
+    root: str = typer.Option(DEFAULTS.root, help="Dataset root folder."),
+    split: str = typer.Option(DEFAULTS.eval_split, help="Split to evaluate; coco test1k = mean over the five 1K folds."),
     scores: str = typer.Option("mu,csd,elk,mc", help="Comma-separated scores: mu, elk, csd, w2, bhattacharyya, mc."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     plot: Optional[str] = typer.Option(None, help="Write a PNG of R@1 per caption-uncertainty bin. [default: none]"),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = typer.Option(DEFAULTS.device, help="auto, cpu or cuda."),
     verbose: bool = Verbose,
 ):
     """Evaluate a checkpoint on a split against its ground truth, with an uncertainty report."""
     _setup_logging(verbose)
-    from encoders.evaluate import plot_uncertainty
-    from encoders.pipeline import evaluate_checkpoint
+    from core.charts import check_png_path
+    from core.scores import score_name
+    from encoders.training.evaluate import plot_uncertainty
+    from encoders.training.pipeline import evaluate_checkpoint
 
-    names = tuple(s.strip() for s in scores.split(",") if s.strip())
-    report = _run(evaluate_checkpoint, checkpoint, data, root, split, names, device)
+    names = tuple(_run(score_name, s, "--scores") for s in scores.split(",") if s.strip())
     if plot:
-        _run(plot_uncertainty, report, plot)
+        _run(check_png_path, plot)
+    report = _run(evaluate_checkpoint, checkpoint, data, root, split, names, device)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:
         _print_eval(report)
+    if plot:
+        _run(plot_uncertainty, report, plot)
 
 
 @app.command()
@@ -221,7 +270,7 @@ def bench(
 ):
     """Latency (per stage, p50/p95/p99), QPS and recall@10 against --exact, for every score."""
     _setup_logging(verbose)
-    from engine.bench import BenchConfig, format_table, run_bench
+    from benchmarks.harness import BenchConfig, format_table, run_bench
 
     names = tuple(s.strip() for s in scores.split(",") if s.strip())
     extra = tuple(s.strip() for s in augmented.split(",") if s.strip())
@@ -232,7 +281,7 @@ def bench(
                       shortlist=shortlist)
     report = _run(run_bench, cfg)
     if plot:
-        from engine.plot import plot_latency_recall
+        from benchmarks.plot import plot_latency_recall
 
         _run(plot_latency_recall, report, Path(plot))
     typer.echo(json.dumps(report, indent=2) if as_json else format_table(report))
@@ -267,5 +316,10 @@ def _print_result(result) -> None:
     typer.echo("timings: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """Console script entry point (`pcme`)."""
     app()
+
+
+if __name__ == "__main__":
+    main()

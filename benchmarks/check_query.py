@@ -12,11 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from encoders.data import load_split  # noqa: E402
-from encoders.data.predicates import holds, parse_caption  # noqa: E402
-from engine.search import SearchEngine  # noqa: E402
+from encoders.training.data import load_split
+from encoders.training.data.predicates import holds, parse_caption
+from cli import open_engine
 
 
 def main() -> int:
@@ -36,7 +34,7 @@ def main() -> int:
     by_path = {str((split.root / p).resolve()): i for i, p in enumerate(split.image_paths)}
     n_true = sum(holds(predicate, s) for s in split.scenes)
     print(f"query: {args.query!r}  predicate true of {n_true} of {split.n_images} images")
-    with SearchEngine(args.index) as engine:
+    with open_engine(args.index) as engine:
         result = engine.query_text(args.query, args.k, args.score)
     n_ok = 0
     for hit in result.results:

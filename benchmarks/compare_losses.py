@@ -17,11 +17,9 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from encoders.config import load_train_config  # noqa: E402
-from encoders.losses_baselines import PROBABILISTIC  # noqa: E402
-from encoders.train import train  # noqa: E402
+from encoders.training.config import load_train_config
+from encoders.training.losses_baselines import PROBABILISTIC
+from encoders.training.train import train
 
 SCORES = ("mu", "csd", "elk", "mc")
 COLUMNS = ("t2i R@1", "i2t R@1", "RSUM", "t2i PMRP", "i2t PMRP", "t2i mAP@R", "i2t mAP@R")

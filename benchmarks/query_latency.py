@@ -15,9 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.search import SearchEngine  # noqa: E402
+from cli import open_engine
 
 STAGES = ("encode_ms", "ann_ms", "fetch_ms", "rescore_ms", "total_ms")
 
@@ -30,9 +28,8 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    with SearchEngine(args.index) as engine:
-        t = time.perf_counter()
-        engine.model()
+    t = time.perf_counter()
+    with open_engine(args.index) as engine:
         load_ms = (time.perf_counter() - t) * 1000
         n_text = engine.reader.count("text")
         ids = np.linspace(0, n_text - 1, min(args.queries, n_text)).astype(np.int64)

@@ -11,15 +11,12 @@ from __future__ import annotations
 import argparse
 import io
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from encoders.data import load_split  # noqa: E402
-from encoders.data.scenes_cache import SPLIT_SEEDS, generate_item  # noqa: E402
+from encoders.training.data import load_split
+from encoders.training.data.scenes_cache import SPLIT_SEEDS, generate_item
 
 
 def _rate(fn, n: int, runs: int) -> float:

@@ -14,10 +14,12 @@ import numpy as np
 
 from indexer import augmented as aug
 
-from .errors import PcmeError
-from .exact import ExactSearcher
-from .rescore import check_score, rescore_gathered
-from .shortlist import VarianceBounds, is_final, kth_key, required_ip, shortlist_size
+from core.errors import PcmeError
+from engine.exact import ExactSearcher
+from core.montecarlo import MC_SAMPLES
+from core.scores import score_name
+from engine.rescore import rescore_gathered
+from engine.shortlist import VarianceBounds, is_final, kth_key, required_ip, shortlist_size
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +39,9 @@ class BatchSearcher:
     the calibrated mode, whose recall `bench --shortlist N` measures."""
 
     def __init__(self, reader, a: float, b: float, initial: int | None = None,
-                 guarantee: bool = True):
+                 guarantee: bool = True, mc_samples: int = MC_SAMPLES):
         self.reader, self.a, self.b, self.initial = reader, a, b, initial
+        self.mc_samples = mc_samples
         self.guarantee = guarantee
         self._exact: dict[str, ExactSearcher] = {}
         self._bound_cache: dict[str, VarianceBounds | None] = {}
@@ -50,7 +53,7 @@ class BatchSearcher:
 
     def search(self, modality: str, mu_q: np.ndarray, lv_q: np.ndarray, k: int, score: str,
                exact: bool = False) -> BatchResult:
-        check_score(score)
+        score = score_name(score)
         n = self.reader.count(modality)
         if k < 1:
             raise PcmeError(f"--k {k}: must be at least 1")
@@ -60,7 +63,8 @@ class BatchSearcher:
         k = min(k, n)
         if exact:
             t = time.perf_counter()
-            ids, keys = self.exact(modality).topk(score, mu_q, lv_q, k, self.a, self.b)
+            ids, keys = self.exact(modality).topk(score, mu_q, lv_q, k, self.a, self.b,
+                                                     self.mc_samples)
             return BatchResult(ids, keys, np.full(len(mu_q), n), {"exact_ms": _ms(t)})
         index = self.reader.augmented(modality, score)
         if index is not None:
@@ -79,7 +83,8 @@ class BatchSearcher:
             return BatchResult(ids, ip, np.full(len(ids), ids.shape[1]), timings)
         mu_d, lv_d = self._fetch(modality, ids, timings)
         t = time.perf_counter()
-        keys = rescore_gathered(score, mu_q, lv_q, mu_d, lv_d, ids, self.a, self.b)
+        keys = rescore_gathered(score, mu_q, lv_q, mu_d, lv_d, ids, self.a, self.b,
+                                self.mc_samples)
         timings["rescore_ms"] += _ms(t)
         bounds = self._bounds(modality) if self.guarantee else None
         out_ids, out_keys, sizes = [], [], []
@@ -109,7 +114,7 @@ class BatchSearcher:
         mu_d, lv_d = self._fetch(modality, new_ids[None], timings)
         t = time.perf_counter()
         new_keys = rescore_gathered(score, mu_q[None], lv_q[None], mu_d, lv_d, new_ids[None],
-                                    self.a, self.b)[0]
+                                    self.a, self.b, self.mc_samples)[0]
         timings["rescore_ms"] += _ms(t)
         return np.concatenate([ids, new_ids]), np.concatenate([keys, new_keys])
 

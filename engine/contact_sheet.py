@@ -9,13 +9,13 @@ file should not cost the user the whole sheet.
 from __future__ import annotations
 
 import logging
-import os
 import textwrap
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .errors import PcmeError
+from core.charts import check_png_path, save_png
+from core.errors import PcmeError
 
 logger = logging.getLogger(__name__)
 
@@ -27,28 +27,15 @@ INK = (20, 20, 20)
 
 def contact_sheet(result, path: str | Path, thumb: int = 128, cols: int = 5) -> Path:
     """Draw `result` (engine.search.QueryResult) into the PNG at `path` (written atomically)."""
-    path = _check_path(path)
+    path = check_png_path(path, "--show")
     if thumb < 16 or cols < 1:
         raise PcmeError(f"contact sheet: thumb must be >= 16 and cols >= 1, got {thumb}, {cols}")
     if result.modality == "image":
         sheet = _image_grid(result, thumb, cols)
     else:
         sheet = _caption_list(result, 2 * thumb)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    sheet.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    save_png(sheet, path, "--show")
     logger.info("contact sheet: %s (%dx%d)", path, *sheet.size)
-    return path
-
-
-def _check_path(path: str | Path) -> Path:
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise PcmeError(f"--show {path}: must be a .png file name")
-    if not path.parent.is_dir():
-        raise PcmeError(f"--show {path}: folder {path.parent} does not exist")
-    if path.is_dir():
-        raise PcmeError(f"--show {path}: is a directory")
     return path
 
 

@@ -4,8 +4,8 @@ against (`query --exact`, `bench`).
 All μ and log_var of a modality are read once and kept in memory as float32 tensors (1M × 256
 is 2 GB for both). Items are scored a block at a time with `scores.pairwise` (matmul fast paths
 for mu/csd/w2), keeping a running top-k, so the temporaries stay a few tens of MB whatever N.
-`mc` uses the same per-item noise as the shortlist rescorer (and the same matmul kernel,
-rescore.mc_block), so both give the same numbers; tests check both against match_prob.
+`mc` uses the same per-item noise and kernel as the shortlist rescorer
+(core.montecarlo.fixed_match_prob), so both give the same numbers.
 Cost at 1M × 256 on 2 cores: ~1 s per query for elk/bhattacharyya, ~2 s for mc, and a
 fixed ~20 s to read all vectors once.
 """
@@ -16,9 +16,10 @@ import logging
 import numpy as np
 import torch
 
-from .errors import PcmeError
-from .rescore import MC_SAMPLES, check_score, item_noise, mc_block
-from .scores import pairwise, rank_key
+from core.errors import PcmeError
+from core.montecarlo import MC_SAMPLES, fixed_match_prob
+from core.pairwise import pairwise
+from core.scores import rank_key, score_name
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +42,10 @@ class ExactSearcher:
         return self._mu, self._lv
 
     def topk(self, score: str, mu_q: np.ndarray, lv_q: np.ndarray, k: int,
-             a: float = 5.0, b: float = 5.0) -> tuple[np.ndarray, np.ndarray]:
+             a: float = 5.0, b: float = 5.0, mc_samples: int = MC_SAMPLES
+             ) -> tuple[np.ndarray, np.ndarray]:
         """(ids [Q, k'], rank keys [Q, k'], best first) of the exact top-k, k' = min(k, N)."""
-        check_score(score)
+        score = score_name(score)
         if mu_q.ndim != 2 or mu_q.shape != lv_q.shape:
             raise PcmeError(f"exact search: queries must be [Q, D] arrays, got {mu_q.shape} "
                             f"and {lv_q.shape}")
@@ -55,7 +57,8 @@ class ExactSearcher:
         best_ids = torch.zeros((len(mu_q), 0), dtype=torch.int64)
         block = MC_BLOCK if score == "mc" else BLOCK
         for s in range(0, len(mu), block):
-            keys = self._block_keys(score, q_mu, q_lv, mu[s:s + block], lv[s:s + block], s, a, b)
+            keys = self._block_keys(score, q_mu, q_lv, mu[s:s + block], lv[s:s + block], s, a, b,
+                                    mc_samples)
             keys = torch.cat([best_keys, keys], dim=1)
             ids = torch.cat([best_ids, torch.arange(s, s + keys.shape[1] - best_ids.shape[1])
                              .expand(len(mu_q), -1)], dim=1)
@@ -63,8 +66,8 @@ class ExactSearcher:
             best_ids = ids.gather(1, pos)
         return best_ids.numpy(), best_keys.numpy()
 
-    def _block_keys(self, score, q_mu, q_lv, d_mu, d_lv, start, a, b) -> torch.Tensor:
+    def _block_keys(self, score, q_mu, q_lv, d_mu, d_lv, start, a, b, mc_samples) -> torch.Tensor:
         if score != "mc":
             return rank_key(score, pairwise(score, q_mu, q_lv, d_mu, d_lv))
-        eps_q, eps_d = item_noise(np.arange(start, start + len(d_mu)), MC_SAMPLES, d_mu.shape[1])
-        return mc_block(q_mu, q_lv, d_mu, d_lv, eps_q, eps_d, a, b)
+        ids = np.arange(start, start + len(d_mu))
+        return fixed_match_prob(q_mu, q_lv, d_mu, d_lv, ids, a, b, mc_samples)

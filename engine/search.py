@@ -6,33 +6,27 @@ shortlist using both Gaussians, and the shortlist grows until no item outside it
 top-k (engine/shortlist.py explains the bound). `exact=True` scores every item instead
 (engine/exact.py); csd/w2 use the exact augmented-vector index when the build made one.
 `uncertainty` is the mean of σ² over dimensions.
+
+Queries are encoded by the encoder object the engine is handed (encoders/model/query.py builds
+one from the checkpoint the index manifest names); the engine itself imports no model code.
 """
 from __future__ import annotations
 
 import logging
-import os
 import time
-import warnings
-
-# torch and faiss each bring an OpenMP runtime; with the default (active) wait policy the idle
-# threads of one spin on the cores the other needs, which turned 0.2 ms stages into 15 ms on a
-# 2-core machine. Must be set before either library loads; an explicit setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
+from core.montecarlo import MC_SAMPLES
+from core.scores import score_name
 from indexer.reader import IndexReader
 
-from .batch import BatchResult, BatchSearcher
-from .errors import PcmeError
+from engine.batch import BatchResult, BatchSearcher
+from core.errors import PcmeError
 
 logger = logging.getLogger(__name__)
-
-MAX_QUERY_CHARS = 10_000
-MAX_IMAGE_PIXELS = 100_000_000
 
 
 @dataclass
@@ -66,11 +60,15 @@ def uncertainty(log_var: np.ndarray) -> np.ndarray:
 
 
 class SearchEngine:
-    def __init__(self, index_dir: str | Path, device: str = "cpu"):
+    """Search one index directory. `encoder` turns text or an image file into a Gaussian
+    (encode_text(text) -> (μ, log_var, unknown words), encode_image(path) -> (μ, log_var));
+    without one, only search with given Gaussians (`search`, `search_batch`) works."""
+
+    def __init__(self, index_dir: str | Path, encoder=None):
         self.reader = IndexReader.open(Path(index_dir))
-        self.device_name = device
-        self._model = None
-        self.batch = BatchSearcher(self.reader, *self._match_params())
+        self.encoder = encoder
+        mc_samples = int(self.reader.manifest.get("mc_samples", MC_SAMPLES))
+        self.batch = BatchSearcher(self.reader, *self._match_params(), mc_samples=mc_samples)
 
     def close(self) -> None:
         self.reader.close()
@@ -81,35 +79,10 @@ class SearchEngine:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # -- the model named in the index manifest, loaded on first use --------------------------
-    def model(self):
-        if self._model is None:
-            from encoders.checkpoint import load_model, resolve_device  # torch models: lazy
-
-            producer = self.reader.manifest.get("producer", {})
-            path = producer.get("checkpoint")
-            if not path:
-                raise PcmeError(f"{self.reader.index_dir}/manifest.json: names no checkpoint; "
-                                "cannot encode queries")
-            self.device = resolve_device(self.device_name)
-            self._model = load_model(path, self.device, producer.get("checkpoint_sha256"))
-        return self._model
-
-    def encode_text(self, text: str):
-        from encoders.encode import encode_query_text
-
-        if len(text) > MAX_QUERY_CHARS:
-            raise PcmeError(f"query: {len(text)} characters; at most {MAX_QUERY_CHARS} are accepted")
-        model, vocab, _ = self.model()
-        return encode_query_text(model, vocab, text, self.device)
-
-    def encode_image(self, path: str | Path):
-        from encoders.encode import encode_images
-
-        img = open_image(path)
-        model, _, _ = self.model()
-        mu, lv = encode_images(model, lambda i: img, 1, self.device)
-        return mu[0], lv[0]
+    def _encoder(self):
+        if self.encoder is None:
+            raise PcmeError(f"{self.reader.index_dir}: no query encoder was given to the engine")
+        return self.encoder
 
     # -- search ----------------------------------------------------------------------------------
     def search_batch(self, modality: str, mu_q: np.ndarray, lv_q: np.ndarray, k: int = 10,
@@ -132,54 +105,29 @@ class SearchEngine:
                 for r, (i, key, lv, (group, item)) in enumerate(zip(ids, res.keys[0], lv_hits, meta))]
         return hits, timings
 
-    def _load_timed(self) -> float:
-        """Load the model (first query only) and say how long it took; not part of total_ms."""
-        t = time.perf_counter()
-        self.model()
-        return _ms(t)
-
     def _match_params(self) -> tuple[float, float]:
         p = self.reader.manifest.get("producer", {})
         return float(p.get("match_a", 5.0)), float(p.get("match_b", 5.0))
 
     def query_text(self, text: str, k: int = 10, score: str = "elk",
                    exact: bool = False) -> QueryResult:
-        load_ms = self._load_timed()
+        score = score_name(score)
         t = time.perf_counter()
-        mu, lv, unknown = self.encode_text(text)
+        mu, lv, unknown = self._encoder().encode_text(text)
         encode_ms = _ms(t)
         hits, timings = self.search("image", mu, lv, k, score, exact)
-        timings = {"load_ms": load_ms, "encode_ms": encode_ms, **timings, "total_ms": _ms(t)}
+        timings = {"encode_ms": encode_ms, **timings, "total_ms": _ms(t)}
         return QueryResult(text, "image", score, float(uncertainty(lv)), hits, timings, unknown)
 
     def query_image(self, path: str | Path, k: int = 10, score: str = "elk",
                     exact: bool = False) -> QueryResult:
-        load_ms = self._load_timed()
+        score = score_name(score)
         t = time.perf_counter()
-        mu, lv = self.encode_image(path)
+        mu, lv = self._encoder().encode_image(path)
         encode_ms = _ms(t)
         hits, timings = self.search("text", mu, lv, k, score, exact)
-        timings = {"load_ms": load_ms, "encode_ms": encode_ms, **timings, "total_ms": _ms(t)}
+        timings = {"encode_ms": encode_ms, **timings, "total_ms": _ms(t)}
         return QueryResult(str(path), "text", score, float(uncertainty(lv)), hits, timings)
-
-
-def open_image(path: str | Path) -> Image.Image:
-    path = Path(path)
-    if not path.is_file():
-        raise PcmeError(f"--image {path}: file not found")
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-    try:
-        with warnings.catch_warnings():  # PIL only warns between 1x and 2x the limit
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                return img.convert("RGB")
-    except UnidentifiedImageError:
-        raise PcmeError(f"--image {path}: not an image file") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise PcmeError(f"--image {path}: image larger than {MAX_IMAGE_PIXELS} pixels") from None
-    except OSError as e:  # truncated or corrupt data
-        raise PcmeError(f"--image {path}: cannot decode ({e})") from None
 
 
 def _ms(t0: float) -> float:

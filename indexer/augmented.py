@@ -19,7 +19,7 @@ import logging
 import faiss
 import numpy as np
 
-from engine.errors import PcmeError
+from core.errors import PcmeError
 from indexer.store import stored_log_var
 
 logger = logging.getLogger(__name__)

@@ -23,10 +23,12 @@ from typing import Callable
 import faiss
 import numpy as np
 
-from engine.errors import PcmeError
+from core.errors import PcmeError
 from indexer import augmented as aug
 from indexer import faiss_index as fx
-from indexer.manifest import SCHEMA_VERSION, AtomicDir, sha256_file, utc_now, write_json
+from core.montecarlo import MC_SAMPLES
+from core.atomic import AtomicDir, sha256_file, utc_now, write_json
+from indexer.manifest import SCHEMA_VERSION
 from indexer.shards import MODALITIES, ShardBatch, read_shard_manifest, read_shards, validate_shards
 from indexer.store import StoreWriter, VarianceStats, estimate_map_size, stored_log_var
 
@@ -96,7 +98,7 @@ def build_index(shard_dir: Path, out_dir: Path, factory: str = "auto", nprobe: i
             "factory": {m: p.factory for m, p in plans.items()},
             "nprobe": {m: c[0] for m, c in chosen.items()},
             "nprobe_recall": {m: c[1] for m, c in chosen.items()}, "recall_target": recall_target,
-            "metric": "inner_product",
+            "metric": "inner_product", "mc_samples": MC_SAMPLES,
             "variance_stats": {m: p.stats.to_json() for m, p in plans.items()},
             "augmented": {m: sorted(p.augmented) for m, p in plans.items()},
             "store": {"file": STORE_FILE, "dtype": "float16",

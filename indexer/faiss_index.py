@@ -14,7 +14,7 @@ import math
 import faiss
 import numpy as np
 
-from engine.errors import PcmeError
+from core.errors import PcmeError
 
 logger = logging.getLogger(__name__)
 

@@ -1,52 +1,20 @@
-"""Manifests and atomic directories, shared by the shard writer and the index builder.
+"""Reading the manifests of shard and index directories (written with core/atomic.py).
 
-Every directory a stage writes is self-describing (a `manifest.json`) and appears all at once:
-it is built in a temporary sibling `.<name>.tmp-<pid>` and swapped in only when complete, so a
-crash or an exception at any point leaves the previous output intact.
+Every directory a stage writes is self-describing: a `manifest.json` with a kind and a schema
+version, checked here before anything else in the directory is trusted.
 """
-
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import datetime
-import hashlib
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
-from engine.errors import PcmeError
+from core.atomic import MANIFEST
+from core.errors import PcmeError
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks so multi-GB shards never sit in memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def utc_now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def write_json(path: Path, obj: dict) -> None:
-    """Write JSON via a temp file + rename, so a reader never sees half a manifest."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_manifest(directory: Path, kind: str) -> dict:
@@ -73,124 +41,3 @@ def _get(obj, key):
     return obj.get(key) if isinstance(obj, dict) else None
 
 
-class AtomicDir:
-    """A temp sibling of `out_dir` that replaces `out_dir` on `commit()`.
-
-    `kind` guards against clobbering the wrong folder: an existing `out_dir` is replaced only
-    when it is empty or holds a manifest of that kind (so `--out ~` cannot wipe a home dir).
-    Use as a context manager: commit on success, remove the temp dir on exception.
-    """
-
-    def __init__(self, out_dir: Path, kind: str):
-        self.out_dir = Path(out_dir).absolute()
-        self.kind = kind
-        self._check_replaceable()
-        self.tmp = self.out_dir.parent / f".{self.out_dir.name}.tmp-{os.getpid()}"
-        if self.tmp.exists():  # left by an earlier crashed run that had our pid
-            shutil.rmtree(self.tmp)
-        self._remove_stale_temps()
-        self.tmp.mkdir(parents=True)
-        self.done = False
-
-    def _remove_stale_temps(self) -> None:
-        """Delete temp dirs of earlier runs into the same out_dir whose process is gone (killed
-        with -9, power loss): they are partial builds nobody will finish. A live pid's dir is
-        left alone, since another build may be running; `.old-*` dirs are never touched (after
-        a kill between two renames that is the only complete copy)."""
-        if not self.out_dir.parent.is_dir():
-            return
-        for path in self.out_dir.parent.glob(f".{self.out_dir.name}.tmp-*"):
-            pid = path.name.rsplit("-", 1)[-1]
-            if path.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
-                logger.info("removing %s, left by an interrupted run", path)
-                shutil.rmtree(path, ignore_errors=True)
-
-    def _check_replaceable(self) -> None:
-        out = self.out_dir
-        if not out.exists():
-            return
-        if not out.is_dir():
-            raise PcmeError(f"{out}: exists and is not a directory; refusing to replace it")
-        if not any(out.iterdir()):
-            return
-        try:
-            read_manifest(out, self.kind)
-        except PcmeError:
-            article = "an" if self.kind[0] in "aeiou" else "a"
-            raise PcmeError(f"{out}: exists and is not {article} {self.kind} directory "
-                            f"(no valid {MANIFEST}); refusing to replace it") from None
-
-    def commit(self) -> Path:
-        self._check_replaceable()  # someone may have put something there meanwhile
-        if not self.out_dir.exists():
-            os.rename(self.tmp, self.out_dir)
-        elif _exchange(self.tmp, self.out_dir):
-            shutil.rmtree(self.tmp)  # tmp now holds the old version
-        else:
-            self._swap_by_two_renames()
-        _fsync_dir(self.out_dir.parent)
-        self.done = True
-        logger.info("wrote %s", self.out_dir)
-        return self.out_dir
-
-    def _swap_by_two_renames(self) -> None:
-        # Fallback where renameat2 is missing: a kill between the two renames leaves the old
-        # version under `.<name>.old-<pid>`, still complete, and never a half-written out_dir.
-        old = self.out_dir.parent / f".{self.out_dir.name}.old-{os.getpid()}"
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(self.out_dir, old)
-        os.rename(self.tmp, self.out_dir)
-        shutil.rmtree(old)
-
-    def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.done = True
-
-    def __enter__(self) -> Path:
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-_RENAME_EXCHANGE = 2  # linux/fs.h
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths with Linux renameat2(RENAME_EXCHANGE): there is no instant at
-    which `b` is missing. Returns False where the call is unavailable (other OS, old libc,
-    filesystem without support) so the caller can fall back to two renames."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    fn = getattr(libc, "renameat2", None)
-    if fn is None:
-        return False
-    at_fdcwd = -100
-    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
-    if rc != 0:
-        logger.debug("renameat2 failed (errno %d); falling back to two renames", ctypes.get_errno())
-    return rc == 0
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -14,7 +14,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from engine.errors import PcmeError
+from core.errors import PcmeError
 from indexer import augmented as aug
 from indexer import faiss_index as fx
 from indexer.manifest import read_manifest

@@ -16,8 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.errors import PcmeError
-from indexer.manifest import SCHEMA_VERSION, AtomicDir, read_manifest, sha256_file, utc_now, write_json
+from core.errors import PcmeError
+from core.atomic import AtomicDir, sha256_file, utc_now, write_json
+from indexer.manifest import SCHEMA_VERSION, read_manifest
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
-from engine.errors import PcmeError
+from core.errors import PcmeError
 
 logger = logging.getLogger(__name__)
 

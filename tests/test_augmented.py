@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from engine.batch import BatchSearcher
-from engine.errors import PcmeError
-from engine.synthetic import SyntheticSpec, write_synthetic_shards
+from core.errors import PcmeError
+from benchmarks.synthetic import SyntheticSpec, write_synthetic_shards
 from indexer import augmented as aug
 from indexer.build import build_index
 from indexer.reader import IndexReader

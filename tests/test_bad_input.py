@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from indexer.manifest import sha256_file
+from core.atomic import sha256_file
 from indexer.reader import IndexReader
 from tests.helpers import one_error_line, unit, write_shards
 

@@ -37,10 +37,10 @@ def test_text_query_json_shape_and_order(trained):
 
 def test_mu_score_equals_exhaustive_inner_product(trained):
     from indexer.reader import IndexReader
-    from engine.search import SearchEngine
+    from cli import open_engine
 
-    with SearchEngine(trained / "index") as eng:
-        mu, lv, _ = eng.encode_text("a red car next to a dog")
+    with open_engine(trained / "index") as eng:
+        mu, lv, _ = eng.encoder.encode_text("a red car next to a dog")
     with IndexReader.open(trained / "index") as reader:
         ids, mus, _ = reader.all_vectors("image")
     expected = ids[np.argsort(-(mus @ mu), kind="stable")[:5]]

@@ -1,7 +1,7 @@
 import pytest
 
-from encoders.config import load_train_config
-from engine.errors import PcmeError
+from encoders.training.config import load_train_config
+from core.errors import PcmeError
 
 
 def test_file_then_flags_override(tmp_path):

@@ -10,12 +10,12 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
-from engine import scores as S
+from core import scores as S
 from engine.batch import BatchSearcher
-from engine.rescore import MC_SAMPLES, item_noise
+from core.montecarlo import MC_SAMPLES, item_noise
 from engine.search import SearchEngine
 from engine.shortlist import VarianceBounds, unseen_best
-from engine.synthetic import SyntheticSpec, write_synthetic_shards
+from benchmarks.synthetic import SyntheticSpec, write_synthetic_shards
 from indexer.build import build_index
 from indexer.reader import IndexReader
 

@@ -14,8 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from engine.info import format_info, index_info
-from indexer.manifest import sha256_file
+from indexer.info import format_info, index_info
+from core.atomic import sha256_file
 from indexer.reader import IndexReader
 from tests.helpers import D, one_error_line, unit, write_shards
 
@@ -39,7 +39,7 @@ def test_index_info_matches_the_directory(good):
 
 
 def test_index_info_bad_directories(good, tmp_path):
-    from engine.errors import PcmeError
+    from core.errors import PcmeError
     with pytest.raises(PcmeError, match="does not exist"):
         index_info(tmp_path / "nope")
     broken = tmp_path / "index"
@@ -66,7 +66,7 @@ def test_verbose_flag_turns_on_debug_logging(good, flag):
     quiet = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
     loud = subprocess.run(argv + [flag], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert quiet.returncode == 0 and loud.returncode == 0, loud.stderr
-    assert "DEBUG engine.info" not in quiet.stderr and "DEBUG engine.info" in loud.stderr
+    assert "DEBUG indexer.info" not in quiet.stderr and "DEBUG indexer.info" in loud.stderr
 
 
 # --- kill -9 during `index` ---------------------------------------------------------------
@@ -107,7 +107,7 @@ def test_kill_during_index_keeps_the_previous_index(good, tmp_path):
 
 
 def test_atomic_dir_removes_only_dead_runs_temp_dirs(tmp_path):
-    from indexer.manifest import AtomicDir
+    from core.atomic import AtomicDir
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
     for pid in (dead, "1"):  # pid 1 is alive: maybe another build, left alone
@@ -123,10 +123,10 @@ def test_stage_bars_follow_the_index_build(good, tmp_path, caplog):
     """The adapter the CLI can hand to build_index: one bar per stage, advanced to its total
     (outside a terminal each bar logs every 10%, so the last line of each stage says n/n)."""
     import logging
-    from encoders.progress import StageBars
+    from core.progress import StageBars
     from indexer.build import build_index
-    with caplog.at_level(logging.INFO, logger="encoders.progress"), StageBars("index") as bars:
+    with caplog.at_level(logging.INFO, logger="core.progress"), StageBars("index") as bars:
         build_index(good / "out", tmp_path / "index", progress=bars)
-    lines = [r.getMessage() for r in caplog.records if r.name == "encoders.progress"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "core.progress"]
     assert any(l.startswith("index validate 600/600") for l in lines), lines
     assert any(l.startswith("index add 600/600") for l in lines), lines

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.errors import PcmeError
+from core.errors import PcmeError
 from indexer import build as build_mod
 from indexer import faiss_index as fx
 from indexer.build import build_index

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from encoders.losses import (kl_to_standard_normal, match_log_probs, pcme_loss,
+from encoders.training.losses import (kl_to_standard_normal, match_log_probs, pcme_loss,
                              sample_embeddings, uniformity)
-from engine.errors import PcmeError
+from core.errors import PcmeError
 
 
 def _batch(n, dim, seed, dtype=torch.float64):
@@ -201,7 +201,7 @@ def test_bad_inputs_raise():
 
 
 def test_label_log_likelihood_picks_log_p_or_log_not_p():
-    from encoders.losses import label_log_likelihood, match_log_probs
+    from encoders.training.losses import label_log_likelihood, match_log_probs
 
     g = torch.Generator().manual_seed(3)
     z_img, z_txt = torch.randn(4, 3, 6, generator=g), torch.randn(10, 3, 6, generator=g)
@@ -213,7 +213,7 @@ def test_label_log_likelihood_picks_log_p_or_log_not_p():
 
 
 def test_unbalanced_weighting_is_the_mean_over_all_pairs():
-    from encoders.losses import match_log_probs, sample_embeddings
+    from encoders.training.losses import match_log_probs, sample_embeddings
 
     g = torch.Generator().manual_seed(5)
     mu_i, mu_t = torch.randn(3, 4, generator=g), torch.randn(6, 4, generator=g)
@@ -233,7 +233,7 @@ def test_unbalanced_weighting_is_the_mean_over_all_pairs():
 @pytest.mark.parametrize("beta", [0.0, 2.0])
 def test_hard_negative_weighting_equals_plain_loop(beta):
     import math as m
-    from encoders.losses import hard_negative_nll
+    from encoders.training.losses import hard_negative_nll
     torch.manual_seed(3)
     matched = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 1, 1]], dtype=torch.bool)
     p = torch.rand(3, 5, dtype=torch.float64) * 0.9 + 0.05

@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
-from encoders.losses_baselines import (LOSSES, infonce_loss, pcmepp_loss, pseudo_positives,
+from encoders.training.losses_baselines import (LOSSES, infonce_loss, pcmepp_loss, pseudo_positives,
                                        vsepp_loss)
-from engine.errors import PcmeError
+from core.errors import PcmeError
+from encoders.training.config import TrainConfig
 
 
 def _gauss(n, dim, seed):
@@ -156,8 +157,9 @@ def test_gradients_reach_mu_and_log_var_of_probabilistic_losses(name):
     leaves = [t.clone().requires_grad_() for t in (im, iv, tm, tv)]
     a = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
     b = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
-    cfg = {"n_samples": 3, "generator": torch.Generator().manual_seed(0)}
-    LOSSES[name](*leaves, _two_captions_each(3), a, b, cfg)["loss"].backward()
+    cfg = TrainConfig(n_samples=3)
+    LOSSES[name](*leaves, _two_captions_each(3), a, b, cfg,
+                 generator=torch.Generator().manual_seed(0))["loss"].backward()
     for t in (leaves[0], leaves[2]):
         assert t.grad is not None and t.grad.abs().sum() > 0
     probabilistic = name in ("pcme", "pcmepp")
@@ -172,11 +174,12 @@ def test_matched_batch_scores_lower_than_shuffled(name):
     tm = torch.nn.functional.normalize(im + 0.1 * torch.randn(8, 16, generator=g), dim=1)
     lv = torch.full((8, 16), -6.0)
     perm = torch.roll(torch.arange(8), 1)  # every caption moves to another image
-    cfg = {"n_samples": 4, "generator": torch.Generator().manual_seed(0)}
+    cfg = TrainConfig(n_samples=4)
     eye = torch.eye(8, dtype=torch.bool)
     args = (torch.tensor(5.0), torch.tensor(2.0), cfg)
-    good = LOSSES[name](im, lv, tm, lv, eye, *args)["loss"]
-    bad = LOSSES[name](im, lv, tm[perm], lv, eye, *args)["loss"]
+    good = LOSSES[name](im, lv, tm, lv, eye, *args, generator=torch.Generator().manual_seed(0))["loss"]
+    bad = LOSSES[name](im, lv, tm[perm], lv, eye, *args,
+                       generator=torch.Generator().manual_seed(0))["loss"]
     assert good < bad
 
 
@@ -184,9 +187,10 @@ def test_infonce_registry_uses_fixed_temperature_or_a():
     (im, _), (tm, _) = _gauss(4, 5, 11), _gauss(4, 5, 12)
     eye = torch.eye(4, dtype=torch.bool)
     a = torch.tensor(6.0, dtype=torch.float64)
-    via_a = LOSSES["infonce"](im, im, tm, tm, eye, a, None, {})["loss"]
+    via_a = LOSSES["infonce"](im, im, tm, tm, eye, a, None, TrainConfig())["loss"]
     assert via_a.item() == pytest.approx(infonce_loss(im, tm, eye, 6.0)["loss"].item())
-    fixed = LOSSES["infonce"](im, im, tm, tm, eye, a, None, {"temperature": 0.1})["loss"]
+    fixed = LOSSES["infonce"](im, im, tm, tm, eye, a, None,
+                              TrainConfig(temperature=0.1))["loss"]
     assert fixed.item() == pytest.approx(infonce_loss(im, tm, eye, 10.0)["loss"].item())
 
 

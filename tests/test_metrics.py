@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from encoders.metrics import (map_at_r, pmrp_coco, r_precision, recall_at_k,
+from encoders.training.metrics import (map_at_r, pmrp_coco, r_precision, recall_at_k,
                               retrieval_report)
-from engine.errors import PcmeError
+from core.errors import PcmeError
 
 
 # ---------------------------------------------------------------------------- reference

@@ -2,12 +2,12 @@ import pytest
 import torch
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from encoders.checkpoint import load_model, save_checkpoint
-from encoders.config import ModelConfig
-from encoders.encode import pad_tokens
-from encoders.models import PCME, build_resnet
-from encoders.text import SPECIALS
-from engine.errors import PcmeError
+from encoders.model.checkpoint import load_model, save_checkpoint
+from encoders.model.config import ModelConfig
+from encoders.model.encode import pad_tokens
+from encoders.model.networks import PCME, build_resnet
+from encoders.model.text import SPECIALS
+from core.errors import PcmeError
 
 VOCAB = SPECIALS + ["a", "dog", "in", "park", "red", "car"]
 

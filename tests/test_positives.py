@@ -5,10 +5,10 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
-from encoders.data import load_split
-from encoders.data.predicates import holds
-from encoders.train import Trainer, batch_positives
-from engine.errors import PcmeError
+from encoders.training.data import load_split
+from encoders.training.data.predicates import holds
+from encoders.training.train import Trainer, batch_positives
+from core.errors import PcmeError
 from tests.helpers import write_cub
 from tests.test_train import tiny
 
@@ -63,7 +63,7 @@ def test_plausible_on_a_dataset_without_ground_truth_fails_before_training(tmp_p
 
 
 def test_training_with_plausible_positives(tmp_path):
-    from encoders.train import make_batch
+    from encoders.training.train import make_batch
     t = Trainer(tiny(tmp_path, positives="plausible", epochs=1, captions_per_image=2))
     images = np.arange(t.cfg.batch_size)
     caps = np.array([t.caps_of[i][:2] for i in images])

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from encoders.data import load_split
-from encoders.data.coco import hamming
-from engine.errors import PcmeError
+from encoders.training.data import load_split
+from encoders.training.data.coco import hamming
+from core.errors import PcmeError
 from tests.helpers import write_image
 
 
@@ -126,11 +126,11 @@ def test_coco_errors_name_the_file(coco_root):
 
 
 def test_coco_test1k_is_the_mean_of_the_five_folds(tmp_path, monkeypatch):
-    import encoders.data.coco as coco
-    from encoders.checkpoint import save_checkpoint
-    from encoders.config import ModelConfig
-    from encoders.models import PCME
-    from encoders.pipeline import evaluate_checkpoint
+    import encoders.training.data.coco as coco
+    from encoders.model.checkpoint import save_checkpoint
+    from encoders.model.config import ModelConfig
+    from encoders.model.networks import PCME
+    from encoders.training.pipeline import evaluate_checkpoint
 
     monkeypatch.setattr(coco, "FOLD_SIZE", 4)  # 4 images x 3 captions: enough for 10 σ bins
     entries = [_karpathy_entry(f"{i}.jpg", "test", 3, "val2014", i) for i in range(20)]

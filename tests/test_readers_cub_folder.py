@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from encoders.data import LOADERS, load_split
-from engine.errors import PcmeError
+from encoders.training.data import LOADERS, load_split
+from core.errors import PcmeError
 from tests.helpers import write_cub, write_image
 
 
@@ -32,7 +32,7 @@ def test_cub_class_files_give_the_zero_shot_split_and_class_ground_truth(tmp_pat
 
 
 def test_cub_fallback_split_is_first_150_classes_by_id(tmp_path, monkeypatch):
-    import encoders.data.cub as cub
+    import encoders.training.data.cub as cub
     monkeypatch.setattr(cub, "N_TRAIN_CLASSES", 3)  # 150 of 200, scaled down to 3 of 4
     write_cub(tmp_path, per_class=1)
     assert load_split("cub", tmp_path, "train").image_class.tolist() == [1, 2, 3]

@@ -22,10 +22,10 @@ from typer.testing import CliRunner
 
 from cli import app
 from engine.contact_sheet import contact_sheet
-from engine.errors import PcmeError
-from engine.info import index_info
-from engine.search import SearchEngine
-from indexer.manifest import sha256_file
+from core.errors import PcmeError
+from indexer.info import index_info
+from cli import open_engine
+from core.atomic import sha256_file
 
 from tests.helpers import one_error_line
 
@@ -216,7 +216,7 @@ def _grown(path, factor):
 
 
 def test_contact_sheet_text_query(trained, tmp_path):
-    with SearchEngine(trained / "index") as eng:
+    with open_engine(trained / "index") as eng:
         result = eng.query_text("a red car next to a dog", k=7)
     path = contact_sheet(result, tmp_path / "sheet.png", thumb=128, cols=5)
     sheet = Image.open(path).convert("RGB")
@@ -229,7 +229,7 @@ def test_contact_sheet_text_query(trained, tmp_path):
 
 
 def test_contact_sheet_image_query(trained, tmp_path):
-    with SearchEngine(trained / "index") as eng:
+    with open_engine(trained / "index") as eng:
         result = eng.query_image(scene_image(trained), k=3)
         more = eng.query_image(scene_image(trained), k=30)
     small = Image.open(contact_sheet(result, tmp_path / "a.png", thumb=64)).convert("RGB")
@@ -241,7 +241,7 @@ def test_contact_sheet_image_query(trained, tmp_path):
 
 
 def test_contact_sheet_bad_paths(trained, tmp_path):
-    with SearchEngine(trained / "index") as eng:
+    with open_engine(trained / "index") as eng:
         result = eng.query_text("a dog", k=2)
     (tmp_path / "keep.png").write_bytes(b"old")
     for bad, needle in ((tmp_path / "x.jpg", "must be a .png"),
@@ -281,7 +281,8 @@ def test_every_command_documents_every_option():
                 problems.append(f"{name} --help does not show {long}")
             if not p.help:
                 problems.append(f"{name} {long}: no help text")
-            elif not (p.required or p.is_flag or p.default is not None or "default" in p.help.lower()):
+            elif not (p.required or p.is_flag or p.default is not None
+                      or isinstance(p.show_default, str) or "default" in p.help.lower()):
                 problems.append(f"{name} {long}: help does not say the default")
     missing = {"train", "encode", "index", "query", "eval", "info"} - set(group.commands)
     if missing:
@@ -289,3 +290,29 @@ def test_every_command_documents_every_option():
     if "query" in group.commands and not any("--show" in p.opts for p in group.commands["query"].params):
         problems.append("query: no --show")
     assert not problems, "\n".join(problems)
+
+
+def test_cli_defaults_are_the_config_defaults_and_help_shows_them():
+    """TrainConfig holds the only copy of each training default: train's options leave the
+    value to it (None) and show its default; encode/eval use the same run folder, dataset and
+    device; --data lists every dataset the readers know."""
+    from encoders.training.config import TrainConfig
+    from encoders.training.data import LOADERS
+
+    cfg = TrainConfig()
+    group = typer.main.get_command(app)
+    res = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
+    assert res.exit_code == 0, res.output
+    flat = " ".join(res.output.split())
+    for p in group.commands["train"].params:
+        if hasattr(cfg, p.name) and p.name != "glove":
+            assert p.default is None, p.name           # a flag not typed leaves the config's value
+            assert p.show_default == str(getattr(cfg, p.name)), p.name
+            assert f"[default: ({getattr(cfg, p.name)})]" in flat, p.name
+    for dataset in LOADERS:
+        assert dataset in flat
+    for command in ("encode", "eval"):
+        params = {p.name: p.default for p in group.commands[command].params}
+        assert params["checkpoint"] == f"{cfg.out}/checkpoint.pt"
+        assert (params["data"], params["root"], params["device"]) == (cfg.data, cfg.root, cfg.device)
+        assert params["split"] == cfg.eval_split

@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from encoders.data import load_split
-from encoders.data import captions as cap
-from encoders.data import predicates as pred
-from encoders.data import scenes_cache
-from encoders.data.base import Split
-from encoders.data.captions import Constraint, Predicate, holds, match_matrix, parse_caption
-from encoders.data.scenes import CATEGORIES, SETTINGS, Scene, SceneObject, image_rng, sample_scene
-from encoders.data.scenes_cache import generate_item
-from engine.errors import PcmeError
+from encoders.training.data import load_split
+from encoders.training.data import captions as cap
+from encoders.training.data import predicates as pred
+from encoders.training.data import scenes_cache
+from encoders.training.data.base import Split
+from encoders.training.data.captions import Constraint, Predicate, holds, match_matrix, parse_caption
+from encoders.training.data.scenes import CATEGORIES, SETTINGS, Scene, SceneObject, image_rng, sample_scene
+from encoders.training.data.scenes_cache import generate_item
+from core.errors import PcmeError
 
 TEST_SEED = scenes_cache.SPLIT_SEEDS["test"]
 

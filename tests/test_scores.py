@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.errors import PcmeError
-from engine.scores import (SCORES, bhattacharyya, csd, elk, match_prob, mu_sim, pairwise,
-                           rank_key, w2)
+from core.errors import PcmeError
+from core.pairwise import pairwise
+from core.scores import SCORES, bhattacharyya, csd, elk, match_prob, mu_sim, rank_key, w2
 
 GAUSS_SCORES = ["csd", "elk", "w2", "bhattacharyya"]
 
@@ -225,7 +225,7 @@ def test_shape_errors_raise():
         match_prob(mu, lv, mu, lv, 1.0, 0.0, 0)
     with pytest.raises(PcmeError, match="eps_q"):
         match_prob(mu, lv, mu, lv, 1.0, 0.0, 2, eps_q=torch.zeros(3, 3, 4))
-    with pytest.raises(PcmeError, match="unknown score"):
+    with pytest.raises(PcmeError, match="score cosine: unknown"):
         pairwise("cosine", mu, lv, mu, lv)
     with pytest.raises(PcmeError, match="pairwise"):
         pairwise("elk", mu[0], lv[0], mu, lv)

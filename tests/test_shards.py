@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engine.errors import PcmeError
-from indexer.manifest import sha256_file
+from core.errors import PcmeError
+from core.atomic import sha256_file
 from indexer.shards import ShardWriter, load_shards, read_shards, validate_shards
 
 D = 8
@@ -237,7 +237,7 @@ def test_validation_rejects_missing_empty_and_unreadable_dirs(tmp_path):
 
 @pytest.mark.parametrize("exchange_available", [True, False])
 def test_commit_swaps_directories_with_or_without_renameat2(tmp_path, monkeypatch, exchange_available):
-    from indexer import manifest as manifest_mod
+    from core import atomic as manifest_mod
     if not exchange_available:
         monkeypatch.setattr(manifest_mod, "_exchange", lambda a, b: False)
     out = tmp_path / "out"

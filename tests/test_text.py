@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from encoders.text import SPECIALS, UNK, Vocab, build_vocab, glove_matrix, tokenize
-from engine.errors import PcmeError
+from encoders.model.text import SPECIALS, UNK, Vocab, build_vocab, glove_matrix, tokenize
+from core.errors import PcmeError
 
 
 def test_tokenize_lowercases_and_drops_punctuation():

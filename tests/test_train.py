@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from encoders.config import ModelConfig, TrainConfig
-from encoders.train import Trainer
+from encoders.model.config import ModelConfig
+from encoders.training.config import TrainConfig
+from encoders.training.train import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = dict(embed_dim=16, resnet_width=8, gru_hidden=16, attn_hidden=8)

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from encoders.uncertainty import (average_ranks, recall_by_uncertainty, spearman, top1_hits,
+from encoders.training.uncertainty import (average_ranks, recall_by_uncertainty, spearman, top1_hits,
                                   uncertainty_report)
-from engine.errors import PcmeError
+from core.errors import PcmeError
 
 
 def test_spearman_hand_computed_without_ties():

@@ -1,0 +1,115 @@
+"""The Monte-Carlo match probability of PCME, written once for the loss, eval and the engine.
+
+Each side is sampled with the reparameterisation z = μ + exp(½·log_var)·ε, and a pair of samples
+matches with probability sigmoid(−a‖z_q − z_d‖ + b). `sample_logits` is the one kernel: the
+loss takes log-sigmoids of it (encoders/training/losses.py), `match_prob_block` averages its
+sigmoid over all J×J sample pairs of a [Q, M] block (eval, exact search, rescoring), and the
+contract function `match_prob` does the same for arbitrary broadcast shapes.
+
+Serving and eval share fixed noise (`item_noise`): an item's samples depend only on its id, so
+its score does not depend on which other items share a call, and eval's mc equals query's mc.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from core.errors import PcmeError
+
+MC_SAMPLES = 16        # J used by eval and serving (recorded in the index manifest)
+MC_SEED = 0            # seed of the fixed noise table
+NOISE_ROWS = 4096      # items share a noise row when their ids agree modulo this
+DIST_EPS = 1e-12       # inside the sqrt: keeps the gradient of ‖·‖ finite when samples coincide
+
+
+def sample(mu: torch.Tensor, log_var: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """z = μ + exp(½·log_var)·ε, broadcasting (ε carries the sample axis)."""
+    return mu + torch.exp(0.5 * log_var) * eps
+
+
+def _logit(sq: torch.Tensor, a, b) -> torch.Tensor:
+    return -a * torch.sqrt(sq.clamp_min(0.0) + DIST_EPS) + b
+
+
+def sample_logits(z_q: torch.Tensor, z_d: torch.Tensor, a, b) -> torch.Tensor:
+    """[Q, J, M, J] logits −a‖z_q^j − z_d^j'‖ + b of every sample pair, from samples
+    z_q [Q, J, D] and z_d [M, J, D]: one matmul via ‖x‖² + ‖y‖² − 2⟨x, y⟩."""
+    if z_q.dim() != 3 or z_d.dim() != 3 or z_q.shape[1:] != z_d.shape[1:]:
+        raise PcmeError(f"sample_logits: samples must be [B, J, D] with the same J and D, got "
+                        f"{tuple(z_q.shape)} and {tuple(z_d.shape)}")
+    (q, j, dim), m = z_q.shape, z_d.shape[0]
+    x, y = z_q.reshape(-1, dim), z_d.reshape(-1, dim)
+    sq = (x ** 2).sum(-1)[:, None] + (y ** 2).sum(-1)[None, :] - 2.0 * x @ y.T
+    return _logit(sq, a, b).reshape(q, j, m, j)
+
+
+def match_prob_block(mu_q, lv_q, mu_d, lv_d, eps_q, eps_d, a, b) -> torch.Tensor:
+    """[Q, M] match probability of every query-item pair, all J×J sample pairs in one matmul.
+    mu/lv: [Q, D] and [M, D]; eps_q [J, Q or 1, D], eps_d [J, M, D]."""
+    z_q = sample(mu_q, lv_q, eps_q).movedim(0, 1)   # [Q, J, D]
+    z_d = sample(mu_d, lv_d, eps_d).movedim(0, 1)   # [M, J, D]
+    return sample_logits(z_q, z_d, a, b).sigmoid().mean(dim=(1, 3))
+
+
+def _noise(eps, mu, n_samples, generator, side) -> torch.Tensor:
+    shape = (n_samples, *mu.shape)
+    if eps is None:
+        return torch.randn(shape, generator=generator, dtype=mu.dtype, device=mu.device)
+    if tuple(eps.shape) != shape:
+        raise PcmeError(f"match_prob: eps_{side} must have shape (n_samples, *mu_{side}.shape) "
+                        f"= {shape}, got {tuple(eps.shape)}")
+    return eps
+
+
+def match_prob(mu_q, log_var_q, mu_d, log_var_d, a, b, n_samples: int, generator=None,
+               eps_q: torch.Tensor | None = None, eps_d: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """Monte-Carlo match probability (1/J²) Σ_{j,j'} sigmoid(−a‖z_q^j − z_d^j'‖ + b) (higher).
+
+    Broadcasts over leading dimensions like every contract score. J = n_samples samples of each
+    side; the noise is drawn from `generator` (query side first) unless given: eps_q has shape
+    (J, *mu_q.shape), eps_d (J, *mu_d.shape). Squared distances come from an einsum, one sample
+    pair (j, j') at a time, so the working set stays a few tensors of the output's shape.
+    """
+    from core.scores import check_gauss  # the shape checks live with the closed forms
+
+    out_shape = check_gauss(mu_q, log_var_q, mu_d, log_var_d)
+    if n_samples < 1:
+        raise PcmeError(f"match_prob: n_samples must be >= 1, got {n_samples}")
+    z_q = sample(mu_q, log_var_q, _noise(eps_q, mu_q, n_samples, generator, "q"))
+    z_d = sample(mu_d, log_var_d, _noise(eps_d, mu_d, n_samples, generator, "d"))
+    sq_q, sq_d = (z_q ** 2).sum(-1), (z_d ** 2).sum(-1)
+    total = torch.zeros(out_shape, dtype=z_q.dtype, device=z_q.device)
+    for j in range(n_samples):
+        for k in range(n_samples):
+            cross = torch.einsum("...d,...d->...", z_q[j], z_d[k])
+            total = total + _logit(sq_q[j] - 2.0 * cross + sq_d[k], a, b).sigmoid()
+    return total / n_samples**2
+
+
+@lru_cache(maxsize=4)
+def _noise_table(n_samples: int, dim: int) -> torch.Tensor:
+    """[NOISE_ROWS + 1, J, D] fixed standard-normal noise; row NOISE_ROWS is the query's."""
+    gen = torch.Generator().manual_seed(MC_SEED)
+    return torch.randn(NOISE_ROWS + 1, n_samples, dim, generator=gen)
+
+
+def item_noise(ids: np.ndarray, n_samples: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed noise keyed by item id. For ids of shape S returns (eps_q [J, 1…, D] broadcastable
+    to S, eps_d [J, *S, D]); every query uses the same row."""
+    table = _noise_table(n_samples, dim)
+    ids = np.asarray(ids, dtype=np.int64)
+    eps_d = table[torch.from_numpy(ids % NOISE_ROWS)].movedim(-2, 0)   # (*S, J, D) -> (J, *S, D)
+    eps_q = table[NOISE_ROWS].reshape(n_samples, *([1] * ids.ndim), dim)
+    return eps_q, eps_d
+
+
+def fixed_match_prob(mu_q, lv_q, mu_d, lv_d, item_ids, a, b, n_samples: int = MC_SAMPLES
+                     ) -> torch.Tensor:
+    """[Q, M] match probability under the fixed serving noise: queries [Q, D] against items
+    [M, D] whose ids are `item_ids` [M]. What eval reports and the engine serves as mc."""
+    eps_q, eps_d = item_noise(np.asarray(item_ids), n_samples, mu_d.shape[-1])
+    return match_prob_block(mu_q, lv_q, mu_d, lv_d, eps_q.to(mu_q.dtype), eps_d.to(mu_d.dtype),
+                            a, b)

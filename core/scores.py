@@ -1,0 +1,148 @@
+"""Score functions between diagonal Gaussians N(μ, diag exp(log_var)): the DESIGN.md contract.
+
+Every score broadcasts over leading dimensions: inputs are (..., D), the output is (...), so
+one call scores a query against a shortlist ((D,) vs (M, D)) or a whole grid ((Q, 1, D) vs
+(1, M, D)). Some scores are similarities (higher is better), some are distances (lower is
+better); `SCORES` records which, `score_name` is the one validator of a user's score name, and
+`rank_key` turns any score into "higher is better". The Monte-Carlo score lives in
+core/montecarlo.py, full [Q, M] matrices in core/pairwise.py; both reuse the kernels here.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from core.errors import PcmeError
+from core.montecarlo import match_prob
+
+logger = logging.getLogger(__name__)
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+# ---------------------------------------------------------------------------- shape checks
+
+def check_dims(mu_q: torch.Tensor, mu_d: torch.Tensor) -> None:
+    if mu_q.dim() < 1 or mu_d.dim() < 1:
+        raise PcmeError(f"scores: inputs must be (..., D), got shapes {tuple(mu_q.shape)} and "
+                        f"{tuple(mu_d.shape)}")
+    if mu_q.shape[-1] != mu_d.shape[-1]:
+        raise PcmeError(f"scores: query dim {mu_q.shape[-1]} != item dim {mu_d.shape[-1]}")
+
+
+def check_mu(mu_q: torch.Tensor, mu_d: torch.Tensor) -> torch.Size:
+    """Check (..., D) inputs; return the broadcast output shape (...)."""
+    check_dims(mu_q, mu_d)
+    try:
+        return torch.broadcast_shapes(mu_q.shape[:-1], mu_d.shape[:-1])
+    except RuntimeError:
+        raise PcmeError(f"scores: leading shapes {tuple(mu_q.shape[:-1])} and "
+                        f"{tuple(mu_d.shape[:-1])} do not broadcast") from None
+
+
+def check_sides(mu_q, log_var_q, mu_d, log_var_d) -> None:
+    for side, mu, log_var in (("query", mu_q, log_var_q), ("item", mu_d, log_var_d)):
+        if mu.shape != log_var.shape:
+            raise PcmeError(f"scores: {side} mu shape {tuple(mu.shape)} != log_var shape "
+                            f"{tuple(log_var.shape)}")
+
+
+def check_gauss(mu_q, log_var_q, mu_d, log_var_d) -> torch.Size:
+    check_sides(mu_q, log_var_q, mu_d, log_var_d)
+    return check_mu(mu_q, mu_d)
+
+
+# ---------------------------------------------------------------------------- closed forms
+
+def mu_sim(mu_q: torch.Tensor, mu_d: torch.Tensor) -> torch.Tensor:
+    """<μ_q, μ_d>: cosine similarity for L2-normalised μ (higher is better)."""
+    check_mu(mu_q, mu_d)
+    return torch.einsum("...d,...d->...", mu_q, mu_d)  # einsum: no (..., D) broadcast copy
+
+
+def csd(mu_q, log_var_q, mu_d, log_var_d) -> torch.Tensor:
+    """‖μ_q−μ_d‖² + Σv_q + Σv_d = E‖z_q − z_d‖² (PCME++ closed-form sampled distance; lower)."""
+    check_gauss(mu_q, log_var_q, mu_d, log_var_d)
+    return ((mu_q - mu_d) ** 2).sum(-1) + log_var_q.exp().sum(-1) + log_var_d.exp().sum(-1)
+
+
+def spread_kernel(mu_q, var_q, mu_d, var_d, c: float = 1.0) -> torch.Tensor:
+    """Σ_d [c·Δμ²/s + log s] with s = var_q + var_d (var = exp(log_var); broadcast): the
+    non-separable part shared by elk (c = 1) and bhattacharyya (c = ½). The one kernel of
+    both scores, used alike by the contract functions, core/pairwise.py and the engine's
+    rescoring. One op per line, rebinding x, so few (..., D) temporaries live. Works in v, not
+    log v: exact wherever v does not underflow (log_var above about −80)."""
+    spread = var_q + var_d
+    x = mu_q - mu_d
+    x = x * x
+    x = x / spread
+    if c != 1.0:
+        x = x * c
+    x = x + spread.log()
+    return x.sum(-1)
+
+
+def elk_from_kernel(kernel, dim: int):
+    """elk = −½(Σ[Δμ²/s + log s] + D log 2π)."""
+    return -0.5 * (kernel + dim * LOG_2PI)
+
+
+def bhattacharyya_from_kernel(kernel, sum_lv_q, sum_lv_d, dim: int):
+    """With v̄ = s/2: ⅛ΣΔμ²/v̄ + ½Σ log v̄ − ¼Σ(log v_q + log v_d)
+    = ½·Σ[½Δμ²/s + log s] − ½D log 2 − ¼(Σlv_q + Σlv_d)."""
+    return 0.5 * kernel - 0.5 * dim * math.log(2.0) - 0.25 * (sum_lv_q + sum_lv_d)
+
+
+def elk(mu_q, log_var_q, mu_d, log_var_d) -> torch.Tensor:
+    """log N(μ_q; μ_d, diag(v_q+v_d)), the log expected likelihood kernel (higher is better)."""
+    check_gauss(mu_q, log_var_q, mu_d, log_var_d)
+    kernel = spread_kernel(mu_q, log_var_q.exp(), mu_d, log_var_d.exp())
+    return elk_from_kernel(kernel, mu_q.shape[-1])
+
+
+def w2(mu_q, log_var_q, mu_d, log_var_d) -> torch.Tensor:
+    """Squared 2-Wasserstein distance ‖Δμ‖² + ‖σ_q − σ_d‖² for diagonal Gaussians (lower)."""
+    check_gauss(mu_q, log_var_q, mu_d, log_var_d)
+    d_sigma = torch.exp(0.5 * log_var_q) - torch.exp(0.5 * log_var_d)
+    return ((mu_q - mu_d) ** 2).sum(-1) + (d_sigma ** 2).sum(-1)
+
+
+def bhattacharyya(mu_q, log_var_q, mu_d, log_var_d) -> torch.Tensor:
+    """Bhattacharyya distance −log ∫√(p q) between the two diagonal Gaussians (lower)."""
+    check_gauss(mu_q, log_var_q, mu_d, log_var_d)
+    kernel = spread_kernel(mu_q, log_var_q.exp(), mu_d, log_var_d.exp(), 0.5)
+    return bhattacharyya_from_kernel(kernel, log_var_q.sum(-1), log_var_d.sum(-1), mu_q.shape[-1])
+
+
+# ---------------------------------------------------------------------------- registry
+
+# name -> (function, higher_is_better). Signatures differ: mu_sim takes only (mu_q, mu_d) and
+# match_prob also needs a, b, n_samples; `pairwise` hides the differences.
+SCORES = {
+    "mu": (mu_sim, True),
+    "csd": (csd, False),
+    "elk": (elk, True),
+    "w2": (w2, False),
+    "bhattacharyya": (bhattacharyya, False),
+    "mc": (match_prob, True),   # core/montecarlo.py
+}
+
+
+def score_name(name: str, what: str = "score") -> str:
+    """The canonical name of a user's score choice (case-insensitive), or a one-line error."""
+    canonical = str(name).strip().lower()
+    if canonical not in SCORES:
+        raise PcmeError(f"{what} {name}: unknown; choose one of {', '.join(SCORES)}")
+    return canonical
+
+
+def higher_is_better(name: str) -> bool:
+    return SCORES[score_name(name)][1]
+
+
+def rank_key(name, scores):
+    """Raw scores of `name` turned into a key where higher is better (distances are negated);
+    works on tensors and numpy arrays alike."""
+    return scores if higher_is_better(name) else -scores

@@ -1,0 +1,34 @@
+"""The model's configuration: what a checkpoint stores beside its weights (`asdict`), so the
+checkpoint alone rebuilds its model. Each field's default lives here and nowhere else."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = 128            # D: dimension of μ and log_var for both modalities
+    # image encoder
+    resnet_layers: tuple[int, ...] = (1, 1, 1, 1)  # BasicBlocks per stage; (2,2,2,2) = ResNet-18
+    resnet_width: int = 32          # channels of the first stage (64 in torchvision's ResNets)
+    small_stem: bool = False        # 3x3 stride-2 stem without max-pool: finer cells, ~4x slower
+    image_size: int = 64            # images are resized to image_size x image_size
+    resnet_weights: str = ""        # optional path to a torchvision ResNet state_dict to start from
+    # text encoder
+    vocab: list[str] = field(default_factory=list)  # index -> word; filled from training captions
+    word_dim: int = 50              # word-vector dimension (GloVe 6B 50-d by default)
+    gru_hidden: int = 128           # hidden size of each direction of the bi-GRU
+    # heads
+    attn_hidden: int = 64           # hidden size of the local-attention scorer
+    dropout: float = 0.0            # dropout on the attention residual
+    init_log_var: float = -7.0      # initial log σ² (bias of the log_var head): small vs. |Δμ|²
+    init_a: float = 15.0            # initial a of sigmoid(-a d + b) (kept positive via softplus)
+    init_b: float = 10.0            # initial b: p = 0.5 at distance b/a
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    d = dict(d)
+    d["resnet_layers"] = tuple(d.get("resnet_layers", ModelConfig.resnet_layers))
+    return ModelConfig(**d)
+
+

@@ -1,0 +1,90 @@
+"""Turning images and captions into (μ, log_var) with a trained model, in batches.
+
+Used by training (evaluation at the end), by `encode`/export (shards) and by the engine (queries).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from core.errors import PcmeError
+
+from encoders.model.networks import PCME
+from encoders.model.text import Vocab
+
+logger = logging.getLogger(__name__)
+
+
+def pad_tokens(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists with 0 (<pad>) -> (tokens [B, T], lengths [B])."""
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    tokens = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return tokens, lengths
+
+
+def image_to_uint8(img: Image.Image, size: int) -> torch.Tensor:
+    """Any PIL image (grayscale, RGBA, any size) -> uint8 [3, size, size]."""
+    img = img.convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR)
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
+    """Any PIL image -> float [3, size, size] in [0, 1], what the image encoder takes."""
+    return image_to_uint8(img, size).float().div_(255.0)
+
+
+def _batches(n: int, batch_size: int) -> Iterator[slice]:
+    for start in range(0, n, batch_size):
+        yield slice(start, min(n, start + batch_size))
+
+
+@torch.no_grad()
+def encode_texts(model: PCME, vocab: Vocab, texts: Sequence[str], device: torch.device,
+                 batch_size: int = 512, progress=None) -> tuple[np.ndarray, np.ndarray]:
+    model.eval()
+    mus, lvs = [], []
+    for sl in _batches(len(texts), batch_size):
+        ids = [vocab.encode(t)[0] for t in texts[sl]]
+        tokens, lengths = pad_tokens(ids)
+        mu, lv = model.text(tokens.to(device), lengths)
+        mus.append(mu.float().cpu().numpy())
+        lvs.append(lv.float().cpu().numpy())
+        if progress:
+            progress(sl.stop - sl.start)
+    return np.concatenate(mus), np.concatenate(lvs)
+
+
+@torch.no_grad()
+def encode_images(model: PCME, load, n: int, device: torch.device, batch_size: int = 256,
+                  progress=None) -> tuple[np.ndarray, np.ndarray]:
+    """`load(i)` returns the i-th PIL image; images are encoded in batches of `batch_size`."""
+    model.eval()
+    size = model.cfg.image_size
+    mus, lvs = [], []
+    for sl in _batches(n, batch_size):
+        batch = torch.stack([image_to_tensor(load(i), size) for i in range(sl.start, sl.stop)])
+        mu, lv = model.image(batch.to(device))
+        mus.append(mu.float().cpu().numpy())
+        lvs.append(lv.float().cpu().numpy())
+        if progress:
+            progress(sl.stop - sl.start)
+    return np.concatenate(mus), np.concatenate(lvs)
+
+
+def encode_query_text(model: PCME, vocab: Vocab, text: str, device: torch.device):
+    """One query -> (μ [D], log_var [D], unknown words). Rejects queries with nothing known."""
+    if not text or not text.strip():
+        raise PcmeError("query: empty text")
+    ids, unknown = vocab.encode(text)
+    if len(ids) - 2 == len(unknown):
+        raise PcmeError(f"query: no word of the query is in the vocabulary ({' '.join(unknown[:10])})")
+    mu, lv = encode_texts(model, vocab, [text], device)
+    return mu[0], lv[0], unknown

@@ -1,0 +1,176 @@
+"""PCME encoders: a ResNet for images, GloVe + bi-GRU for text, and the probabilistic heads.
+
+Both modalities end in the same `ProbHead` (the paper's design):
+  μ       = L2( LayerNorm( W·global + sigmoid(W_a · attend(local)) ) )
+  log_var = W_v · (attend_v(local) + global)          -- no sigmoid, no LayerNorm, no L2
+`global` is the pooled feature (image: average pool of the last conv map; text: the bi-GRU's final
+states), `local` are the per-position features (image: conv cells; text: tokens) pooled by a learned
+attention. μ lives on the unit sphere; log_var = log σ² is unconstrained.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torchvision.models.resnet import BasicBlock, ResNet
+
+from core.errors import PcmeError
+
+from encoders.model.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class AttentionPool(nn.Module):
+    """softmax(w·tanh(W x)) weighted sum over positions; padded positions get zero weight."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, hidden)
+        self.score = nn.Linear(hidden, 1, bias=False)
+
+    def forward(self, local: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.score(torch.tanh(self.proj(local))).squeeze(-1)  # [B, N]
+        if pad_mask is not None:
+            logits = logits.masked_fill(pad_mask, float("-inf"))
+        weights = torch.softmax(logits.float(), dim=-1).to(local.dtype)
+        return torch.einsum("bn,bnc->bc", weights, local)
+
+
+class ProbHead(nn.Module):
+    def __init__(self, in_dim: int, embed_dim: int, attn_hidden: int, dropout: float = 0.0,
+                 init_log_var: float = -7.0):
+        super().__init__()
+        self.fc = nn.Linear(in_dim, embed_dim)
+        self.attn_mu = AttentionPool(in_dim, attn_hidden)
+        self.fc_attn = nn.Linear(in_dim, embed_dim)
+        self.norm = nn.LayerNorm(embed_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.attn_var = AttentionPool(in_dim, attn_hidden)
+        self.fc_var = nn.Linear(in_dim, embed_dim)
+        # Start with small, nearly equal variances: μ lives on the unit sphere, so σ² ≈ 1 per
+        # dimension (log_var ≈ 0) would bury every distance under noise and p(match) under 1e-30.
+        nn.init.normal_(self.fc_var.weight, std=0.01)
+        nn.init.constant_(self.fc_var.bias, init_log_var)
+
+    def forward(self, pooled, local, pad_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = torch.sigmoid(self.fc_attn(self.attn_mu(local, pad_mask)))
+        mu = self.norm(self.fc(pooled) + self.dropout(residual))
+        mu = F.normalize(mu.float(), dim=-1)
+        log_var = self.fc_var(self.attn_var(local, pad_mask) + pooled).float()
+        return mu, log_var
+
+
+def build_resnet(cfg: ModelConfig) -> ResNet:
+    """torchvision's ResNet with BasicBlocks, a configurable depth and width, and a small stem."""
+    net = ResNet(BasicBlock, list(cfg.resnet_layers))
+    w = cfg.resnet_width
+    if w != 64 or cfg.small_stem:
+        # Rebuild the stages through torchvision's own _make_layer with other widths.
+        net.inplanes = w
+        if cfg.small_stem:
+            # 64-px scenes: a 7x7/2 conv + max-pool would leave 4-px cells before stage 1.
+            net.conv1 = nn.Conv2d(3, w, 3, stride=2, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        else:
+            net.conv1 = nn.Conv2d(3, w, 7, stride=2, padding=3, bias=False)
+        net.bn1 = nn.BatchNorm2d(w)
+        net.layer1 = net._make_layer(BasicBlock, w, cfg.resnet_layers[0])
+        net.layer2 = net._make_layer(BasicBlock, 2 * w, cfg.resnet_layers[1], stride=2)
+        net.layer3 = net._make_layer(BasicBlock, 4 * w, cfg.resnet_layers[2], stride=2)
+        net.layer4 = net._make_layer(BasicBlock, 8 * w, cfg.resnet_layers[3], stride=2)
+    net.fc = nn.Identity()
+    if cfg.resnet_weights:
+        load_resnet_weights(net, cfg.resnet_weights)
+    return net
+
+
+def load_resnet_weights(net: nn.Module, path: str) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise PcmeError(f"resnet_weights {path}: file not found") from None
+    except Exception as e:  # a truncated or foreign file: say which
+        raise PcmeError(f"resnet_weights {path}: not a torch state_dict ({e})") from None
+    if not isinstance(state, dict):
+        raise PcmeError(f"resnet_weights {path}: not a state_dict")
+    own = net.state_dict()
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    misfit = [k for k in own if k not in state or state[k].shape != own[k].shape]
+    if misfit or set(state) - set(own):
+        raise PcmeError(f"resnet_weights {path}: does not fit resnet_layers/width/stem "
+                        f"({len(misfit)} tensors missing or of another shape, e.g. {misfit[:1]})")
+    net.load_state_dict(state, strict=False)
+    logger.info("loaded ResNet weights from %s", path)
+
+
+class ImageEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.backbone = build_resnet(cfg)
+        channels = 8 * cfg.resnet_width
+        self.head = ProbHead(channels, cfg.embed_dim, cfg.attn_hidden, cfg.dropout, cfg.init_log_var)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        b = self.backbone
+        x = (images - self.mean) / self.std
+        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+        return b.layer4(b.layer3(b.layer2(b.layer1(x))))  # [B, C, h, w]
+
+    def forward(self, images: torch.Tensor):
+        """images: float [B, 3, H, W] in [0, 1] -> (μ [B, D], log_var [B, D])."""
+        fmap = self.features(images)
+        local = fmap.flatten(2).transpose(1, 2)  # [B, h*w, C]
+        return self.head(fmap.mean(dim=(2, 3)), local)
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if not cfg.vocab:
+            raise PcmeError("model config has an empty vocabulary")
+        self.embed = nn.Embedding(len(cfg.vocab), cfg.word_dim, padding_idx=0)
+        self.gru = nn.GRU(cfg.word_dim, cfg.gru_hidden, batch_first=True, bidirectional=True)
+        self.head = ProbHead(cfg.gru_hidden, cfg.embed_dim, cfg.attn_hidden, cfg.dropout, cfg.init_log_var)
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor):
+        """tokens: long [B, T] padded with 0; lengths: [B] -> (μ [B, D], log_var [B, D])."""
+        packed = pack_padded_sequence(self.embed(tokens), lengths.cpu(), batch_first=True,
+                                      enforce_sorted=False)
+        out, last = self.gru(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])
+        hidden = self.gru.hidden_size
+        local = (out[..., :hidden] + out[..., hidden:]) / 2  # average the two directions
+        pooled = (last[0] + last[1]) / 2
+        pad_mask = torch.arange(tokens.shape[1], device=tokens.device)[None] >= lengths[:, None].to(tokens.device)
+        return self.head(pooled, local, pad_mask)
+
+
+class PCME(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.image = ImageEncoder(cfg)
+        self.text = TextEncoder(cfg)
+        # a of sigmoid(-a·d + b) must stay positive: store its inverse softplus
+        self.a_raw = nn.Parameter(torch.tensor(float(cfg.init_a)).expm1().log())
+        self.b = nn.Parameter(torch.tensor(float(cfg.init_b)))
+
+    @property
+    def a(self) -> torch.Tensor:
+        return F.softplus(self.a_raw)
+
+    def set_word_vectors(self, vectors: torch.Tensor) -> None:
+        if vectors.shape != self.text.embed.weight.shape:
+            raise PcmeError(f"word vectors {tuple(vectors.shape)} do not fit the embedding "
+                            f"{tuple(self.text.embed.weight.shape)}")
+        with torch.no_grad():
+            self.text.embed.weight.copy_(vectors)

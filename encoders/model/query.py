@@ -1,0 +1,81 @@
+"""The query encoder the search engine is handed: text or an image file in, a Gaussian out.
+
+The engine (engine/search.py) never imports the encoders; `cli.py` (and the service) build a
+QueryEncoder from the checkpoint an index manifest names and pass it in. Any object with the
+same three members works, e.g. a remote encoder or a test double.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from core.errors import PcmeError
+from encoders.model.checkpoint import load_model, resolve_device
+from encoders.model.encode import encode_images, encode_query_text
+
+logger = logging.getLogger(__name__)
+
+MAX_QUERY_CHARS = 10_000
+
+
+class QueryEncoder:
+    """encode_text(text) -> (μ [D], log_var [D], unknown words); encode_image(path) -> (μ, log_var)."""
+
+    def __init__(self, model, vocab, device: torch.device):
+        self.model, self.vocab, self.device = model, vocab, device
+        self.load_ms = 0.0
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu",
+                        expected_sha256: str | None = None) -> "QueryEncoder":
+        t = time.perf_counter()
+        dev = resolve_device(device)
+        model, vocab, _ = load_model(path, dev, expected_sha256)
+        encoder = cls(model, vocab, dev)
+        encoder.load_ms = round((time.perf_counter() - t) * 1000, 3)
+        return encoder
+
+    @classmethod
+    def for_index(cls, manifest: dict, where: str | Path, device: str = "cpu") -> "QueryEncoder":
+        """The encoder of the checkpoint an index manifest names (`where`: the index, for errors)."""
+        producer = manifest.get("producer", {})
+        path = producer.get("checkpoint")
+        if not path:
+            raise PcmeError(f"{where}/manifest.json: names no checkpoint; cannot encode queries")
+        return cls.from_checkpoint(path, device, producer.get("checkpoint_sha256"))
+
+    def encode_text(self, text: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        if len(text) > MAX_QUERY_CHARS:
+            raise PcmeError(f"query: {len(text)} characters; at most {MAX_QUERY_CHARS} are accepted")
+        return encode_query_text(self.model, self.vocab, text, self.device)
+
+    def encode_image(self, path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+        img = open_image(path)
+        mu, lv = encode_images(self.model, lambda i: img, 1, self.device)
+        return mu[0], lv[0]
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """A query image as RGB; unreadable, foreign or oversized files are a one-line error. The
+    pixel limit is PIL's process-wide setting, made once at the CLI or service edge."""
+    path = Path(path)
+    if not path.is_file():
+        raise PcmeError(f"--image {path}: file not found")
+    try:
+        with warnings.catch_warnings():  # PIL only warns between 1x and 2x the limit
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                return img.convert("RGB")
+    except UnidentifiedImageError:
+        raise PcmeError(f"--image {path}: not an image file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise PcmeError(f"--image {path}: image larger than {Image.MAX_IMAGE_PIXELS} pixels") from None
+    except OSError as e:  # truncated or corrupt data
+        raise PcmeError(f"--image {path}: cannot decode ({e})") from None

@@ -1,0 +1,105 @@
+"""Evaluation of a trained model on a split against its ground truth.
+
+Ground truth is the split's exact plausible-match matrix when the dataset has one (scenes: a caption
+matches every image its predicate holds for), else the one-to-one pairing. Every score ranks the full
+caption x image matrix; text->image uses it as is, image->text its transpose.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from core.montecarlo import MC_SAMPLES, fixed_match_prob
+from core.pairwise import pairwise
+from core.scores import rank_key
+
+from encoders.training.data.base import Split
+from encoders.model.encode import encode_images, encode_texts
+from encoders.training.metrics import pmrp_coco, retrieval_report
+from encoders.model.networks import PCME
+from core.charts import bar_chart
+from core.progress import track
+from encoders.model.text import Vocab
+from encoders.training.uncertainty import uncertainty_report
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SCORES = ("mu", "elk")
+
+
+def encode_split(model: PCME, vocab: Vocab, split: Split, device: torch.device):
+    """-> (image μ, image log_var, caption μ, caption log_var) as float32 numpy arrays."""
+    with track(f"encode {split.name} images", split.n_images) as bar:
+        img = encode_images(model, split.load_image, split.n_images, device, progress=bar.advance)
+    with track(f"encode {split.name} captions", split.n_captions) as bar:
+        txt = encode_texts(model, vocab, split.captions, device, progress=bar.advance)
+    return (*img, *txt)
+
+
+MC_CHUNK = 16  # caption queries per mc block: [16, J, n_images, J] logits
+
+
+def score_matrix(name: str, txt, img, a: float, b: float, n_samples: int = MC_SAMPLES):
+    """[n_captions, n_images] matrix where higher = better, for any score of core.scores.
+    mc uses the serving noise (core.montecarlo.fixed_match_prob, images keyed by their id =
+    row), so its text→image ranking is exactly what `query --score mc` serves; image→text
+    reads the same matrix transposed."""
+    t_mu, t_lv = (torch.from_numpy(x) for x in txt)
+    i_mu, i_lv = (torch.from_numpy(x) for x in img)
+    if name == "mc":
+        ids = np.arange(len(i_mu))
+        return torch.cat([fixed_match_prob(t_mu[s:s + MC_CHUNK], t_lv[s:s + MC_CHUNK], i_mu,
+                                           i_lv, ids, a, b, n_samples)
+                          for s in range(0, len(t_mu), MC_CHUNK)]).numpy()
+    return rank_key(name, pairwise(name, t_mu, t_lv, i_mu, i_lv)).numpy()
+
+
+def score_report(split: Split, gt: np.ndarray, matrix: np.ndarray) -> dict:
+    """Retrieval metrics of one [n_captions, n_images] score matrix. COCO replaces PMRP by the
+    paper's plausible-match R-precision from category multi-hots (Hamming ≤ ζ, ζ ∈ {0,1,2})."""
+    report = retrieval_report(matrix, gt)
+    multi_hot = getattr(split, "multi_hot_images", None)
+    if multi_hot is not None:
+        caps = split.multi_hot_captions
+        report["t2i"]["PMRP"] = pmrp_coco(matrix, caps, multi_hot)
+        report["i2t"]["PMRP"] = pmrp_coco(matrix.T, multi_hot, caps)
+    return report
+
+
+def ground_truth(split: Split) -> np.ndarray:
+    gt = split.match_matrix()
+    return gt if gt is not None else split.pairing_matrix()
+
+
+def evaluate_split(model: PCME, vocab: Vocab, split: Split, device: torch.device,
+                   scores=DEFAULT_SCORES, embeddings=None) -> dict:
+    """The eval JSON: {"split", "n_images", "n_captions", "by_score": {score: report},
+    "uncertainty": {"score", "spearman_caption_var_vs_matches", "bins"}}."""
+    i_mu, i_lv, t_mu, t_lv = embeddings or encode_split(model, vocab, split, device)
+    gt = ground_truth(split)
+    a, b = model.a.item(), model.b.item()
+    # R@1 per uncertainty bin under the probabilistic score when one was asked for
+    unc_score = "elk" if "elk" in scores else scores[0]
+    by_score, unc = {}, None
+    for name in scores:
+        matrix = score_matrix(name, (t_mu, t_lv), (i_mu, i_lv), a, b)
+        rep = by_score[name] = score_report(split, gt, matrix)
+        logger.info("%s: t2i R@1 %.3f PMRP %.3f | i2t R@1 %.3f PMRP %.3f | rsum %.1f", name,
+                    rep["t2i"]["R@1"], rep["t2i"]["PMRP"], rep["i2t"]["R@1"], rep["i2t"]["PMRP"],
+                    rep["rsum"])
+        if name == unc_score:
+            unc = uncertainty_report(t_lv, matrix, gt, groups=getattr(split, "caption_levels", None))
+    logger.info("Spearman(caption Σσ², true matches) = %.3f", unc["spearman_caption_var_vs_matches"])
+    return {"split": split.name, "dataset": split.dataset, "n_images": split.n_images,
+            "n_captions": split.n_captions, "by_score": by_score,
+            "uncertainty": {"score": unc_score, **unc}}
+
+
+def plot_uncertainty(report: dict, path) -> None:
+    """--plot: R@1 of text→image queries per caption-uncertainty bin (low → high Σσ²)."""
+    unc = report["uncertainty"]
+    bar_chart([b["R@1"] for b in unc["bins"]], [str(b["bin"]) for b in unc["bins"]],
+              f"t2i R@1 per caption Σσ² bin, low -> high ({unc['score']}; Spearman "
+              f"{unc['spearman_caption_var_vs_matches']:.2f})", path)
