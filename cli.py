@@ -38,17 +38,12 @@ def _edge() -> None:
 def open_engine(index: str | Path, device: str = "cpu"):
     """A SearchEngine on `index` with the query encoder of the checkpoint its manifest names
     (none when it names none, e.g. synthetic benchmark indexes)."""
+    from functools import partial
+
     from encoders.model.query import QueryEncoder
     from engine.search import SearchEngine
 
-    engine = SearchEngine(index)
-    if engine.reader.manifest.get("producer", {}).get("checkpoint"):
-        try:
-            engine.encoder = QueryEncoder.for_index(engine.reader.manifest, index, device)
-        except BaseException:
-            engine.close()
-            raise
-    return engine
+    return SearchEngine(index, make_encoder=partial(QueryEncoder.for_index, device=device))
 
 
 def _setup_logging(verbose: bool) -> None:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from encoders.training.data import load_split
 from encoders.training.data.predicates import holds, parse_caption
-from cli import open_engine
+from encoders.model.query import QueryEncoder
+from engine.search import SearchEngine
 
 
 def main() -> int:
@@ -34,7 +35,7 @@ def main() -> int:
     by_path = {str((split.root / p).resolve()): i for i, p in enumerate(split.image_paths)}
     n_true = sum(holds(predicate, s) for s in split.scenes)
     print(f"query: {args.query!r}  predicate true of {n_true} of {split.n_images} images")
-    with open_engine(args.index) as engine:
+    with SearchEngine(args.index, make_encoder=QueryEncoder.for_index) as engine:
         result = engine.query_text(args.query, args.k, args.score)
     n_ok = 0
     for hit in result.results:

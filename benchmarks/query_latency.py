@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import open_engine
+from encoders.model.query import QueryEncoder
+from engine.search import SearchEngine
 
 STAGES = ("encode_ms", "ann_ms", "fetch_ms", "rescore_ms", "total_ms")
 
@@ -29,7 +30,7 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     t = time.perf_counter()
-    with open_engine(args.index) as engine:
+    with SearchEngine(args.index, make_encoder=QueryEncoder.for_index) as engine:
         load_ms = (time.perf_counter() - t) * 1000
         n_text = engine.reader.count("text")
         ids = np.linspace(0, n_text - 1, min(args.queries, n_text)).astype(np.int64)

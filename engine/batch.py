@@ -19,7 +19,8 @@ from engine.exact import ExactSearcher
 from core.montecarlo import MC_SAMPLES
 from core.scores import score_name
 from engine.rescore import rescore_gathered
-from engine.shortlist import VarianceBounds, is_final, kth_key, required_ip, shortlist_size
+from engine.shortlist import is_final, kth_key, shortlist_size
+from indexer.variance import VarianceBounds, required_ip
 
 logger = logging.getLogger(__name__)
 

@@ -62,11 +62,20 @@ def uncertainty(log_var: np.ndarray) -> np.ndarray:
 class SearchEngine:
     """Search one index directory. `encoder` turns text or an image file into a Gaussian
     (encode_text(text) -> (μ, log_var, unknown words), encode_image(path) -> (μ, log_var));
-    without one, only search with given Gaussians (`search`, `search_batch`) works."""
+    or `make_encoder(manifest, index_dir)` builds it from the index manifest when the manifest
+    names a checkpoint (encoders.model.query.QueryEncoder.for_index). Without an encoder only
+    search with given Gaussians (`search`, `search_batch`) works."""
 
-    def __init__(self, index_dir: str | Path, encoder=None):
+    def __init__(self, index_dir: str | Path, encoder=None, make_encoder=None):
         self.reader = IndexReader.open(Path(index_dir))
         self.encoder = encoder
+        if encoder is None and make_encoder is not None \
+                and self.reader.manifest.get("producer", {}).get("checkpoint"):
+            try:
+                self.encoder = make_encoder(self.reader.manifest, self.reader.index_dir)
+            except BaseException:
+                self.reader.close()
+                raise
         mc_samples = int(self.reader.manifest.get("mc_samples", MC_SAMPLES))
         self.batch = BatchSearcher(self.reader, *self._match_params(), mc_samples=mc_samples)
 

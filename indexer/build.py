@@ -30,7 +30,8 @@ from core.montecarlo import MC_SAMPLES
 from core.atomic import AtomicDir, sha256_file, utc_now, write_json
 from indexer.manifest import SCHEMA_VERSION
 from indexer.shards import MODALITIES, ShardBatch, read_shard_manifest, read_shards, validate_shards
-from indexer.store import StoreWriter, VarianceStats, estimate_map_size, stored_log_var
+from indexer.store import StoreWriter, estimate_map_size, stored_log_var
+from indexer.variance import VarianceStats
 
 logger = logging.getLogger(__name__)
 

@@ -11,9 +11,8 @@ import os
 from pathlib import Path
 
 from core.atomic import sha256_file
-from indexer.manifest import read_manifest
+from indexer.manifest import read_index_manifest
 
-from core.errors import PcmeError
 
 logger = logging.getLogger(__name__)
 
@@ -22,35 +21,23 @@ def index_info(index_dir: str | Path) -> dict:
     """Counts, dim, factory and nprobe per modality, the checkpoint (path, recorded sha256, whether
     it still exists and matches) and the size of every file, from the manifest of `index_dir`."""
     index_dir = Path(index_dir)
-    manifest = read_manifest(index_dir, "index")  # PcmeError: missing dir/manifest, wrong kind
-    where = index_dir / "manifest.json"
-    dim, counts = manifest.get("dim"), manifest.get("counts")
-    if not isinstance(dim, int) or dim < 1:
-        raise PcmeError(f"{where}: malformed index manifest (dim {dim!r})")
-    if not isinstance(counts, dict) or not all(isinstance(n, int) and n >= 0 for n in counts.values()):
-        raise PcmeError(f"{where}: malformed index manifest (counts {counts!r})")
+    manifest = read_index_manifest(index_dir)  # the reader's own checks
+    dim, counts = manifest["dim"], manifest["counts"]
     files = _file_sizes(index_dir)
     logger.debug("%s: %d files", index_dir, len(files))
     return {
         "index_dir": str(index_dir),
         "dim": dim,
         "counts": dict(counts),
-        "factory": _mapping(manifest, "factory", where),
-        "nprobe": _mapping(manifest, "nprobe", where),
-        "nprobe_recall": _mapping(manifest, "nprobe_recall", where),
+        "factory": dict(manifest.get("factory", {})),
+        "nprobe": dict(manifest.get("nprobe", {})),
+        "nprobe_recall": dict(manifest.get("nprobe_recall", {})),
         "created": manifest.get("created"),
         "shards": manifest.get("shards", {}).get("dir") if isinstance(manifest.get("shards"), dict) else None,
         "checkpoint": _checkpoint(manifest.get("producer", {})),
         "files": files,
         "total_bytes": sum(files.values()),
     }
-
-
-def _mapping(manifest: dict, key: str, where: Path) -> dict:
-    value = manifest.get(key, {})
-    if not isinstance(value, dict):
-        raise PcmeError(f"{where}: malformed index manifest ({key} {value!r})")
-    return dict(value)
 
 
 def _checkpoint(producer) -> dict:

@@ -41,3 +41,28 @@ def _get(obj, key):
     return obj.get(key) if isinstance(obj, dict) else None
 
 
+
+
+def read_index_manifest(index_dir: Path) -> dict:
+    """The manifest of an index directory, checked once for everything the reader and `info`
+    rely on: a positive dim, item counts, and per non-empty modality its store and nprobe."""
+    index_dir = Path(index_dir)
+    manifest = read_manifest(index_dir, "index")
+    where = index_dir / MANIFEST
+    dim, counts = manifest.get("dim"), manifest.get("counts")
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        raise PcmeError(f"{where}: malformed index manifest (dim {dim!r})")
+    if not isinstance(counts, dict) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts.values()):
+        raise PcmeError(f"{where}: malformed index manifest (counts {counts!r})")
+    for key in ("factory", "nprobe", "nprobe_recall", "augmented", "variance_stats"):
+        if not isinstance(manifest.get(key, {}), dict):
+            raise PcmeError(f"{where}: malformed index manifest ({key} {manifest.get(key)!r})")
+    try:
+        manifest["store"]["file"]
+        for m, n in counts.items():
+            if n:
+                manifest["store"]["mu_in_store"][m], manifest["nprobe"][m]
+    except (KeyError, TypeError) as e:
+        raise PcmeError(f"{where}: malformed index manifest (missing or bad field {e})") from None
+    return manifest

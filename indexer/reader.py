@@ -17,7 +17,7 @@ import numpy as np
 from core.errors import PcmeError
 from indexer import augmented as aug
 from indexer import faiss_index as fx
-from indexer.manifest import read_manifest
+from indexer.manifest import read_index_manifest
 from indexer.shards import MODALITIES
 from indexer.store import StoreReader
 
@@ -42,16 +42,8 @@ class IndexReader:
     @classmethod
     def open(cls, index_dir: Path) -> "IndexReader":
         index_dir = Path(index_dir)
-        manifest = read_manifest(index_dir, "index")
-        try:
-            dim, counts = int(manifest["dim"]), dict(manifest["counts"])
-            store_file = manifest["store"]["file"]
-            for m, n in counts.items():
-                if n:
-                    manifest["store"]["mu_in_store"][m], manifest["nprobe"][m]
-        except (KeyError, TypeError, ValueError) as e:
-            raise PcmeError(f"{index_dir / 'manifest.json'}: malformed index manifest "
-                            f"(missing or bad field {e})") from None
+        manifest = read_index_manifest(index_dir)
+        dim, counts, store_file = manifest["dim"], manifest["counts"], manifest["store"]["file"]
         indexes = {m: _read_faiss(index_dir / f"{m}.faiss", dim, n) for m, n in counts.items() if n}
         reader = cls(index_dir, manifest, indexes, StoreReader(index_dir / store_file, dim))
         for m, scores in manifest.get("augmented", {}).items():

@@ -14,7 +14,7 @@ from core import scores as S
 from engine.batch import BatchSearcher
 from core.montecarlo import MC_SAMPLES, item_noise
 from engine.search import SearchEngine
-from engine.shortlist import VarianceBounds, unseen_best
+from indexer.variance import VarianceBounds, unseen_best
 from benchmarks.synthetic import SyntheticSpec, write_synthetic_shards
 from indexer.build import build_index
 from indexer.reader import IndexReader
