@@ -68,7 +68,10 @@ def manifest_kind(directory: Path) -> str | None:
         manifest = json.loads((Path(directory) / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return None
-    return manifest.get("kind") if isinstance(manifest, dict) else None
+    if not isinstance(manifest, dict):
+        return None
+    # scenes caches written before manifests carried a kind name their dataset instead
+    return manifest.get("kind", manifest.get("dataset"))
 
 
 class AtomicDir:

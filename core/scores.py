@@ -130,6 +130,12 @@ SCORES = {
 }
 
 
+# The score a query gets when none is asked for, by the modality of the QUERY: text queries
+# rank images by ELK; image queries rank captions by CSD (ELK's log-det term favours low-σ
+# generic captions for image queries on models whose caption σ differs a lot; README).
+DEFAULT_SCORE = {"text": "elk", "image": "csd"}
+
+
 def score_name(name: str, what: str = "score") -> str:
     """The canonical name of a user's score choice (case-insensitive), or a one-line error."""
     canonical = str(name).strip().lower()

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from encoders.training.losses_baselines import (LOSSES, infonce_loss, pcmepp_loss, pseudo_positives,
+from encoders.training.losses_baselines import (LOSSES, PROBABILISTIC, infonce_loss, pcmepp_loss,
+                                                pseudo_positives,
                                        vsepp_loss)
 from core.errors import PcmeError
 from encoders.training.config import TrainConfig
@@ -42,32 +43,54 @@ def test_pcmepp_equals_plain_loop():
             for k in range(6)] for i in range(3)]
     logit = [[-a * c + b for c in row] for row in csd]
     lab = matched.tolist()
-    pseudo = [[not lab[i][k] and (csd[i][k] <= max(c for c, l in zip(csd[i], lab[i]) if l)
-                                  or csd[i][k] <= max(csd[j][k] for j in range(3) if lab[j][k]))
-               for k in range(6)] for i in range(3)]
-    relab = [[lab[i][k] or pseudo[i][k] for k in range(6)] for i in range(3)]
+    first_cap = [lab[i].index(True) for i in range(3)]                  # image i's GT caption
+    first_img = [[lab[j][k] for j in range(3)].index(True) for k in range(6)]  # caption k's GT
+    rows = [[not lab[i][k] and csd[i][k] <= csd[i][first_cap[i]] for k in range(6)]
+            for i in range(3)]
+    cols = [[not lab[i][k] and csd[i][k] <= csd[first_img[k]][k] for k in range(6)]
+            for i in range(3)]
     kl = sum(0.5 * (math.exp(v) + m * m - 1 - v) for mu, lv in ((im, iv), (tm, tv))
              for r in range(len(mu)) for m, v in zip(mu[r].tolist(), lv[r].tolist())) / 9
     bce = _loop_balanced_bce(logit, lab)
-    pseudo_bce = _loop_balanced_bce(logit, relab) if any(map(any, pseudo)) else 0.0
-    assert out["n_pseudo"].item() == sum(map(sum, pseudo)) > 0  # the pseudo term is exercised
+    relabel = [[[lab[i][k] or side[i][k] for k in range(6)] for i in range(3)]
+               for side in (rows, cols)]
+    pseudo_bce = 0.5 * sum(_loop_balanced_bce(logit, r) for r in relabel)
+    n_pseudo = sum(map(sum, rows)) + sum(map(sum, cols))
+    assert out["n_pseudo"].item() == n_pseudo > 0  # the pseudo term is exercised
     assert out["bce"].item() == pytest.approx(bce, rel=1e-9)
     assert out["loss"].item() == pytest.approx(bce + 0.3 * pseudo_bce + 0.01 * kl, rel=1e-9)
 
 
+def test_pcmepp_uniform_weighting_is_the_mean_over_all_pairs():
+    (im, iv), (tm, tv) = _gauss(3, 4, 0), _gauss(6, 4, 1)
+    matched = _two_captions_each(3)
+    out = pcmepp_loss(im, iv, tm, tv, matched, torch.tensor(2.0), torch.tensor(3.0),
+                      pseudo_weight=0.0, kl_weight=0.0, balanced=False)
+    logit = [[-2.0 * _loop_csd(im[i].tolist(), iv[i].tolist(), tm[k].tolist(), tv[k].tolist())
+              + 3.0 for k in range(6)] for i in range(3)]
+    terms = [math.log(1 + math.exp(-x if l else x)) for row, lab in zip(logit, matched.tolist())
+             for x, l in zip(row, lab)]
+    assert out["loss"].item() == pytest.approx(sum(terms) / 18, rel=1e-9)
+
+
 def test_pseudo_positives_by_hand():
-    # 2 images, 3 captions; caption 0,1 belong to image 0, caption 2 to image 1.
+    # 2 images, 3 captions; captions 0, 1 belong to image 0 (caption 0 is its ground truth),
+    # caption 2 to image 1.
     matched = torch.tensor([[True, True, False], [False, False, True]])
-    csd = torch.tensor([[1.0, 3.0, 2.5],    # image 0: worst own caption at 3.0 -> caption 2 (2.5)
-                        [2.0, 4.0, 1.5]])   # image 1: own caption at 1.5 -> none of 2.0, 4.0
-    # caption side: caption 0's own image at 1.0 -> image 1 (2.0) is not; caption 1's own at
-    # 3.0 -> image 1 (4.0) is not; caption 2's own at 1.5 -> image 0 (2.5) is not.
-    expected = torch.tensor([[False, False, True], [False, False, False]])
-    assert torch.equal(pseudo_positives(csd, matched), expected)
-    # From the caption side only: caption 0's own image is far (5.0), image 1 is closer.
-    csd2 = torch.tensor([[5.0, 0.1, 9.0], [4.0, 9.0, 0.1]])
-    assert torch.equal(pseudo_positives(csd2, matched),
-                       torch.tensor([[False, False, False], [True, False, False]]))
+    csd = torch.tensor([[1.0, 3.0, 2.5],    # image 0: GT caption at 1.0 -> caption 2 (2.5) not
+                        [2.0, 4.0, 1.5]])   # image 1: GT caption at 1.5 -> 2.0, 4.0 not
+    rows, cols = pseudo_positives(csd, matched)
+    assert not rows.any()
+    # caption side: caption 0's image at 1.0 -> image 1 (2.0) not; caption 1's at 3.0 ->
+    # image 1 (4.0) not; caption 2's at 1.5 -> image 0 (2.5) not.
+    assert not cols.any()
+    # image 0's GT caption far (5.0): caption 2 (0.2) is a row pseudo-positive; caption 1
+    # (a true match, 0.1) is never relabelled. Caption 0 (own image at 5.0): image 1 (4.0) is
+    # a column pseudo-positive, from the caption side only.
+    csd2 = torch.tensor([[5.0, 0.1, 0.2], [4.0, 9.0, 0.1]])
+    rows, cols = pseudo_positives(csd2, matched)
+    assert torch.equal(rows, torch.tensor([[False, False, True], [False, False, False]]))
+    assert torch.equal(cols, torch.tensor([[False, False, False], [True, False, False]]))
 
 
 def _loop_infonce(im, tm, matched, scale):
@@ -162,7 +185,7 @@ def test_gradients_reach_mu_and_log_var_of_probabilistic_losses(name):
                  generator=torch.Generator().manual_seed(0))["loss"].backward()
     for t in (leaves[0], leaves[2]):
         assert t.grad is not None and t.grad.abs().sum() > 0
-    probabilistic = name in ("pcme", "pcmepp")
+    probabilistic = name in PROBABILISTIC
     for t in (leaves[1], leaves[3]):
         assert (t.grad is not None and t.grad.abs().sum() > 0) == probabilistic
 

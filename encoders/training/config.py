@@ -31,14 +31,20 @@ class TrainConfig:
     backbone_lr_scale: float = 1.0  # stage 2: backbone learning rate = lr * this (e.g. 0.1)
     match_lr_scale: float = 1.0     # learning rate of a and b (p = sigmoid(-a d + b)) = lr * this
     ckpt_every: int = 50            # optimiser steps between resumable last.pt saves
-    loss: str = "pcme"              # pcme | pcmepp | infonce | vse++
+    loss: str = "pcme"              # pcme | pcmepp | prob-nce | infonce | vse++
     pseudo_weight: float = 0.1      # pcmepp: weight of the pseudo-positive pairs
     margin: float = 0.2             # vse++: triplet margin
     temperature: float = 0.0        # infonce: fixed τ; 0 = learn it (1/τ is the model's a)
+    nce_score: str = "csd"          # prob-nce (not in the papers): logits −scale·CSD or scale·ELK
+    nce_scale: float = 7.5          # prob-nce: fixed logit scale (7.5·CSD = 15·cos + const)
+    pcme_weight: float = 0.0        # prob-nce: weight of PCME's likelihood; 0 = train only a, b
+                                    # on it (embeddings detached), so p_match stays calibrated
     n_samples: int = 7              # J: samples per item in the loss
     kl_weight: float = 1e-4         # weight of KL(N(μ,σ²) ‖ N(0,I))
     uniformity_weight: float = 0.0  # weight of the uniformity loss on samples (0 = off)
-    balanced_pairs: bool = True     # pcme: mean(pos) + mean(neg); false = mean over all pairs
+    balanced_pairs: bool = True     # pcme, pcmepp: mean(pos) + mean(neg); false = mean over all
+                                    # pairs (every pair weighs the same, as the papers' code does)
+    anchor_positives: bool = False  # pcme: average each anchor's positives first (balanced only)
     hard_negatives: bool = False    # pcme, not in the paper: weight each anchor's negatives by
     hard_negative_beta: float = 1.0 # p(match)^beta instead of equally (see losses.hard_negative_nll)
     positives: str = "pairs"        # in-batch positives: "pairs" = the captions written for the

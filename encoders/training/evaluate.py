@@ -13,7 +13,7 @@ import torch
 
 from core.montecarlo import MC_SAMPLES, fixed_match_prob
 from core.pairwise import pairwise
-from core.scores import rank_key
+from core.scores import DEFAULT_SCORE, rank_key
 
 from encoders.training.data.base import Split
 from encoders.model.encode import encode_images, encode_texts
@@ -26,7 +26,7 @@ from encoders.training.uncertainty import uncertainty_report
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SCORES = ("mu", "elk")
+DEFAULT_SCORES = ("mu", "elk", "csd")  # scored after training (csd: the image-query default)
 
 
 def encode_split(model: PCME, vocab: Vocab, split: Split, device: torch.device):
@@ -80,21 +80,27 @@ def evaluate_split(model: PCME, vocab: Vocab, split: Split, device: torch.device
     i_mu, i_lv, t_mu, t_lv = embeddings or encode_split(model, vocab, split, device)
     gt = ground_truth(split)
     a, b = model.a.item(), model.b.item()
-    # R@1 per uncertainty bin under the probabilistic score when one was asked for
-    unc_score = "elk" if "elk" in scores else scores[0]
-    by_score, unc = {}, None
+    # the uncertainty of each direction is judged under the score its queries get by default
+    t2i_score, i2t_score = (DEFAULT_SCORE[m] if DEFAULT_SCORE[m] in scores else scores[0]
+                            for m in ("text", "image"))
+    by_score, unc, unc_i2t = {}, None, None
     for name in scores:
         matrix = score_matrix(name, (t_mu, t_lv), (i_mu, i_lv), a, b)
         rep = by_score[name] = score_report(split, gt, matrix)
         logger.info("%s: t2i R@1 %.3f PMRP %.3f | i2t R@1 %.3f PMRP %.3f | rsum %.1f", name,
                     rep["t2i"]["R@1"], rep["t2i"]["PMRP"], rep["i2t"]["R@1"], rep["i2t"]["PMRP"],
                     rep["rsum"])
-        if name == unc_score:
+        if name == t2i_score:
             unc = uncertainty_report(t_lv, matrix, gt, groups=getattr(split, "caption_levels", None))
-    logger.info("Spearman(caption Σσ², true matches) = %.3f", unc["spearman_caption_var_vs_matches"])
+        if name == i2t_score:
+            unc_i2t = uncertainty_report(i_lv, matrix.T, gt.T,
+                                         spearman_key="spearman_image_var_vs_matches")
+    logger.info("Spearman(caption Σσ², true matches) = %.3f; AUROC(caption Σσ², t2i failure) = "
+                "%.3f", unc["spearman_caption_var_vs_matches"], unc["auroc_failure"])
     return {"split": split.name, "dataset": split.dataset, "n_images": split.n_images,
-            "n_captions": split.n_captions, "by_score": by_score,
-            "uncertainty": {"score": unc_score, **unc}}
+            "n_captions": split.n_captions, "match_a": a, "match_b": b, "by_score": by_score,
+            "uncertainty": {"score": t2i_score, **unc},
+            "uncertainty_i2t": {"score": i2t_score, **unc_i2t}}
 
 
 def plot_uncertainty(report: dict, path) -> None:

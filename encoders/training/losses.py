@@ -87,18 +87,37 @@ def uniformity(z: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(log_terms.flatten(), dim=0) - math.log(n * (n - 1))
 
 
-def _balanced_nll(log_p, log_not_p, matched, balanced: bool = True) -> torch.Tensor:
+def anchor_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over anchors of the mean of each anchor's masked values, both directions averaged:
+    image rows, then caption columns. Anchors without a masked value are skipped; 0 if none."""
+    sides = []
+    for dim in (1, 0):
+        n = mask.sum(dim=dim)
+        has = n > 0
+        if has.any():
+            sides.append((torch.where(mask, values, 0.0).sum(dim=dim)[has] / n[has]).mean())
+    return torch.stack(sides).mean() if sides else values.new_zeros(())
+
+
+def _balanced_nll(log_p, log_not_p, matched, balanced: bool = True,
+                  anchor_positives: bool = False) -> torch.Tensor:
     """Mean NLL over matched pairs + mean NLL over unmatched pairs (balanced), or the mean over
     all pairs (balanced=False, every pair weighs the same, as in the original PCME).
 
     Balanced keeps the B positives from drowning in B²−B negatives; but then a caption's false
     negatives (other images it is also true of) weigh ~B times less than its positive, which
     removes most of the pressure that makes generic captions uncertain. An empty group gives 0.
+    anchor_positives (balanced only): the positive term is averaged per anchor first (as the
+    multi-positive InfoNCE does), so an anchor with many positives (a generic caption under
+    plausible positives) weighs as much as one with a single positive, not many times more.
     """
     if not balanced:
         return -torch.where(matched, log_p, log_not_p).mean()
     zero = log_p.new_zeros(())
-    pos = -log_p[matched].mean() if matched.any() else zero
+    if anchor_positives:
+        pos = -anchor_mean(log_p, matched)
+    else:
+        pos = -log_p[matched].mean() if matched.any() else zero
     neg = -log_not_p[~matched].mean() if (~matched).any() else zero
     return pos + neg
 
@@ -145,7 +164,8 @@ def pcme_loss(img_mu, img_log_var, txt_mu, txt_log_var, matched: torch.Tensor,
               a: torch.Tensor, b: torch.Tensor, n_samples: int, kl_weight: float = 1e-4,
               uniformity_weight: float = 0.0, generator: torch.Generator | None = None,
               img_eps: torch.Tensor | None = None, txt_eps: torch.Tensor | None = None,
-              balanced: bool = True, hard_negative_beta: float | None = None) -> dict:
+              balanced: bool = True, hard_negative_beta: float | None = None,
+              anchor_positives: bool = False) -> dict:
     """PCME loss for a batch of B_img images and B_txt captions; matched [B_img, B_txt] bool.
 
     `a` must be positive (the model passes softplus or exp of a raw parameter); a and b are
@@ -162,7 +182,7 @@ def pcme_loss(img_mu, img_log_var, txt_mu, txt_log_var, matched: torch.Tensor,
     z_txt = sample_embeddings(txt_mu, txt_log_var, n_samples, generator, txt_eps)
     loglik = label_log_likelihood(z_img, z_txt, a, b, matched)
     if hard_negative_beta is None:
-        nll = _balanced_nll(loglik, loglik, matched, balanced)
+        nll = _balanced_nll(loglik, loglik, matched, balanced, anchor_positives)
     else:
         nll = hard_negative_nll(loglik, matched, hard_negative_beta)
     kl = torch.cat([kl_to_standard_normal(img_mu, img_log_var),

@@ -49,22 +49,28 @@ def pairwise_csd(img_mu, img_log_var, txt_mu, txt_log_var) -> torch.Tensor:
     return mu_sq + img_log_var.exp().sum(-1)[:, None] + txt_log_var.exp().sum(-1)[None, :]
 
 
-def pseudo_positives(csd: torch.Tensor, matched: torch.Tensor) -> torch.Tensor:
-    """[B_img, B_txt] bool: unmatched pairs at least as close as a true match of the same anchor.
+def pseudo_positives(csd: torch.Tensor, matched: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) bool [B_img, B_txt]: the pseudo-positives of each direction, as in PCME++.
 
-    As in PCME++: for an image, an unmatched caption is a pseudo-positive when its CSD is ≤ the
-    largest CSD among that image's own captions; the same from each caption's side; a pair is
-    a pseudo-positive if either side says so. Anchors without a positive select none.
+    Image→text (rows): for each image, the unmatched captions at least as close (CSD ≤) as its
+    ground-truth caption, the first matched one; text→image (cols): for each caption, the
+    unmatched images at least as close as its ground-truth image. Anchors without a positive
+    select none. Each direction relabels its own pseudo-positives, separately.
     """
-    far = torch.tensor(float("-inf"), dtype=csd.dtype, device=csd.device)
-    worst_img = torch.where(matched, csd, far).amax(dim=1, keepdim=True)  # per image
-    worst_txt = torch.where(matched, csd, far).amax(dim=0, keepdim=True)  # per caption
-    return ~matched & ((csd <= worst_img) | (csd <= worst_txt))
+    def one_side(d, m):  # rows of d are anchors
+        first = m.to(torch.uint8).argmax(dim=1, keepdim=True)      # first positive of the row
+        ref = d.gather(1, first)
+        return ~m & (d <= ref) & m.any(dim=1, keepdim=True)
+    return one_side(csd, matched), one_side(csd.T, matched.T).T
 
 
-def _balanced_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean BCE over positive pairs + mean BCE over negative pairs (see pcme_loss: the B²−B
-    negatives would otherwise drown the B positives). An empty group contributes 0."""
+def _bce(logits: torch.Tensor, labels: torch.Tensor, balanced: bool = True) -> torch.Tensor:
+    """BCE with logits: mean over positive pairs + mean over negative pairs (balanced: the B²−B
+    negatives would otherwise drown the B positives; an empty group contributes 0), or the
+    plain mean over all pairs (balanced=False: every pair weighs the same, as PCME++ does)."""
+    if not balanced:
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
     zero = logits.new_zeros(())
     pos = F.softplus(-logits[labels]).mean() if labels.any() else zero
     neg = F.softplus(logits[~labels]).mean() if (~labels).any() else zero
@@ -73,22 +79,24 @@ def _balanced_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def pcmepp_loss(img_mu, img_log_var, txt_mu, txt_log_var, matched: torch.Tensor,
                 a: torch.Tensor, b: torch.Tensor, pseudo_weight: float = 0.1,
-                kl_weight: float = 1e-4) -> dict:
-    """PCME++: p(match) = sigmoid(−a·CSD + b), trained with balanced BCE.
+                kl_weight: float = 1e-4, balanced: bool = True) -> dict:
+    """PCME++: p(match) = sigmoid(−a·CSD + b), trained with BCE.
 
-    loss = bce(matched) + pseudo_weight·bce(matched | pseudo) + kl_weight·kl, where the second
-    term relabels pseudo-positives (see pseudo_positives) as matches, as PCME++ does to soften
-    the false negatives of captioned datasets. `a` > 0 and `b` are scalar tensors (learnable).
-    Returns {"loss", "bce", "pseudo_bce", "kl", "n_pseudo", "pos_prob", "neg_prob"}.
+    loss = bce(matched) + pseudo_weight·½[bce(matched | rows) + bce(matched | cols)] +
+    kl_weight·kl: each direction relabels its pseudo-positives (see pseudo_positives) as
+    matches, as PCME++ does to soften the false negatives of captioned datasets. `balanced`
+    chooses the pair weighting of every BCE term (see _bce). `a` > 0 and `b` are scalar
+    tensors (learnable). Returns {"loss", "bce", "pseudo_bce", "kl", "n_pseudo", "pos_prob",
+    "neg_prob"}.
     """
     _check(img_mu, txt_mu, matched, "pcmepp_loss")
     _check_log_var(img_mu, img_log_var, "pcmepp_loss: image")
     _check_log_var(txt_mu, txt_log_var, "pcmepp_loss: text")
     csd = pairwise_csd(img_mu, img_log_var, txt_mu, txt_log_var)
     logits = -a * csd + b
-    pseudo = pseudo_positives(csd.detach(), matched)
-    bce = _balanced_bce(logits, matched)
-    pseudo_bce = _balanced_bce(logits, matched | pseudo) if pseudo.any() else bce.new_zeros(())
+    rows, cols = pseudo_positives(csd.detach(), matched)
+    bce = _bce(logits, matched, balanced)
+    pseudo_bce = 0.5 * (_bce(logits, matched | rows, balanced) + _bce(logits, matched | cols, balanced))
     kl = torch.cat([kl_to_standard_normal(img_mu, img_log_var),
                     kl_to_standard_normal(txt_mu, txt_log_var)]).mean()
     prob = torch.sigmoid(logits.detach())
@@ -96,7 +104,7 @@ def pcmepp_loss(img_mu, img_log_var, txt_mu, txt_log_var, matched: torch.Tensor,
     return {
         "loss": bce + pseudo_weight * pseudo_bce + kl_weight * kl,
         "bce": bce, "pseudo_bce": pseudo_bce, "kl": kl,
-        "n_pseudo": pseudo.sum(),
+        "n_pseudo": rows.sum() + cols.sum(),
         "pos_prob": prob[matched].mean() if matched.any() else nan,
         "neg_prob": prob[~matched].mean() if (~matched).any() else nan,
     }
@@ -165,12 +173,14 @@ def _pcme(img_mu, img_lv, txt_mu, txt_lv, matched, a, b, cfg, generator=None) ->
     return pcme_loss(img_mu, img_lv, txt_mu, txt_lv, matched, a, b, n_samples=cfg.n_samples,
                      kl_weight=cfg.kl_weight, uniformity_weight=cfg.uniformity_weight,
                      generator=generator, balanced=cfg.balanced_pairs,
-                     hard_negative_beta=cfg.hard_negative_beta if cfg.hard_negatives else None)
+                     hard_negative_beta=cfg.hard_negative_beta if cfg.hard_negatives else None,
+                     anchor_positives=cfg.anchor_positives)
 
 
 def _pcmepp(img_mu, img_lv, txt_mu, txt_lv, matched, a, b, cfg, generator=None) -> dict:
     return pcmepp_loss(img_mu, img_lv, txt_mu, txt_lv, matched, a, b,
-                       pseudo_weight=cfg.pseudo_weight, kl_weight=cfg.kl_weight)
+                       pseudo_weight=cfg.pseudo_weight, kl_weight=cfg.kl_weight,
+                       balanced=cfg.balanced_pairs)
 
 
 def _infonce(img_mu, img_lv, txt_mu, txt_lv, matched, a, b, cfg, generator=None) -> dict:
@@ -180,6 +190,15 @@ def _infonce(img_mu, img_lv, txt_mu, txt_lv, matched, a, b, cfg, generator=None)
     return infonce_loss(img_mu, txt_mu, matched, scale)
 
 
+def _prob_nce(img_mu, img_lv, txt_mu, txt_lv, matched, a, b, cfg, generator=None) -> dict:
+    from encoders.training.losses_nce import prob_nce_loss  # it builds on this module
+
+    return prob_nce_loss(img_mu, img_lv, txt_mu, txt_lv, matched, a, b, scale=cfg.nce_scale,
+                         score=cfg.nce_score, kl_weight=cfg.kl_weight, n_samples=cfg.n_samples,
+                         pcme_weight=cfg.pcme_weight, generator=generator,
+                         balanced=cfg.balanced_pairs)
+
+
 def _vsepp(img_mu, img_lv, txt_mu, txt_lv, matched, a, b, cfg, generator=None) -> dict:
     return vsepp_loss(img_mu, txt_mu, matched, margin=cfg.margin)
 
@@ -187,6 +206,6 @@ def _vsepp(img_mu, img_lv, txt_mu, txt_lv, matched, a, b, cfg, generator=None) -
 # The one loss factory: name -> fn(img_mu, img_log_var, txt_mu, txt_log_var, matched, a, b,
 # cfg, generator=None) -> {"loss", ...}. `cfg` is the TrainConfig (encoders/training/config.py),
 # which holds the only copy of every option's default.
-LOSSES: dict[str, LossFn] = {"pcme": _pcme, "pcmepp": _pcmepp, "infonce": _infonce,
-                             "vse++": _vsepp}
-PROBABILISTIC = frozenset({"pcme", "pcmepp"})  # losses that train log_var (the σ heads)
+LOSSES: dict[str, LossFn] = {"pcme": _pcme, "pcmepp": _pcmepp, "prob-nce": _prob_nce,
+                             "infonce": _infonce, "vse++": _vsepp}
+PROBABILISTIC = frozenset({"pcme", "pcmepp", "prob-nce"})  # losses that train log_var (σ heads)

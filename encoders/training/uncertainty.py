@@ -78,14 +78,49 @@ def by_group(groups, total_var: np.ndarray, matches: np.ndarray, hits: np.ndarra
     return out
 
 
-def uncertainty_report(caption_log_var: np.ndarray, score_t2i: np.ndarray, gt: np.ndarray,
-                       n_bins: int = 10, groups=None) -> dict:
-    """{"spearman_caption_var_vs_matches", "bins"} for text→image queries, plus "by_group"
-    when `groups` (one label per caption) is given."""
-    total_var = np.exp(caption_log_var.astype(np.float64)).sum(axis=1)
-    matches, hits = gt.sum(axis=1), top1_hits(score_t2i, gt)
-    report = {"spearman_caption_var_vs_matches": spearman(total_var, matches),
-              "bins": recall_by_uncertainty(total_var, hits, n_bins)}
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of `scores` for telling `positive` items from the rest: the
+    probability that a random positive scores above a random negative, ties counting ½
+    (Mann-Whitney U from average ranks). NaN when either class is empty."""
+    scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
+    if scores.shape != positive.shape or scores.ndim != 1:
+        raise PcmeError(f"auroc: shapes {scores.shape} and {positive.shape} differ")
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    rank_sum = average_ranks(scores)[positive].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+COVERAGES = tuple(round(1.0 - 0.1 * k, 1) for k in range(10))   # 1.0, 0.9, ..., 0.1
+
+
+def risk_coverage(total_var: np.ndarray, hits: np.ndarray, coverages=COVERAGES) -> list[dict]:
+    """R@1 over the fraction c of queries with the lowest Σσ² (the ones a user would keep if
+    the most uncertain were set aside), for each c: [{"coverage", "R@1", "n"}]."""
+    order = np.argsort(np.asarray(total_var), kind="stable")
+    hits = np.asarray(hits, bool)
+    out = []
+    for c in coverages:
+        n = max(1, int(round(c * len(order))))
+        out.append({"coverage": c, "R@1": float(hits[order[:n]].mean()), "n": n})
+    return out
+
+
+def uncertainty_report(query_log_var: np.ndarray, scores: np.ndarray, gt: np.ndarray,
+                       n_bins: int = 10, groups=None, spearman_key: str =
+                       "spearman_caption_var_vs_matches") -> dict:
+    """How well the queries' Σσ² tells the user when to distrust a result. `scores` and `gt`
+    are [queries, items] (text→image: caption queries; image→text: the transposes).
+    {spearman_key, "bins", "auroc_failure", "risk_coverage"}, plus "by_group" when `groups`
+    (one label per query) is given. auroc_failure: AUROC of Σσ² for predicting that the
+    query's top-1 hit is wrong (1 = σ ranks every failure above every success)."""
+    total_var = np.exp(query_log_var.astype(np.float64)).sum(axis=1)
+    matches, hits = gt.sum(axis=1), top1_hits(scores, gt)
+    report = {spearman_key: spearman(total_var, matches),
+              "bins": recall_by_uncertainty(total_var, hits, n_bins),
+              "auroc_failure": auroc(total_var, ~hits),
+              "risk_coverage": risk_coverage(total_var, hits)}
     if groups is not None:
         report["by_group"] = by_group(groups, total_var, matches, hits)
     return report

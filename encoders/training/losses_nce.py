@@ -1,0 +1,57 @@
+"""`--loss prob-nce`: a softmax contrastive loss over a probabilistic score. NOT in the PCME or
+PCME++ papers; written here because, at this project's training budget, the papers' pairwise
+likelihoods rank below a plain InfoNCE (README, "Losses compared").
+
+Logits are a probabilistic score of every in-batch image-caption pair, ℓ = −scale·CSD (the
+closed-form sampled distance ‖μ_i−μ_t‖² + Σσ_i² + Σσ_t², the expected squared distance of
+two samples) or ℓ = scale·ELK; the loss is the multi-positive InfoNCE of both directions over
+them (each image against all captions, each caption against all images). A softmax
+concentrates the push on the negatives that outscore the positive, which is what the pairwise
+likelihood spreads thin. The σ terms act as per-item biases: a caption with a larger Σσ² is
+pushed away from every image at once, which pays off only for captions the model cannot place.
+
+The match probability p = sigmoid(−a‖z_i − z_t‖ + b) of PCME (what `p_match` reports) is kept
+meaningful by training a, b on it: with `pcme_weight` = 0, PCME's likelihood on DETACHED
+embeddings (only a and b learn: a calibration, the embeddings are untouched); with
+`pcme_weight` > 0, PCME's likelihood itself joins the loss with that weight.
+"""
+from __future__ import annotations
+
+import torch
+
+from core.errors import PcmeError
+from core.pairwise import pairwise
+from encoders.training.losses import kl_to_standard_normal, pcme_loss
+from encoders.training.losses_baselines import _multi_positive_ce, pairwise_csd
+
+NCE_SCORES = ("csd", "elk")
+
+
+def nce_logits(score: str, img_mu, img_lv, txt_mu, txt_lv, scale: float) -> torch.Tensor:
+    """[B_img, B_txt] logits of the softmax: −scale·CSD or scale·ELK."""
+    if score == "csd":
+        return -scale * pairwise_csd(img_mu, img_lv, txt_mu, txt_lv)
+    if score == "elk":
+        return scale * pairwise("elk", img_mu, img_lv, txt_mu, txt_lv)
+    raise PcmeError(f"nce_score {score!r}: unknown; choose one of {', '.join(NCE_SCORES)}")
+
+
+def prob_nce_loss(img_mu, img_log_var, txt_mu, txt_log_var, matched: torch.Tensor, a, b,
+                  scale: float, score: str = "csd", kl_weight: float = 1e-4,
+                  n_samples: int = 7, pcme_weight: float = 0.0,
+                  generator: torch.Generator | None = None, balanced: bool = True) -> dict:
+    """Returns {"loss", "nce", "kl", "match_nll", "pos_prob", "neg_prob"}:
+    loss = ½(CE_i→t + CE_t→i) + kl_weight·kl + (pcme_weight or 1)·match_nll, where match_nll
+    is PCME's likelihood (its `nll`) on detached embeddings when pcme_weight is 0."""
+    logits = nce_logits(score, img_mu, img_log_var, txt_mu, txt_log_var, scale)
+    nce = 0.5 * (_multi_positive_ce(logits, matched) + _multi_positive_ce(logits.T, matched.T))
+    kl = torch.cat([kl_to_standard_normal(img_mu, img_log_var),
+                    kl_to_standard_normal(txt_mu, txt_log_var)]).mean()
+    gaussians = (img_mu, img_log_var, txt_mu, txt_log_var)
+    if not pcme_weight:
+        gaussians = tuple(t.detach() for t in gaussians)
+    match = pcme_loss(*gaussians, matched, a, b, n_samples, kl_weight=0.0, generator=generator,
+                      balanced=balanced)
+    return {"loss": nce + kl_weight * kl + (pcme_weight or 1.0) * match["nll"], "nce": nce,
+            "kl": kl, "match_nll": match["nll"], "pos_prob": match["pos_prob"],
+            "neg_prob": match["neg_prob"]}
