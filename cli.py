@@ -161,7 +161,8 @@ def query(
     text: Optional[str] = typer.Argument(None, help="Text query (searches images)."),
     index: str = typer.Option("index", help="Index directory."),
     k: int = typer.Option(10, help="Number of results."),
-    score: str = typer.Option("elk", help="Rescoring: elk, mc, csd, w2, bhattacharyya or mu."),
+    score: Optional[str] = typer.Option(None, help="Rescoring: elk, mc, csd, w2, bhattacharyya or mu.",
+                                        show_default="elk for text, csd for --image"),
     image: Optional[str] = typer.Option(None, help="Image file to query with (searches captions). [default: none]"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     device: str = typer.Option("cpu", help="Device for query encoding: auto, cpu or cuda."),
@@ -175,7 +176,7 @@ def query(
     from core.charts import check_png_path
     from core.scores import score_name
 
-    score = _run(score_name, score, "--score")
+    score = _run(score_name, score, "--score") if score else None
     if (text is None) == (image is None):
         err("error: give either a text query or --image PATH", err=True)
         raise typer.Exit(2)
@@ -304,9 +305,14 @@ def _print_eval(report: dict) -> None:
 def _print_result(result) -> None:
     if result.unknown_words:
         typer.echo(f"note: not in the vocabulary, ignored: {' '.join(result.unknown_words)}")
-    typer.echo(f"query uncertainty (mean σ²): {result.query_uncertainty:.4f}   score: {result.score}")
+    confidence = ("" if result.confidence is None else
+                  f"   confidence (expected R@1) {result.confidence:.2f}"
+                  + ("  LOW: consider rephrasing" if result.low_confidence else ""))
+    typer.echo(f"query uncertainty Σσ² {result.query_uncertainty:.4f}{confidence}")
+    typer.echo(f"rank  {result.score + ' (higher is better)':>26}  p_match  Σσ²     id       item")
     for h in result.results:
-        typer.echo(f"{h.rank:3d}  {h.score:10.4f}  σ² {h.uncertainty:.4f}  #{h.id:<7d} {h.item}")
+        typer.echo(f"{h.rank:4d}  {h.score:26.4f}  {h.p_match:7.3f}  {h.uncertainty:.4f}  "
+                   f"#{h.id:<7d} {h.item}")
     t = result.timings_ms
     typer.echo("timings: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
 

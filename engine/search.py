@@ -19,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from core.montecarlo import MC_SAMPLES
-from core.scores import score_name
+from core.montecarlo import MC_SAMPLES, fixed_match_prob
+from core.scores import DEFAULT_SCORE, score_name
 from indexer.reader import IndexReader
 
 from engine.batch import BatchResult, BatchSearcher
+from engine.confidence import LOW_CONFIDENCE, Calibration
 from core.errors import PcmeError
 
 logger = logging.getLogger(__name__)
@@ -33,8 +34,9 @@ logger = logging.getLogger(__name__)
 class Hit:
     rank: int
     id: int
-    score: float
-    uncertainty: float
+    score: float                   # rank key of the score: higher is better (distances negated)
+    p_match: float                 # match probability in [0, 1] under the learned a, b (mc)
+    uncertainty: float             # the hit's Σσ²
     item: str
     group: int
 
@@ -44,8 +46,10 @@ class QueryResult:
     query: str
     modality: str                  # modality of the results
     score: str
-    query_uncertainty: float
+    query_uncertainty: float       # the query's Σσ²
     results: list[Hit]
+    confidence: float | None = None       # expected R@1 at the query's Σσ² (eval calibration)
+    low_confidence: bool | None = None    # confidence below engine.confidence.LOW_CONFIDENCE
     timings_ms: dict = field(default_factory=dict)
     unknown_words: list[str] = field(default_factory=list)
 
@@ -56,7 +60,8 @@ class QueryResult:
 
 
 def uncertainty(log_var: np.ndarray) -> np.ndarray:
-    return np.exp(log_var).mean(axis=-1)
+    """Σσ² over dimensions: the one uncertainty unit of queries, hits, eval and calibration."""
+    return np.exp(log_var.astype(np.float64)).sum(axis=-1)
 
 
 class SearchEngine:
@@ -77,6 +82,8 @@ class SearchEngine:
                 self.reader.close()
                 raise
         mc_samples = int(self.reader.manifest.get("mc_samples", MC_SAMPLES))
+        self._calibration = {m: Calibration.from_manifest(self.reader.manifest, m)
+                             for m in ("text", "image")}
         self.batch = BatchSearcher(self.reader, *self._match_params(), mc_samples=mc_samples)
 
     def close(self) -> None:
@@ -104,39 +111,63 @@ class SearchEngine:
         res = self.search_batch(modality, mu_q[None], lv_q[None], k, score, exact)
         ids = res.ids[0]
         t = time.perf_counter()
-        lv_hits = self.reader.fetch_log_var(modality, ids)
+        mu_hits, lv_hits = self.reader.fetch(modality, ids)
+        p_match = self.match_probability(mu_q, lv_q, mu_hits, lv_hits, ids)
         meta = self.reader.meta(modality, ids)
         timings = {name: round(v, 3) for name, v in res.timings_ms.items()}
         timings["meta_ms"] = _ms(t)
         timings["shortlist"] = int(res.shortlist[0])
-        hits = [Hit(rank=r + 1, id=int(i), score=float(key), uncertainty=float(uncertainty(lv)),
-                    item=item, group=int(group))
-                for r, (i, key, lv, (group, item)) in enumerate(zip(ids, res.keys[0], lv_hits, meta))]
+        hits = [Hit(rank=r + 1, id=int(i), score=float(key), p_match=float(p),
+                    uncertainty=float(uncertainty(lv)), item=item, group=int(group))
+                for r, (i, key, p, lv, (group, item))
+                in enumerate(zip(ids, res.keys[0], p_match, lv_hits, meta))]
         return hits, timings
+
+    def match_probability(self, mu_q, lv_q, mu_d, lv_d, ids) -> np.ndarray:
+        """[M] p(match) of one query with M items under the index's a, b: the Monte-Carlo
+        estimate with the fixed serving noise (the `mc` score, whatever score ranked them)."""
+        import torch
+
+        if not len(ids):
+            return np.zeros(0)
+        b = self.batch
+        p = fixed_match_prob(*(torch.from_numpy(np.asarray(x, np.float32)) for x in
+                               (mu_q[None], lv_q[None], mu_d, lv_d)),
+                             np.asarray(ids), b.a, b.b, b.mc_samples)
+        return p[0].numpy()
+
+    def _confidence(self, query_modality: str, lv: np.ndarray) -> tuple[float | None, bool | None]:
+        calibration = self._calibration.get(query_modality)
+        if calibration is None:
+            return None, None
+        expected = calibration.expected_r1(float(uncertainty(lv)))
+        return expected, expected < LOW_CONFIDENCE
 
     def _match_params(self) -> tuple[float, float]:
         p = self.reader.manifest.get("producer", {})
         return float(p.get("match_a", 5.0)), float(p.get("match_b", 5.0))
 
-    def query_text(self, text: str, k: int = 10, score: str = "elk",
+    def query_text(self, text: str, k: int = 10, score: str | None = None,
                    exact: bool = False) -> QueryResult:
-        score = score_name(score)
+        score = score_name(score or DEFAULT_SCORE["text"])
         t = time.perf_counter()
         mu, lv, unknown = self._encoder().encode_text(text)
         encode_ms = _ms(t)
         hits, timings = self.search("image", mu, lv, k, score, exact)
         timings = {"encode_ms": encode_ms, **timings, "total_ms": _ms(t)}
-        return QueryResult(text, "image", score, float(uncertainty(lv)), hits, timings, unknown)
+        return QueryResult(text, "image", score, float(uncertainty(lv)), hits,
+                           *self._confidence("text", lv), timings, unknown)
 
-    def query_image(self, path: str | Path, k: int = 10, score: str = "elk",
+    def query_image(self, path: str | Path, k: int = 10, score: str | None = None,
                     exact: bool = False) -> QueryResult:
-        score = score_name(score)
+        score = score_name(score or DEFAULT_SCORE["image"])
         t = time.perf_counter()
         mu, lv = self._encoder().encode_image(path)
         encode_ms = _ms(t)
         hits, timings = self.search("text", mu, lv, k, score, exact)
         timings = {"encode_ms": encode_ms, **timings, "total_ms": _ms(t)}
-        return QueryResult(str(path), "text", score, float(uncertainty(lv)), hits, timings)
+        return QueryResult(str(path), "text", score, float(uncertainty(lv)), hits,
+                           *self._confidence("image", lv), timings)
 
 
 def _ms(t0: float) -> float:

@@ -14,6 +14,7 @@ All of it happens in a temp sibling dir that replaces `out_dir` only when comple
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -106,6 +107,7 @@ def build_index(shard_dir: Path, out_dir: Path, factory: str = "auto", nprobe: i
                       "mu_in_store": {m: p.mu_in_store for m, p in plans.items()}},
             "shards": {"dir": str(shard_dir), "manifest_sha256": shard_sha},
             "producer": shard_manifest.get("producer", {}), "created": utc_now(),
+            "calibration": read_calibration(shard_manifest.get("producer", {})),
             "build_s": round(time.perf_counter() - start, 3)}
         write_json(tmp / "manifest.json", manifest)  # last: its presence marks a complete build
     logger.info("index built in %.1f s: %s", manifest["build_s"], manifest["factory"])
@@ -211,3 +213,26 @@ def _nprobe(p: _Plan, override: int | None, target: float) -> tuple[int | None, 
     logger.info("%s: nprobe %d (recall@%d %.3f vs brute force)", p.modality, nprobe,
                 p.exact.k, recall)
     return nprobe, round(recall, 4)
+
+
+def read_calibration(producer: dict) -> dict:
+    """The σ → R@1 tables that eval measured for the index's checkpoint, per query modality
+    ({"text": {"score", "bins"}, "image": ...}; engine/confidence.py reads them): taken from
+    the eval.json beside the checkpoint when it was made for that very checkpoint (same
+    sha256), else {} (queries then report no confidence)."""
+    path, sha = producer.get("checkpoint"), producer.get("checkpoint_sha256")
+    report_path = Path(path).parent / "eval.json" if path else None
+    if not sha or report_path is None or not report_path.is_file():
+        return {}
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        logger.warning("%s: unreadable; the index gets no confidence calibration", report_path)
+        return {}
+    if report.get("checkpoint_sha256") != sha:
+        logger.info("%s: made for another checkpoint; no confidence calibration", report_path)
+        return {}
+    tables = {"text": report.get("uncertainty"), "image": report.get("uncertainty_i2t")}
+    return {m: {"score": t.get("score"), "split": report.get("split"), "bins": t["bins"],
+                "source": str(report_path)}
+            for m, t in tables.items() if isinstance(t, dict) and t.get("bins")}

@@ -54,9 +54,11 @@ def evaluate_checkpoint(checkpoint: str, data: str, root: str, split: str, score
     reports of its splits, with "folds" naming them."""
     dev = resolve_device(device)
     model, vocab, _ = load_model(checkpoint, dev)
+    sha = {"checkpoint_sha256": sha256_file(checkpoint)}
     folds = AVERAGED_SPLITS.get((data, split))
     if folds is None:
-        return evaluate_split(model, vocab, load_split(data, Path(root), split), dev, scores=scores)
+        report = evaluate_split(model, vocab, load_split(data, Path(root), split), dev, scores=scores)
+        return {**report, **sha}
     reports = [evaluate_split(model, vocab, load_split(data, Path(root), f), dev, scores=scores)
                for f in folds]
-    return {**mean_reports(reports), "split": split, "folds": folds}
+    return {**mean_reports(reports), "split": split, "folds": folds, **sha}

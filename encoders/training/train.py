@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.atomic import sha256_file, write_json
 from core.errors import PcmeError
 
 from encoders.model.checkpoint import read_checkpoint, resolve_device, save_checkpoint
@@ -257,7 +258,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         scores = tuple(cfg.eval_scores) or (DEFAULT_SCORES if cfg.loss in PROBABILISTIC else ("mu",))
         report = evaluate_split(trainer.model, trainer.vocab, split, trainer.device, scores,
                                 embeddings=emb)
-        (out / "eval.json").write_text(json.dumps(report, indent=2))
+        report["checkpoint_sha256"] = sha256_file(ckpt_path)  # what an index build matches
+        write_json(out / "eval.json", report)
         log({"eval": report})
         result["eval"] = report
         if cfg.export:

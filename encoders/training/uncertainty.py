@@ -52,7 +52,8 @@ def recall_by_uncertainty(total_var: np.ndarray, hit_at_1: np.ndarray, n_bins: i
     bins = []
     for b, idx in enumerate(np.array_split(order, n_bins)):
         bins.append({"bin": b, "var_lo": float(total_var[idx].min()),
-                     "var_hi": float(total_var[idx].max()), "n": int(len(idx)),
+                     "var_hi": float(total_var[idx].max()),
+                     "var_mean": float(total_var[idx].mean()), "n": int(len(idx)),
                      "R@1": float(hit_at_1[idx].mean())})
     return bins
 
