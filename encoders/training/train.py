@@ -259,6 +259,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         report = evaluate_split(trainer.model, trainer.vocab, split, trainer.device, scores,
                                 embeddings=emb)
         report["checkpoint_sha256"] = sha256_file(ckpt_path)  # what an index build matches
+        report["train_s"] = result["train_s"]
         write_json(out / "eval.json", report)
         log({"eval": report})
         result["eval"] = report
