@@ -226,3 +226,50 @@ def test_bad_shapes_raise():
         infonce_loss(im, tm[:, :3], torch.eye(3, dtype=torch.bool), 1.0)
     with pytest.raises(PcmeError, match="no matched"):
         vsepp_loss(im, tm, torch.zeros(3, 3, dtype=torch.bool))
+
+
+def test_prob_nce_is_infonce_over_csd_plus_the_detached_match_likelihood():
+    from encoders.training.losses import pcme_loss
+    from encoders.training.losses_nce import prob_nce_loss
+
+    (im, iv), (tm, tv) = _gauss(3, 4, 30), _gauss(6, 4, 31)
+    matched = _two_captions_each(3)
+    csd = torch.tensor([[_loop_csd(im[i].tolist(), iv[i].tolist(), tm[k].tolist(),
+                                   tv[k].tolist()) for k in range(6)] for i in range(3)],
+                       dtype=torch.float64)
+    # InfoNCE over −2·CSD is the loop InfoNCE over similarities −CSD at scale 2
+    nce = _loop_infonce_logits((-2.0 * csd).tolist(), matched)
+    a, b = torch.tensor(3.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    out = prob_nce_loss(im, iv, tm, tv, matched, a, b, scale=2.0, kl_weight=0.0, n_samples=3,
+                        generator=torch.Generator().manual_seed(5))
+    match = pcme_loss(im, iv, tm, tv, matched, a, b, 3, kl_weight=0.0,
+                      generator=torch.Generator().manual_seed(5))["nll"]
+    assert out["nce"].item() == pytest.approx(nce, rel=1e-9)
+    assert out["loss"].item() == pytest.approx(nce + match.item(), rel=1e-9)
+    # with pcme_weight 0 the match likelihood trains a and b only, not the embeddings
+    leaves = [t.clone().requires_grad_() for t in (im, iv, tm, tv)]
+    a.requires_grad_()
+    prob_nce_loss(*leaves, matched, a, b, scale=2.0, kl_weight=0.0, n_samples=3)["match_nll"].backward()
+    assert a.grad is not None and all(t.grad is None for t in leaves)
+
+
+def _loop_infonce_logits(logits, matched):
+    def direction(rows, pos):
+        losses = []
+        for row, prow in zip(rows, pos):
+            lse = math.log(sum(math.exp(x) for x in row))
+            terms = [x - lse for x, p in zip(row, prow) if p]
+            losses.append(-sum(terms) / len(terms))
+        return sum(losses) / len(losses)
+    pos = matched.tolist()
+    cols = [list(c) for c in zip(*logits)]
+    return 0.5 * (direction(logits, pos) + direction(cols, [list(c) for c in zip(*pos)]))
+
+
+def test_anchor_mean_by_hand():
+    from encoders.training.losses import anchor_mean
+
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[True, True, False], [False, False, True]])
+    # rows: mean(1, 2) = 1.5, mean(6) = 6 -> 3.75; columns: 1, 2, 6 -> 3; both: 3.375
+    assert anchor_mean(values, mask).item() == pytest.approx(3.375)
