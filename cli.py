@@ -267,7 +267,10 @@ def bench(
     """Latency (per stage, p50/p95/p99), QPS and recall@10 against --exact, for every score."""
     _setup_logging(verbose)
     from benchmarks.harness import BenchConfig, format_table, run_bench
+    from core.charts import check_png_path
 
+    if plot:
+        _run(check_png_path, plot)
     names = tuple(s.strip() for s in scores.split(",") if s.strip())
     extra = tuple(s.strip() for s in augmented.split(",") if s.strip())
     cfg = BenchConfig(index=Path(index) if index else None, synthetic=synthetic, dim=dim,
@@ -275,12 +278,12 @@ def bench(
                       queries=queries, batch=batch, recall_queries=recall_queries,
                       mc_recall_queries=mc_recall_queries, recall_target=recall_target,
                       shortlist=shortlist)
-    report = _run(run_bench, cfg)
+    report = _run(run_bench, cfg, open_engine)
+    typer.echo(json.dumps(report, indent=2) if as_json else format_table(report))
     if plot:
         from benchmarks.plot import plot_latency_recall
 
         _run(plot_latency_recall, report, Path(plot))
-    typer.echo(json.dumps(report, indent=2) if as_json else format_table(report))
 
 
 def _print_eval(report: dict) -> None:

@@ -316,3 +316,17 @@ def test_cli_defaults_are_the_config_defaults_and_help_shows_them():
         assert params["checkpoint"] == f"{cfg.out}/checkpoint.pt"
         assert (params["data"], params["root"], params["device"]) == (cfg.data, cfg.root, cfg.device)
         assert params["split"] == cfg.eval_split
+
+
+@pytest.mark.parametrize("command", [
+    ["bench", "--synthetic", "2000", "--dim", "16"],
+    ["eval", "--checkpoint", "no-such.pt"],
+])
+def test_bad_plot_path_fails_before_any_work(tmp_path, record_property, command):
+    """A --plot that cannot be written is a one-line error before the work starts: the bench
+    writes no synthetic data, eval does not even look for its checkpoint."""
+    bad = tmp_path / "no" / "such" / "p.png"
+    res = runner.invoke(app, [*command, "--plot", str(bad), "--workdir", str(tmp_path / "w")]
+                        if command[0] == "bench" else [*command, "--plot", str(bad)])
+    one_error_line(res, record_property, "--plot", str(bad), "does not exist")
+    assert not (tmp_path / "w").exists()
