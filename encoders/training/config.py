@@ -29,9 +29,11 @@ class TrainConfig:
     accum_steps: int = 1            # micro-batches per optimiser step (negatives stay in-batch)
     freeze_backbone_epochs: int = 0 # stage 1: epochs with the ResNet frozen (pretrained weights)
     backbone_lr_scale: float = 1.0  # stage 2: backbone learning rate = lr * this (e.g. 0.1)
-    match_lr_scale: float = 1.0     # learning rate of a and b (p = sigmoid(-a d + b)) = lr * this
+    match_lr_scale: float = 50.0    # learning rate of a and b (p = sigmoid(-a d + b)) = lr * this:
+                                    # they must move by tens within a short run (p_match calibration)
     ckpt_every: int = 50            # optimiser steps between resumable last.pt saves
-    loss: str = "pcme"              # pcme | pcmepp | prob-nce | infonce | vse++
+    loss: str = "prob-nce"          # prob-nce (not in the papers; losses_nce.py) | pcme | pcmepp |
+                                    # infonce | vse++
     pseudo_weight: float = 0.1      # pcmepp: weight of the pseudo-positive pairs
     margin: float = 0.2             # vse++: triplet margin
     temperature: float = 0.0        # infonce: fixed τ; 0 = learn it (1/τ is the model's a)
@@ -47,7 +49,7 @@ class TrainConfig:
     anchor_positives: bool = False  # pcme: average each anchor's positives first (balanced only)
     hard_negatives: bool = False    # pcme, not in the paper: weight each anchor's negatives by
     hard_negative_beta: float = 1.0 # p(match)^beta instead of equally (see losses.hard_negative_nll)
-    positives: str = "pairs"        # in-batch positives: "pairs" = the captions written for the
+    positives: str = "plausible"    # in-batch positives: "pairs" = the captions written for the
                                     # image; "plausible" = every caption true of it (datasets that
                                     # know: scenes predicates, CUB classes)
     train_images: int = 10000       # size of the scenes training split
