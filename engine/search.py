@@ -101,18 +101,27 @@ class SearchEngine:
 
     def search(self, modality: str, mu_q: np.ndarray, lv_q: np.ndarray, k: int = 10,
                score: str = "elk", exact: bool = False) -> tuple[list[Hit], dict]:
-        res = self.search_batch(modality, mu_q[None], lv_q[None], k, score, exact)
-        ids = res.ids[0]
+        return self.search_many(modality, mu_q[None], lv_q[None], k, score, exact)[0]
+
+    def search_many(self, modality: str, mu_q: np.ndarray, lv_q: np.ndarray, k: int = 10,
+                    score: str = "elk", exact: bool = False) -> list[tuple[list[Hit], dict]]:
+        """(hits, timings) per query of a [Q, D] batch: one search_batch call, then one σ and
+        one metadata read for all hits (the service's micro-batches come through here)."""
+        res = self.search_batch(modality, mu_q, lv_q, k, score, exact)
         t = time.perf_counter()
-        lv_hits = self.reader.fetch_log_var(modality, ids)
-        meta = self.reader.meta(modality, ids)
+        flat = res.ids.reshape(-1)
+        lv_hits = uncertainty(self.reader.fetch_log_var(modality, flat)).reshape(res.ids.shape)
+        meta = self.reader.meta(modality, flat)
         timings = {name: round(v, 3) for name, v in res.timings_ms.items()}
         timings["meta_ms"] = _ms(t)
-        timings["shortlist"] = int(res.shortlist[0])
-        hits = [Hit(rank=r + 1, id=int(i), score=float(key), uncertainty=float(uncertainty(lv)),
-                    item=item, group=int(group))
-                for r, (i, key, lv, (group, item)) in enumerate(zip(ids, res.keys[0], lv_hits, meta))]
-        return hits, timings
+        out, width = [], res.ids.shape[1]
+        for q, (ids, keys) in enumerate(zip(res.ids, res.keys)):
+            rows = meta[q * width:(q + 1) * width]
+            hits = [Hit(rank=r + 1, id=int(i), score=float(key), uncertainty=float(u),
+                        item=item, group=int(group))
+                    for r, (i, key, u, (group, item)) in enumerate(zip(ids, keys, lv_hits[q], rows))]
+            out.append((hits, {**timings, "shortlist": int(res.shortlist[q])}))
+        return out
 
     def _match_params(self) -> tuple[float, float]:
         p = self.reader.manifest.get("producer", {})
