@@ -77,18 +77,26 @@ async def search_post(request: Request, body: SearchBody):
 
 @router.post("/search/batch")
 async def search_batch(request: Request, body: BatchBody):
-    """Each query answers on its own: a result, or {"error", "status"}."""
+    """Each query answers on its own: a result, or {"error", "status"}. The queries of one
+    index are queued together, so the worker takes them as one micro-batch."""
     registry = request.app.state.registry
-    tasks = []
-    for b in body.queries:
+    out: list = [None] * len(body.queries)
+    groups: dict[str, list[tuple[int, Query]]] = {}
+    for i, b in enumerate(body.queries):
         try:
             entry = registry.get(b.index)
-            tasks.append((entry, [_query(entry, b)]))
-        except ApiError as e:
-            tasks.append(e)
-        except PcmeError as e:
-            tasks.append(_as_api_error(e))
-    out = await asyncio.gather(*(_answer(request, t) for t in tasks))
+            groups.setdefault(entry.name, []).append((i, _query(entry, b)))
+        except (ApiError, PcmeError) as e:
+            out[i] = _error_json(e)
+
+    async def run(name, members):
+        entry, results = await submit(request, name, lambda e: [q for _, q in members])
+        for (i, _), result in zip(members, results):
+            try:
+                out[i] = _json(_raise(result), entry)
+            except (ApiError, PcmeError) as e:
+                out[i] = _error_json(e)
+    await asyncio.gather(*(run(name, members) for name, members in groups.items()))
     return {"results": out}
 
 
@@ -116,15 +124,9 @@ async def _one(request: Request, body: SearchBody) -> dict:
     return _json(_raise(result), entry)
 
 
-async def _answer(request: Request, task) -> dict:
-    if isinstance(task, ApiError):
-        return {"error": task.message, "status": task.status}
-    entry, queries = task
-    try:
-        _, (result,) = await submit(request, entry.name, lambda e: queries)
-        return _json(_raise(result), entry)
-    except ApiError as e:
-        return {"error": e.message, "status": e.status}
+def _error_json(e: Exception) -> dict:
+    e = e if isinstance(e, ApiError) else _as_api_error(e)
+    return {"error": e.message, "status": e.status}
 
 
 async def submit(request: Request, index: str | None, make) -> tuple[Entry, list]:

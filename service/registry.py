@@ -21,6 +21,7 @@ import numpy as np
 
 from core.errors import PcmeError
 from core.scores import SCORES
+from indexer.manifest import read_index_manifest
 from service.batcher import MicroBatcher
 from service.images import ImageStore
 
@@ -98,6 +99,9 @@ class Registry:
         with self._reload_lock:
             for name in names:
                 try:
+                    if self._unchanged(name):  # same files: nothing to do (LMDB cannot reopen them)
+                        outcome[name] = None
+                        continue
                     entry = self._load(name)
                 except Exception as e:
                     outcome[name] = self.errors[name] = _reason(e)
@@ -113,6 +117,11 @@ class Registry:
         if all(n in self.entries for n in self.dirs):
             self.ready.set()
         return outcome
+
+    def _unchanged(self, name: str) -> bool:
+        entry = self.entries.get(name)
+        return entry is not None and \
+            _generation(read_index_manifest(self.dirs[name])) == entry.generation
 
     def close(self) -> None:
         for entry in self.entries.values():
