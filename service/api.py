@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -116,12 +117,12 @@ async def search_image(request: Request, file: UploadFile = File(...), k: int = 
             return [Query("text", body.k, _score(body.score), body.exact, image=Path(tmp.name),
                           label=label)]
         entry, (result,) = await submit(request, body.index, make)
-    return _json(_raise(result), entry)
+    return JSONResponse(_json(_raise(result), entry))
 
 
-async def _one(request: Request, body: SearchBody) -> dict:
+async def _one(request: Request, body: SearchBody) -> JSONResponse:
     entry, (result,) = await submit(request, body.index, lambda e: [_query(e, body)])
-    return _json(_raise(result), entry)
+    return JSONResponse(_json(_raise(result), entry))   # plain dicts: skip FastAPI's encoder pass
 
 
 def _error_json(e: Exception) -> dict:
@@ -180,7 +181,7 @@ def _query(entry: Entry, body: SearchBody) -> Query:
 
 def _json(result, entry: Entry) -> dict:
     d = result.to_json()
-    d["index"] = entry.name
+    d["index"], d["generation"] = entry.name, entry.generation
     if result.modality == "image":
         for hit in d["results"]:
             hit.update(image_urls(entry, hit["id"]))

@@ -21,6 +21,7 @@ import numpy as np
 
 from core.errors import PcmeError
 from core.scores import SCORES
+from engine.search import uncertainty
 from indexer.manifest import read_index_manifest
 from service.batcher import MicroBatcher
 from service.images import ImageStore
@@ -40,6 +41,7 @@ class Entry:
     batcher: MicroBatcher
     images: ImageStore
     generation: str                 # changes with every rebuild: part of image URLs and ETags
+    spread: dict                    # modality -> [1st, 99th] percentile of the items' mean σ²
     loaded_at: float = field(default_factory=time.time)
 
     def info(self) -> dict:
@@ -50,7 +52,8 @@ class Entry:
                 "augmented": m.get("augmented", {}), "created": m.get("created"),
                 "generation": self.generation, "model_sha256": producer.get("checkpoint_sha256"),
                 "dataset": producer.get("dataset"), "split": producer.get("split"),
-                "text_queries": self.engine.encoder is not None}
+                "text_queries": self.engine.encoder is not None,
+                "uncertainty_range": self.spread}
 
 
 class Registry:
@@ -138,9 +141,10 @@ class Registry:
             engine.close()
             raise
         generation = _generation(engine.reader.manifest)
+        spread = _spread(engine.reader)
         batcher = MicroBatcher(engine, on_batch=self.on_batch, name=name, **self.batcher_options)
         logger.info("index %s: %s loaded in %.2f s", name, index_dir, time.perf_counter() - t)
-        return Entry(name, index_dir, engine, batcher, images, generation)
+        return Entry(name, index_dir, engine, batcher, images, generation, spread)
 
     def _images(self, engine) -> ImageStore:
         n = engine.reader.count("image")
@@ -159,6 +163,19 @@ def _warm(engine) -> None:
     if engine.encoder is not None and engine.reader.count("text"):
         (_, caption), = engine.reader.meta("text", np.array([0]))   # a text the model knows
         engine.encoder.encode_text(caption)
+
+
+def _spread(reader, sample: int = 20_000) -> dict:
+    """Where an item's uncertainty sits among its modality's: the page scales its σ² bars to
+    this range (from an even sample of ids, so start-up stays fast on big indexes)."""
+    out = {}
+    for modality in ("image", "text"):
+        n = reader.count(modality)
+        if n:
+            ids = np.unique(np.linspace(0, n - 1, min(n, sample)).astype(np.int64))
+            u = uncertainty(reader.fetch_log_var(modality, ids))
+            out[modality] = [float(np.quantile(u, 0.01)), float(np.quantile(u, 0.99))]
+    return out
 
 
 def _common_root(items: list[str]) -> list[Path]:

@@ -2,6 +2,7 @@
 "use strict";
 const $ = (id) => document.getElementById(id);
 const API = "/api/v1";
+const ranges = {};   // index name -> modality -> [low, high] mean σ² of its items
 
 function fmt(x, digits = 3) {
   if (x === undefined || x === null) return "–";
@@ -92,10 +93,17 @@ function clear() {
   $("grid").replaceChildren(); $("captions").replaceChildren(); $("query").hidden = true;
 }
 
-function bar(value, max, cls, label) {
-  const width = max > 0 ? Math.max(2, Math.round(100 * value / max)) : 0;
+function bar(frac, cls, label) {
+  const width = Math.round(100 * Math.min(1, Math.max(0.02, frac)));
   return el("div", { class: `bar ${cls}`, title: label, "aria-label": label },
             el("span", { style: `width:${width}%` }));
+}
+
+// σ² as a bar: where it lies (log scale) between the index's 1st and 99th percentile items.
+function varBar(value, index, modality, label) {
+  const [lo, hi] = ((ranges[index] || {})[modality]) || [value, value];
+  const frac = hi > lo ? Math.log(value / lo) / Math.log(hi / lo) : 0.5;
+  return bar(frac, "", `${label}: σ² ${fmt(value, 4)} (bar: low to high among the index's ${modality}s)`);
 }
 
 function meta(pairs) {
@@ -110,7 +118,7 @@ function render(result, s, queryImage) {
   const t = result.timings_ms || {};
   status(`${hits.length} ${result.modality === "image" ? "images" : "captions"} · ${result.score}` +
          ` · ${fmt(t.total_ms, 1)} ms (batch of ${t.batch ?? 1})`);
-  const maxVar = Math.max(result.query_uncertainty, ...hits.map((h) => h.uncertainty));
+  const qModality = s.item ? s.item.split(":")[0] : (result.modality === "image" ? "text" : "image");
   const q = $("query");
   q.hidden = false;
   const parts = [el("strong", { text: result.query })];
@@ -122,12 +130,12 @@ function render(result, s, queryImage) {
   if (result.unknown_words && result.unknown_words.length)
     parts.push(document.createTextNode(` · ignored: ${result.unknown_words.join(" ")}`));
   q.replaceChildren(...(queryImage ? [el("img", { src: queryImage, alt: "query image" })] : []),
-                    el("div", {}, ...parts, bar(result.query_uncertainty, maxVar, "", "query uncertainty")));
+                    el("div", {}, ...parts, varBar(result.query_uncertainty, result.index, qModality, "query uncertainty")));
   const list = result.modality === "image" ? $("grid") : $("captions");
-  for (const h of hits) list.append(el("li", {}, hitButton(h, result, maxVar, s)));
+  for (const h of hits) list.append(el("li", {}, hitButton(h, result)));
 }
 
-function hitButton(h, result, maxVar, s) {
+function hitButton(h, result) {
   const pairs = [["rank", `#${h.rank}`], ["score", fmt(h.score)], ["σ²", fmt(h.uncertainty, 4)]];
   if (h.p_match !== undefined) pairs.splice(2, 0, ["p(match)", fmt(h.p_match, 3)]);
   const label = result.modality === "image" ? `image ${h.id}, rank ${h.rank}: more like this`
@@ -139,8 +147,8 @@ function hitButton(h, result, maxVar, s) {
   } else {
     b.append(el("span", { text: `#${h.rank}` }), el("span", { text: h.item }), meta(pairs.slice(1)));
   }
-  if (h.p_match !== undefined) b.append(bar(h.p_match, 1, "pbar", "match probability"));
-  b.append(bar(h.uncertainty, maxVar, "", "uncertainty (σ²)"));
+  if (h.p_match !== undefined) b.append(bar(h.p_match, "pbar", `match probability ${fmt(h.p_match, 3)}`));
+  b.append(varBar(h.uncertainty, result.index, result.modality, "uncertainty"));
   const next = { ...formState(), item: `${result.modality}:${h.id}`, target: "image" };
   b.addEventListener("click", () => run(next));
   return b;
@@ -151,6 +159,7 @@ async function loadIndices() {
     const { indices } = await call(`${API}/indices`);
     for (const i of indices) {
       const c = i.counts;
+      ranges[i.name] = i.uncertainty_range;
       $("index").append(el("option", { value: i.name, text: `${i.name} (${c.image} images, ${c.text} captions)` }));
     }
     $("index").closest("form").querySelector("label[for=index]").hidden = indices.length < 2;
