@@ -3,6 +3,7 @@ the JSON error contract (`{"error": "..."}` with a proper status, never an HTML 
 traceback). `serve` runs it under uvicorn with SIGHUP bound to a reload."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import resource
@@ -136,8 +137,6 @@ def _routes(app: FastAPI) -> None:
 
 
 async def _on_worker(entry, fn):
-    import asyncio
-
     try:
         return await asyncio.wrap_future(entry.batcher.call(fn))
     except PcmeError as e:

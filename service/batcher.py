@@ -64,12 +64,17 @@ class _Call:
 _STOP = object()
 
 
+def check_options(max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS,
+                  max_queue: int = MAX_QUEUE) -> None:
+    if max_batch < 1 or max_queue < 1 or not 0 <= max_wait_ms <= 1000:
+        raise PcmeError(f"batcher: max_batch {max_batch} and max_queue {max_queue} must be "
+                        f">= 1, max_wait_ms {max_wait_ms} in 0..1000")
+
+
 class MicroBatcher:
     def __init__(self, engine, max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS,
                  max_queue: int = MAX_QUEUE, on_batch=None, name: str = "engine"):
-        if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
-            raise PcmeError(f"batcher: max_batch {max_batch} and max_queue {max_queue} must be "
-                            f">= 1, max_wait_ms {max_wait_ms} >= 0")
+        check_options(max_batch, max_wait_ms, max_queue)
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
         self.max_wait = max_wait_ms / 1000
         self.on_batch = on_batch or (lambda n: None)

@@ -23,7 +23,7 @@ from core.errors import PcmeError
 from core.scores import SCORES
 from engine.search import uncertainty
 from indexer.manifest import read_index_manifest
-from service.batcher import MicroBatcher
+from service.batcher import MicroBatcher, check_options
 from service.images import ImageStore
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class Registry:
         self.dirs = {name: Path(d) for name, d in indexes.items()}
         self.factory, self.image_roots = factory, image_roots
         self.batcher_options, self.on_batch = batcher_options or {}, on_batch
+        check_options(**self.batcher_options)   # a bad option fails before the server starts
         self.entries: dict[str, Entry] = {}
         self.errors: dict[str, str] = {}
         self.ready = threading.Event()
@@ -159,7 +160,8 @@ def _warm(engine) -> None:
     for modality in ("image", "text"):
         if engine.reader.count(modality):
             mu, lv = engine.reader.fetch(modality, np.array([0]))
-            engine.search_many(modality, mu, lv, 1, "elk")
+            for score in SCORES:   # first calls of each kernel are slow (torch dispatch)
+                engine.search_many(modality, mu, lv, 1, score)
     if engine.encoder is not None and engine.reader.count("text"):
         (_, caption), = engine.reader.meta("text", np.array([0]))   # a text the model knows
         engine.encoder.encode_text(caption)

@@ -7,6 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from cli import app as cli_app
 
 from core.errors import PcmeError
 from engine.search import SearchEngine
@@ -15,7 +18,7 @@ from indexer.shards import ShardWriter
 from service.app import build_app
 from service.batcher import Closed, MicroBatcher, Query, QueueFull
 from service.registry import Registry
-from tests.helpers import unit, write_image
+from tests.helpers import one_error_line, unit, write_image
 
 D = 8
 
@@ -125,3 +128,15 @@ def test_default_root_is_the_images_common_folder(image_index):
     assert store.roots == [tmp_path.resolve()]      # items 0-3 share tmp_path
     assert store.path(0) is not None and store.path(4) is None
     registry.close()
+
+
+def test_serve_bad_index_arguments_are_one_line_errors(image_index, record_property):
+    tmp_path, _ = image_index
+    runner = CliRunner()
+    res = runner.invoke(cli_app, ["serve", "--index", str(tmp_path / "nowhere")])
+    one_error_line(res, record_property, "nowhere")
+    res = runner.invoke(cli_app, ["serve", "--index", f"a={tmp_path / 'index'}",
+                                  "--index", f"a={tmp_path / 'index'}"])
+    one_error_line(res, record_property, "given twice")
+    res = runner.invoke(cli_app, ["serve", "--index", f"a={tmp_path / 'index'}", "--max-batch", "0"])
+    one_error_line(res, record_property, "max_batch")
