@@ -286,6 +286,52 @@ def bench(
         _run(plot_latency_recall, report, Path(plot))
 
 
+@app.command()
+def serve(
+    index: list[str] = typer.Option(["index"], help="Index directory, or NAME=DIR; repeat for several "
+                                    "(the first is the default)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(8000, help="TCP port."),
+    device: str = typer.Option("cpu", help="Device for query encoding: auto, cpu or cuda."),
+    image_root: list[str] = typer.Option([], help="Folder images may be served from; repeatable. "
+                                         "[default: the folder holding all of an index's images]"),
+    max_batch: int = typer.Option(32, help="Queries per engine call (1: no micro-batching)."),
+    max_wait_ms: float = typer.Option(2.0, help="How long a query waits for others to batch with."),
+    max_queue: int = typer.Option(256, help="Waiting queries beyond which the service answers 503."),
+    verbose: bool = Verbose,
+):
+    """Serve the search API and web page (http://HOST:PORT/); SIGHUP or POST
+    /api/v1/admin/reload (loopback) reloads the indexes after a rebuild."""
+    _setup_logging(verbose)
+    from functools import partial
+
+    from indexer.manifest import read_index_manifest
+    from service.app import serve as run_service
+    from service.registry import Registry
+
+    dirs = _run(_named_indexes, index)
+    for d in dirs.values():
+        _run(read_index_manifest, d)   # fail fast on a wrong path; the heavy load runs in the server
+    options = dict(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue)
+    registry = _run(Registry, dirs, partial(open_engine, device=device),
+                    [Path(r) for r in image_root] or None, options)
+    typer.echo(f"serving {', '.join(dirs)} on http://{host}:{port}/  (ready when /readyz answers 200)")
+    _run(run_service, registry, host, port, "debug" if verbose else "info")
+
+
+def _named_indexes(specs: list[str]) -> dict[str, Path]:
+    """--index DIR or NAME=DIR, in order; names are unique."""
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, _, d = spec.partition("=") if "=" in spec else (Path(spec).name, "", spec)
+        if not name or not d:
+            raise PcmeError(f"--index {spec}: expected DIR or NAME=DIR")
+        if name in out:
+            raise PcmeError(f"--index {spec}: the name {name!r} is given twice")
+        out[name] = Path(d)
+    return out
+
+
 def _print_eval(report: dict) -> None:
     typer.echo(f"{report['split']}: {report['n_images']} images, {report['n_captions']} captions")
     typer.echo(f"{'score':<14}{'dir':<5}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'PMRP':>7}{'mAP@R':>7}{'RSUM':>8}")

@@ -108,20 +108,29 @@ class SearchEngine:
 
     def search(self, modality: str, mu_q: np.ndarray, lv_q: np.ndarray, k: int = 10,
                score: str = "elk", exact: bool = False) -> tuple[list[Hit], dict]:
-        res = self.search_batch(modality, mu_q[None], lv_q[None], k, score, exact)
-        ids = res.ids[0]
+        return self.search_many(modality, mu_q[None], lv_q[None], k, score, exact)[0]
+
+    def search_many(self, modality: str, mu_q: np.ndarray, lv_q: np.ndarray, k: int = 10,
+                    score: str = "elk", exact: bool = False) -> list[tuple[list[Hit], dict]]:
+        """(hits, timings) per query of a [Q, D] batch: one search_batch call, then one σ and
+        one metadata read for all hits (the service's micro-batches come through here)."""
+        res = self.search_batch(modality, mu_q, lv_q, k, score, exact)
         t = time.perf_counter()
-        mu_hits, lv_hits = self.reader.fetch(modality, ids)
-        p_match = self.match_probability(mu_q, lv_q, mu_hits, lv_hits, ids)
-        meta = self.reader.meta(modality, ids)
+        flat = res.ids.reshape(-1)
+        mu_hits, lv_hits = self.reader.fetch(modality, flat)
+        meta = self.reader.meta(modality, flat)
         timings = {name: round(v, 3) for name, v in res.timings_ms.items()}
         timings["meta_ms"] = _ms(t)
-        timings["shortlist"] = int(res.shortlist[0])
-        hits = [Hit(rank=r + 1, id=int(i), score=float(key), p_match=float(p),
-                    uncertainty=float(uncertainty(lv)), item=item, group=int(group))
-                for r, (i, key, p, lv, (group, item))
-                in enumerate(zip(ids, res.keys[0], p_match, lv_hits, meta))]
-        return hits, timings
+        out, width = [], res.ids.shape[1]
+        for q, (ids, keys) in enumerate(zip(res.ids, res.keys)):
+            rows = slice(q * width, (q + 1) * width)
+            p_match = self.match_probability(mu_q[q], lv_q[q], mu_hits[rows], lv_hits[rows], ids)
+            hits = [Hit(rank=r + 1, id=int(i), score=float(key), p_match=float(p),
+                        uncertainty=float(uncertainty(lv)), item=item, group=int(group))
+                    for r, (i, key, p, lv, (group, item))
+                    in enumerate(zip(ids, keys, p_match, lv_hits[rows], meta[rows]))]
+            out.append((hits, {**timings, "shortlist": int(res.shortlist[q])}))
+        return out
 
     def match_probability(self, mu_q, lv_q, mu_d, lv_d, ids) -> np.ndarray:
         """[M] p(match) of one query with M items under the index's a, b: the Monte-Carlo
@@ -136,7 +145,9 @@ class SearchEngine:
                              np.asarray(ids), b.a, b.b, b.mc_samples)
         return p[0].numpy()
 
-    def _confidence(self, query_modality: str, lv: np.ndarray) -> tuple[float | None, bool | None]:
+    def confidence(self, query_modality: str, lv: np.ndarray) -> tuple[float | None, bool | None]:
+        """(expected R@1 at the query's Σσ², whether it is below LOW_CONFIDENCE), or (None, None)
+        when the index carries no calibration for queries of that modality."""
         calibration = self._calibration.get(query_modality)
         if calibration is None:
             return None, None
@@ -156,7 +167,7 @@ class SearchEngine:
         hits, timings = self.search("image", mu, lv, k, score, exact)
         timings = {"encode_ms": encode_ms, **timings, "total_ms": _ms(t)}
         return QueryResult(text, "image", score, float(uncertainty(lv)), hits,
-                           *self._confidence("text", lv), timings, unknown)
+                           *self.confidence("text", lv), timings, unknown)
 
     def query_image(self, path: str | Path, k: int = 10, score: str | None = None,
                     exact: bool = False) -> QueryResult:
@@ -167,7 +178,7 @@ class SearchEngine:
         hits, timings = self.search("text", mu, lv, k, score, exact)
         timings = {"encode_ms": encode_ms, **timings, "total_ms": _ms(t)}
         return QueryResult(str(path), "text", score, float(uncertainty(lv)), hits,
-                           *self._confidence("image", lv), timings)
+                           *self.confidence("image", lv), timings)
 
 
 def _ms(t0: float) -> float:

@@ -79,12 +79,18 @@ def encode_images(model: PCME, load, n: int, device: torch.device, batch_size: i
     return np.concatenate(mus), np.concatenate(lvs)
 
 
-def encode_query_text(model: PCME, vocab: Vocab, text: str, device: torch.device):
-    """One query -> (μ [D], log_var [D], unknown words). Rejects queries with nothing known."""
+def check_query_text(vocab: Vocab, text: str) -> list[str]:
+    """The unknown words of a query; rejects queries with nothing known."""
     if not text or not text.strip():
         raise PcmeError("query: empty text")
     ids, unknown = vocab.encode(text)
     if len(ids) - 2 == len(unknown):
         raise PcmeError(f"query: no word of the query is in the vocabulary ({' '.join(unknown[:10])})")
+    return unknown
+
+
+def encode_query_text(model: PCME, vocab: Vocab, text: str, device: torch.device):
+    """One query -> (μ [D], log_var [D], unknown words)."""
+    unknown = check_query_text(vocab, text)
     mu, lv = encode_texts(model, vocab, [text], device)
     return mu[0], lv[0], unknown

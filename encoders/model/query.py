@@ -17,7 +17,8 @@ from PIL import Image, UnidentifiedImageError
 
 from core.errors import PcmeError
 from encoders.model.checkpoint import load_model, resolve_device
-from encoders.model.encode import encode_images, encode_query_text
+from encoders.model.encode import (check_query_text, encode_images, encode_query_text,
+                                   encode_texts)
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,8 @@ MAX_QUERY_CHARS = 10_000
 
 
 class QueryEncoder:
-    """encode_text(text) -> (μ [D], log_var [D], unknown words); encode_image(path) -> (μ, log_var)."""
+    """encode_text(text) -> (μ [D], log_var [D], unknown words); encode_image(path) -> (μ, log_var);
+    encode_texts(texts): many queries in one forward pass (the service's micro-batches)."""
 
     def __init__(self, model, vocab, device: torch.device):
         self.model, self.vocab, self.device = model, vocab, device
@@ -51,14 +53,41 @@ class QueryEncoder:
         return cls.from_checkpoint(path, device, producer.get("checkpoint_sha256"))
 
     def encode_text(self, text: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        if len(text) > MAX_QUERY_CHARS:
-            raise PcmeError(f"query: {len(text)} characters; at most {MAX_QUERY_CHARS} are accepted")
+        _check_length(text)
         return encode_query_text(self.model, self.vocab, text, self.device)
+
+    def encode_texts(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray, list[str]] | PcmeError]:
+        """encode_text's answer per text, or the PcmeError that text alone would raise; the valid
+        texts are encoded together."""
+        checked = []
+        for text in texts:
+            try:
+                _check_length(text)
+                checked.append(check_query_text(self.vocab, text))
+            except PcmeError as e:
+                checked.append(e)
+        valid = [t for t, c in zip(texts, checked) if not isinstance(c, PcmeError)]
+        if not valid:
+            return checked
+        mu, lv = encode_texts(self.model, self.vocab, valid, self.device)
+        out, j = [], 0
+        for c in checked:
+            if isinstance(c, PcmeError):
+                out.append(c)
+            else:
+                out.append((mu[j], lv[j], c))
+                j += 1
+        return out
 
     def encode_image(self, path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         img = open_image(path)
         mu, lv = encode_images(self.model, lambda i: img, 1, self.device)
         return mu[0], lv[0]
+
+
+def _check_length(text: str) -> None:
+    if len(text) > MAX_QUERY_CHARS:
+        raise PcmeError(f"query: {len(text)} characters; at most {MAX_QUERY_CHARS} are accepted")
 
 
 def open_image(path: str | Path) -> Image.Image:
