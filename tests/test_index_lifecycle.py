@@ -106,17 +106,36 @@ def test_kill_during_index_keeps_the_previous_index(good, tmp_path):
     assert not list(tmp_path.glob(".index.tmp-*"))
 
 
+def _start_time(pid) -> str:
+    """Field 22 of /proc/<pid>/stat, read here independently of core.atomic."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 def test_atomic_dir_removes_only_dead_runs_temp_dirs(tmp_path):
+    """A temp dir belongs to (pid, start time): it is kept only while that very process runs.
+    A reused pid (alive, but started at another time) does not keep a dead run's dir."""
     from core.atomic import AtomicDir
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
-    for pid in (dead, "1"):  # pid 1 is alive: maybe another build, left alone
-        (tmp_path / f".index.tmp-{pid}").mkdir()
+    child = "import os; print(os.getpid(), open('/proc/self/stat').read().rsplit(')', 1)[1].split()[19])"
+    dead_pid, dead_start = subprocess.run([sys.executable, "-c", child], capture_output=True,
+                                          text=True, check=True).stdout.split()
+    me, init = os.getpid(), 1
+    live = [f"{init}-{_start_time(init)}",      # another build running: left alone
+            "1"]                                # a bare pid (no /proc) that is alive: left alone
+    stale = [f"{dead_pid}-{dead_start}",        # its process exited
+             f"{me}-{int(_start_time(me)) + 1}",  # pid alive, but a younger process owns it now
+             f"{init}-{int(_start_time(init)) + 7}",
+             str(int(Path("/proc/sys/kernel/pid_max").read_text()) + 1)]  # bare pid, never alive
+    for tag in live + stale:
+        (tmp_path / f".index.tmp-{tag}").mkdir()
     (tmp_path / ".index.old-123").mkdir()  # the only complete copy after some crashes: kept
+    (tmp_path / ".index.tmp-notapid").mkdir()  # not a temp dir of ours: kept
     with AtomicDir(tmp_path / "index", kind="index") as tmp:
+        assert tmp.name == f".index.tmp-{me}-{_start_time(me)}"
         (tmp / "manifest.json").write_text(json.dumps({"kind": "index", "schema_version": 1}))
     left = sorted(p.name for p in tmp_path.iterdir())
-    assert left == [".index.old-123", ".index.tmp-1", "index"]
+    expected = [".index.old-123", ".index.tmp-notapid"] + [f".index.tmp-{t}" for t in live] + ["index"]
+    assert left == sorted(expected)
 
 
 def test_stage_bars_follow_the_index_build(good, tmp_path, caplog):
