@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from cli import app
 from indexer.info import format_info, index_info
 from core.atomic import sha256_file
 from indexer.reader import IndexReader
-from tests.helpers import D, one_error_line, unit, write_shards
+from tests.helpers import D, StderrLines, one_error_line, unit, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -79,19 +78,17 @@ def test_kill_during_index_keeps_the_previous_index(good, tmp_path):
     shutil.copytree(good / "index", out)
     sha = sha256_file(out / "manifest.json")
     proc = subprocess.Popen([sys.executable, "cli.py", "index", "--shards", str(big), "--out", str(out)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while not list(tmp_path.glob(".index.tmp-*")) and time.monotonic() < deadline:
-            assert proc.poll() is None, "index finished before it could be killed"
-            time.sleep(0.05)
-        time.sleep(0.5)  # let it write into the temp dir
+        # the add stage's first progress line: rows are being written into the temp dir
+        StderrLines(proc).wait_for("index add ", timeout=120)
         assert proc.poll() is None, "index finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(10)
     assert proc.returncode == -signal.SIGKILL
     assert sha256_file(out / "manifest.json") == sha
     with IndexReader.open(out) as reader:  # usable: opens, searches, fetches
@@ -100,7 +97,8 @@ def test_kill_during_index_keeps_the_previous_index(good, tmp_path):
         assert reader.fetch_log_var("image", ids[0]).shape == (3, D)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("index")) == ["index"]
     # the dead run's temp dir is all it left; the next build into the same --out removes it
-    assert len(list(tmp_path.glob(".index.tmp-*"))) == 1
+    temps = list(tmp_path.glob(".index.tmp-*"))
+    assert len(temps) == 1 and (temps[0] / "store.lmdb").exists()  # killed mid-build
     res = runner.invoke(app, ["index", "--shards", str(good / "out"), "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert not list(tmp_path.glob(".index.tmp-*"))
