@@ -78,7 +78,8 @@ def check_topk(ids, keys, ref_keys, k=K):
     np.testing.assert_allclose(ref_keys[ids], ref_keys[order], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("score", ALL)
+@pytest.mark.parametrize("score", [pytest.param(s, marks=pytest.mark.slow) if s == "mc" else s
+                                   for s in ALL])
 def test_full_shortlist_and_exact_equal_brute_force(flat, queries, score):
     mu_q, lv_q = queries[0][:8], queries[1][:8]
     with IndexReader.open(flat) as r:
@@ -91,7 +92,8 @@ def test_full_shortlist_and_exact_equal_brute_force(flat, queries, score):
         check_topk(exact.ids[i], exact.keys[i], ref)
 
 
-@pytest.mark.parametrize("score", BOUNDED)
+@pytest.mark.parametrize("score", [pytest.param(s, marks=pytest.mark.slow) if s in ("elk", "w2")
+                                   else s for s in BOUNDED])
 def test_bounded_shortlist_equals_exhaustive(flat, queries, score):
     mu_q, lv_q = queries
     with IndexReader.open(flat) as r:
@@ -175,6 +177,7 @@ def _reference_keys(score, mu_q, lv_q, items, a, b):
     return fixed_match_prob(*q, *d, items.ids, a, b).numpy()[0]
 
 
+@pytest.mark.slow
 def test_cli_bench_synthetic_json_and_plot(tmp_path):
     out = CliRunner().invoke(app, [
         "bench", "--synthetic", "6000", "--dim", "8", "--workdir", str(tmp_path / "w"),

@@ -70,6 +70,7 @@ def test_verbose_flag_turns_on_debug_logging(good, flag):
 
 # --- kill -9 during `index` ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_kill_during_index_keeps_the_previous_index(good, tmp_path):
     """SIGKILL while a long build runs into the same --out: the old index is untouched and usable,
     nothing partial sits at --out, and the next build clears the dead run's temp dir."""

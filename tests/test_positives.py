@@ -62,6 +62,7 @@ def test_plausible_on_a_dataset_without_ground_truth_fails_before_training(tmp_p
         Trainer(tiny(tmp_path, positives="plausible", train_images=32))
 
 
+@pytest.mark.slow
 def test_training_with_plausible_positives(tmp_path, monkeypatch):
     """The loss of a `positives = "plausible"` run sees, in every batch, exactly the in-batch
     pairs whose caption is true of the image (checked caption by caption), not the pairing."""

@@ -125,6 +125,7 @@ def test_coco_errors_name_the_file(coco_root):
         load_split("coco", coco_root, "test")
 
 
+@pytest.mark.slow
 def test_coco_test1k_is_the_mean_of_the_five_folds(tmp_path, monkeypatch):
     import encoders.training.data.coco as coco
     from encoders.model.checkpoint import save_checkpoint

@@ -30,6 +30,7 @@ def weights(trainer):
     return {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
     full = Trainer(tiny(tmp_path, out=str(tmp_path / "full")))
     full.fit()
@@ -56,6 +57,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
         torch.testing.assert_close(v, expected[k], rtol=0, atol=1e-6, msg=k)
 
 
+@pytest.mark.slow
 def test_frozen_backbone_stage_then_end_to_end(tmp_path):
     t = Trainer(tiny(tmp_path, freeze_backbone_epochs=1, epochs=2))
     before = weights(t)
@@ -70,6 +72,7 @@ def test_frozen_backbone_stage_then_end_to_end(tmp_path):
                            after1["image.backbone.layer1.0.conv1.weight"])
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_counts_optimiser_steps(tmp_path):
     t = Trainer(tiny(tmp_path, accum_steps=2, epochs=1))
     assert t.steps_per_epoch == 64 // (16 * 2)
@@ -77,6 +80,7 @@ def test_gradient_accumulation_counts_optimiser_steps(tmp_path):
     assert t.step == 2 and t.opt.state_dict()["state"][0]["step"] == 2
 
 
+@pytest.mark.slow
 def test_kill_9_mid_training_then_resume_finishes(tmp_path):
     cfg = tmp_path / "tiny.toml"
     cfg.write_text("batch_size = 16\nn_samples = 2\nckpt_every = 1\nepochs = 12\nexport = false\n"
@@ -119,6 +123,7 @@ def _logged_step(log):
     return json.loads(first[0]) if len(first) == 2 else None
 
 
+@pytest.mark.slow
 def test_match_scalars_have_their_own_learning_rate_and_no_decay(tmp_path):
     t = Trainer(tiny(tmp_path, match_lr_scale=20.0, lr=1e-3, epochs=1))
     groups = t.opt.param_groups

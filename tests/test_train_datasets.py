@@ -37,6 +37,7 @@ def mean_train_loss(trainer: Trainer, model) -> float:
 @pytest.mark.parametrize("loss,extra,scores", [
     ("infonce", "", {"mu"}), ("pcmepp", "", {"mu", "elk"}),
     ("pcme", 'eval_scores = ["mu", "csd", "w2"]\n', {"mu", "csd", "w2"})])
+@pytest.mark.slow
 def test_train_on_a_folder_dataset(tmp_path, loss, extra, scores):
     (tmp_path / "images").mkdir()
     colours = ["red", "green", "blue", "yellow"]
