@@ -92,8 +92,8 @@ def test_full_shortlist_and_exact_equal_brute_force(flat, queries, score):
         check_topk(exact.ids[i], exact.keys[i], ref)
 
 
-@pytest.mark.parametrize("score", [pytest.param(s, marks=pytest.mark.slow) if s in ("elk", "w2")
-                                   else s for s in BOUNDED])
+@pytest.mark.parametrize("score", [s if s == "mu" else pytest.param(s, marks=pytest.mark.slow)
+                                   for s in BOUNDED])
 def test_bounded_shortlist_equals_exhaustive(flat, queries, score):
     mu_q, lv_q = queries
     with IndexReader.open(flat) as r:
@@ -132,7 +132,7 @@ def test_unseen_bound_is_never_beaten(flat, queries, score):
             assert keys[outside].max() <= unseen_best(score, float(t), mu_q[i], lv_q[i], bounds) + 1e-6
 
 
-@pytest.mark.parametrize("score", ("mu", "elk", "mc"))
+@pytest.mark.parametrize("score", ("mu", "elk", pytest.param("mc", marks=pytest.mark.slow)))
 def test_ivf_nprobe_nlist_equals_flat(flat, ivf_full, queries, score):
     mu_q, lv_q = queries[0][:20], queries[1][:20]
     with SearchEngine(flat) as a, SearchEngine(ivf_full) as b:
