@@ -1,8 +1,10 @@
 """Atomic file output shared by every stage: sha256, JSON written in one piece, directories
 that appear all at once, and single files replaced in one rename.
 
-A directory a stage writes is built in a temporary sibling `.<name>.tmp-<pid>` and swapped in
-only when complete, so a crash or an exception at any point leaves the previous output intact.
+A directory a stage writes is built in a temporary sibling `.<name>.tmp-<pid>-<start>` and
+swapped in only when complete, so a crash or an exception at any point leaves the previous output
+intact. `<start>` is the owner's process start time: a pid alone is reused by the kernel, so
+"pid alive" could keep a killed run's temp dir forever, or mistake a stranger for its owner.
 """
 from __future__ import annotations
 
@@ -86,8 +88,8 @@ class AtomicDir:
         self.out_dir = Path(out_dir).absolute()
         self.kind = kind
         self._check_replaceable()
-        self.tmp = self.out_dir.parent / f".{self.out_dir.name}.tmp-{os.getpid()}"
-        if self.tmp.exists():  # left by an earlier crashed run that had our pid
+        self.tmp = self.out_dir.parent / f".{self.out_dir.name}.tmp-{_owner_tag(os.getpid())}"
+        if self.tmp.exists():  # left by an earlier AtomicDir of this very process
             shutil.rmtree(self.tmp)
         self._remove_stale_temps()
         self.tmp.mkdir(parents=True)
@@ -95,14 +97,14 @@ class AtomicDir:
 
     def _remove_stale_temps(self) -> None:
         """Delete temp dirs of earlier runs into the same out_dir whose process is gone (killed
-        with -9, power loss): they are partial builds nobody will finish. A live pid's dir is
-        left alone, since another build may be running; `.old-*` dirs are never touched (after
-        a kill between two renames that is the only complete copy)."""
+        with -9, power loss): they are partial builds nobody will finish. A dir whose owner
+        still runs is left alone, since another build may be going on; `.old-*` dirs are never
+        touched (after a kill between two renames that is the only complete copy)."""
         if not self.out_dir.parent.is_dir():
             return
-        for path in self.out_dir.parent.glob(f".{self.out_dir.name}.tmp-*"):
-            pid = path.name.rsplit("-", 1)[-1]
-            if path.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+        prefix = f".{self.out_dir.name}.tmp-"
+        for path in self.out_dir.parent.glob(f"{prefix}*"):
+            if path.is_dir() and _owner_gone(path.name[len(prefix):]):
                 logger.info("removing %s, left by an interrupted run", path)
                 shutil.rmtree(path, ignore_errors=True)
 
@@ -154,6 +156,36 @@ class AtomicDir:
             self.commit()
         else:
             self.abort()
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat), or
+    None when the process does not exist or /proc is not there (not Linux)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name (field 2) is in parentheses and may itself hold spaces or ')'
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _owner_tag(pid: int) -> str:
+    """`<pid>-<start time>` where /proc knows the start time, else `<pid>`."""
+    start = _start_time(pid)
+    return f"{pid}-{start}" if start is not None else str(pid)
+
+
+def _owner_gone(tag: str) -> bool:
+    """True when the process that made a temp dir tagged `tag` has ended. With a start time
+    the owner is gone when its pid is dead or now belongs to a process that started at another
+    time (pid reuse); a bare pid (no /proc) can only be checked for being alive. Tags of any
+    other form are not ours to judge: False."""
+    pid, _, start = tag.partition("-")
+    if not pid.isdigit() or not (start == "" or start.isdigit()):
+        return False
+    if start and Path("/proc/self/stat").exists():
+        return _start_time(int(pid)) != start
+    return not _pid_alive(int(pid))
 
 
 def _pid_alive(pid: int) -> bool:

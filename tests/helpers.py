@@ -1,5 +1,8 @@
 """Test data and checks shared by several test modules: tiny datasets in their real formats,
-synthetic shard sets, and the one-line-error check of the bad-input tests."""
+synthetic shard sets, the one-line-error check of the bad-input tests, and waits on events
+of a child process (a file, a log line) for the kill -9 tests."""
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -57,3 +60,44 @@ def one_error_line(res, record_property, *needles) -> str:
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
+
+
+def wait_for(event, proc, timeout: float, what: str, poll: float = 0.05):
+    """Poll `event()` until it returns something truthy (returned), while `proc` (a Popen) runs.
+    Fails when the process exits first or `timeout` seconds pass: a wait on an event, bounded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = event()
+        if found:
+            return found
+        assert proc.poll() is None, f"process exited ({proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(poll)
+
+
+class StderrLines:
+    """Reads a child's stderr (text mode) on a thread, so the pipe never fills up, and lets a
+    test block until the first line holding a needle arrives (no polling)."""
+
+    def __init__(self, proc):
+        self.proc, self.lines, self.closed = proc, [], False
+        self._cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stderr:
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+    def wait_for(self, needle: str, timeout: float) -> str:
+        def seen():
+            return next((l for l in self.lines if needle in l), None) or self.closed
+        with self._cond:
+            found = self._cond.wait_for(seen, timeout)
+        assert isinstance(found, str), (f"no stderr line with {needle!r} within {timeout} s "
+                                        f"(stream closed: {self.closed}); last lines: {self.lines[-5:]}")
+        return found

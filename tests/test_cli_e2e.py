@@ -63,6 +63,7 @@ def test_image_query_returns_captions(trained):
     assert out["results"] == again["results"]  # fixed per-item Monte-Carlo noise
 
 
+@pytest.mark.slow
 def test_eval_json(trained, tmp_path):
     png = tmp_path / "unc.png"
     res = runner.invoke(app, ["eval", "--checkpoint", str(trained / "run" / "checkpoint.pt"),

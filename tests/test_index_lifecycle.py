@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from cli import app
 from indexer.info import format_info, index_info
 from core.atomic import sha256_file
 from indexer.reader import IndexReader
-from tests.helpers import D, one_error_line, unit, write_shards
+from tests.helpers import D, StderrLines, one_error_line, unit, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -71,6 +70,7 @@ def test_verbose_flag_turns_on_debug_logging(good, flag):
 
 # --- kill -9 during `index` ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_kill_during_index_keeps_the_previous_index(good, tmp_path):
     """SIGKILL while a long build runs into the same --out: the old index is untouched and usable,
     nothing partial sits at --out, and the next build clears the dead run's temp dir."""
@@ -79,19 +79,17 @@ def test_kill_during_index_keeps_the_previous_index(good, tmp_path):
     shutil.copytree(good / "index", out)
     sha = sha256_file(out / "manifest.json")
     proc = subprocess.Popen([sys.executable, "cli.py", "index", "--shards", str(big), "--out", str(out)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while not list(tmp_path.glob(".index.tmp-*")) and time.monotonic() < deadline:
-            assert proc.poll() is None, "index finished before it could be killed"
-            time.sleep(0.05)
-        time.sleep(0.5)  # let it write into the temp dir
+        # the add stage's first progress line: rows are being written into the temp dir
+        StderrLines(proc).wait_for("index add ", timeout=120)
         assert proc.poll() is None, "index finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(10)
     assert proc.returncode == -signal.SIGKILL
     assert sha256_file(out / "manifest.json") == sha
     with IndexReader.open(out) as reader:  # usable: opens, searches, fetches
@@ -100,23 +98,43 @@ def test_kill_during_index_keeps_the_previous_index(good, tmp_path):
         assert reader.fetch_log_var("image", ids[0]).shape == (3, D)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("index")) == ["index"]
     # the dead run's temp dir is all it left; the next build into the same --out removes it
-    assert len(list(tmp_path.glob(".index.tmp-*"))) == 1
+    temps = list(tmp_path.glob(".index.tmp-*"))
+    assert len(temps) == 1 and (temps[0] / "store.lmdb").exists()  # killed mid-build
     res = runner.invoke(app, ["index", "--shards", str(good / "out"), "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert not list(tmp_path.glob(".index.tmp-*"))
 
 
+def _start_time(pid) -> str:
+    """Field 22 of /proc/<pid>/stat, read here independently of core.atomic."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 def test_atomic_dir_removes_only_dead_runs_temp_dirs(tmp_path):
+    """A temp dir belongs to (pid, start time): it is kept only while that very process runs.
+    A reused pid (alive, but started at another time) does not keep a dead run's dir."""
     from core.atomic import AtomicDir
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
-    for pid in (dead, "1"):  # pid 1 is alive: maybe another build, left alone
-        (tmp_path / f".index.tmp-{pid}").mkdir()
+    child = "import os; print(os.getpid(), open('/proc/self/stat').read().rsplit(')', 1)[1].split()[19])"
+    dead_pid, dead_start = subprocess.run([sys.executable, "-c", child], capture_output=True,
+                                          text=True, check=True).stdout.split()
+    me, init = os.getpid(), 1
+    live = [f"{init}-{_start_time(init)}",      # another build running: left alone
+            "1"]                                # a bare pid (no /proc) that is alive: left alone
+    stale = [f"{dead_pid}-{dead_start}",        # its process exited
+             f"{me}-{int(_start_time(me)) + 1}",  # pid alive, but a younger process owns it now
+             f"{init}-{int(_start_time(init)) + 7}",
+             str(int(Path("/proc/sys/kernel/pid_max").read_text()) + 1)]  # bare pid, never alive
+    for tag in live + stale:
+        (tmp_path / f".index.tmp-{tag}").mkdir()
     (tmp_path / ".index.old-123").mkdir()  # the only complete copy after some crashes: kept
+    (tmp_path / ".index.tmp-notapid").mkdir()  # not a temp dir of ours: kept
     with AtomicDir(tmp_path / "index", kind="index") as tmp:
+        assert tmp.name == f".index.tmp-{me}-{_start_time(me)}"
         (tmp / "manifest.json").write_text(json.dumps({"kind": "index", "schema_version": 1}))
     left = sorted(p.name for p in tmp_path.iterdir())
-    assert left == [".index.old-123", ".index.tmp-1", "index"]
+    expected = [".index.old-123", ".index.tmp-notapid"] + [f".index.tmp-{t}" for t in live] + ["index"]
+    assert left == sorted(expected)
 
 
 def test_stage_bars_follow_the_index_build(good, tmp_path, caplog):

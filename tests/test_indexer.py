@@ -128,7 +128,7 @@ def test_store_round_trip_flat_and_ivf(shards, index):
             r.fetch("text", np.array([3, 1200]))
 
 
-@pytest.mark.parametrize("factory", ["IVF16,SQ8", "PQ4x4"])
+@pytest.mark.parametrize("factory", ["IVF16,SQ8", pytest.param("PQ4x4", marks=pytest.mark.slow)])
 def test_store_holds_exact_mu_for_compressed_codes(shards, tmp_path, factory):
     out = tmp_path / "index"
     manifest = build_index(shards, out, factory=factory, nprobe=4)

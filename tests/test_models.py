@@ -19,14 +19,25 @@ def tiny_cfg(**kw):
 def test_heads_shapes_unit_mu_and_free_log_var():
     torch.manual_seed(0)
     m = PCME(tiny_cfg()).eval()
-    mu, lv = m.image(torch.rand(3, 3, 64, 64))
-    assert mu.shape == lv.shape == (3, 16)
-    torch.testing.assert_close(mu.norm(dim=-1), torch.ones(3))
-    tokens, lengths = pad_tokens([[1, 4, 5, 2], [1, 4, 2]])
+    images = torch.rand(3, 3, 64, 64)
+    tokens, lengths = pad_tokens([[1, 4, 5, 2], [1, 4, 2], [1, 6, 7, 8, 2]])
+    mu, lv = m.image(images)
     tmu, tlv = m.text(tokens, lengths)
-    assert tmu.shape == tlv.shape == (2, 16)
-    torch.testing.assert_close(tmu.norm(dim=-1), torch.ones(2))
-    assert not torch.allclose(tlv.norm(dim=-1), torch.ones(2))  # log_var is not normalised
+    assert mu.shape == lv.shape == (3, 16) and tmu.shape == tlv.shape == (3, 16)
+    torch.testing.assert_close(mu.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(tmu.norm(dim=-1), torch.ones(3))
+    # log_var follows its input: each item gets its own (not a shared constant)
+    assert not torch.allclose(lv[0], lv[1]) and not torch.allclose(tlv[0], tlv[2])
+    # ...and nothing squashes it: with the last layer reduced to its bias, the head returns that
+    # bias exactly, far outside [0, 1], non-zero mean, not of norm 1 (no sigmoid, no LayerNorm,
+    # no L2, no clamp)
+    target = torch.linspace(-12.0, 6.0, 16)
+    with torch.no_grad():
+        for head in (m.image.head, m.text.head):
+            head.fc_var.weight.zero_()
+            head.fc_var.bias.copy_(target)
+    torch.testing.assert_close(m.image(images)[1], target.expand(3, 16))
+    torch.testing.assert_close(m.text(tokens, lengths)[1], target.expand(3, 16))
 
 
 def test_text_encoder_ignores_padding():

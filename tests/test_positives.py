@@ -62,18 +62,38 @@ def test_plausible_on_a_dataset_without_ground_truth_fails_before_training(tmp_p
         Trainer(tiny(tmp_path, positives="plausible", train_images=32))
 
 
-def test_training_with_plausible_positives(tmp_path):
-    from encoders.training.train import make_batch
-    t = Trainer(tiny(tmp_path, positives="plausible", epochs=1, captions_per_image=2))
-    images = np.arange(t.cfg.batch_size)
-    caps = np.array([t.caps_of[i][:2] for i in images])
-    x, tokens, lengths, matched = make_batch(t.train_split, t.vocab, t.images, images, caps,
-                                             np.random.default_rng(0), "plausible")
-    assert matched.shape == (len(images), 2 * len(images)) and len(tokens) == 2 * len(images)
-    assert matched.sum() > 2 * len(images)  # more positives than the pairing alone
+@pytest.mark.slow
+def test_training_with_plausible_positives(tmp_path, monkeypatch):
+    """The loss of a `positives = "plausible"` run sees, in every batch, exactly the in-batch
+    pairs whose caption is true of the image (checked caption by caption), not the pairing."""
+    import encoders.training.train as train_mod
+    batches, masks = [], []
+    real_make_batch, real_loss = train_mod.make_batch, train_mod.compute_loss
+
+    def make_batch(split, vocab, source, images, captions, *rest):
+        batches.append((np.asarray(images).copy(), np.asarray(captions).copy()))
+        return real_make_batch(split, vocab, source, images, captions, *rest)
+
+    def compute_loss(cfg, i_mu, i_lv, t_mu, t_lv, matched, a, b):
+        masks.append(matched.cpu().numpy().copy())
+        out = real_loss(cfg, i_mu, i_lv, t_mu, t_lv, matched, a, b)
+        assert torch.isfinite(out["loss"]) and 0 < float(out["pos_prob"]) < 1
+        return out
+
+    monkeypatch.setattr(train_mod, "make_batch", make_batch)
+    monkeypatch.setattr(train_mod, "compute_loss", compute_loss)
+    t = Trainer(tiny(tmp_path, positives="plausible", epochs=1, captions_per_image=2,
+                     train_images=32))
+    split = t.train_split
     before = {k: v.clone() for k, v in t.model.state_dict().items()}
-    stats = t.train_step([(x, tokens, lengths, matched)])
-    assert np.isfinite(stats["loss"]) and 0 < stats["pos_prob"] < 1
+    t.fit()
+    assert len(masks) == len(batches) == t.steps_per_epoch
+    for (images, caps), mask in zip(batches, masks):
+        flat = caps.ravel()
+        brute = np.array([[holds(split.predicates[c], split.scenes[i]) for c in flat] for i in images])
+        assert mask.shape == (len(images), 2 * len(images)) and np.array_equal(mask, brute)
+    # the data holds captions true of several images, so the test tells plausible from pairs
+    assert sum(int(m.sum()) for m in masks) > sum(m.shape[1] for m in masks)
     assert any(not torch.equal(v, t.model.state_dict()[k]) for k, v in before.items())
 
 

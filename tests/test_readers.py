@@ -97,6 +97,7 @@ def test_coco_without_instances_has_no_multi_hot(coco_root):
         test.plausible_matrix(0)
 
 
+@pytest.mark.slow
 def test_coco_1k_folds_are_consecutive_blocks_of_the_5k_test(tmp_path):
     entries = [_karpathy_entry(f"{i}.jpg", "test", 1, "val2014", i) for i in range(5000)]
     entries.insert(10, _karpathy_entry("x.jpg", "val", 1, "val2014", 99999))
@@ -125,6 +126,7 @@ def test_coco_errors_name_the_file(coco_root):
         load_split("coco", coco_root, "test")
 
 
+@pytest.mark.slow
 def test_coco_test1k_is_the_mean_of_the_five_folds(tmp_path, monkeypatch):
     import encoders.training.data.coco as coco
     from encoders.model.checkpoint import save_checkpoint

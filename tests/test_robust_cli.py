@@ -100,6 +100,7 @@ def _utf8_env():
     return {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8", "PYTHONIOENCODING": ""}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--json"]], ids=["plain", "json"])
 def test_non_utf8_query_bytes(trained, extra):
     """Undecodable bytes in argv (Python hands them over as lone surrogates) are not words:
@@ -178,6 +179,7 @@ def test_odd_image_modes_work(trained, tmp_path, mode):
 
 # --- several readers at once ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_concurrent_queries(trained):
     argv = [sys.executable, "cli.py", "query", "people waiting for a train", "--index",
             str(trained / "index"), "--k", "5", "--json"]

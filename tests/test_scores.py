@@ -125,6 +125,7 @@ def test_match_prob_generator_is_reproducible_and_draws_query_first():
     torch.testing.assert_close(first, again)
 
 
+@pytest.mark.slow
 def test_match_prob_converges_to_independent_estimate():
     a, b = 2.0, 3.0
     mu_q, lv_q = np.array([0.2, -0.4, 0.1]), np.array([-1.0, -0.5, -2.0])

@@ -1,9 +1,9 @@
 """Training loop behaviour: resume is exact, kill -9 then --resume finishes, two stages, accumulation."""
+import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +12,7 @@ import torch
 from encoders.model.config import ModelConfig
 from encoders.training.config import TrainConfig
 from encoders.training.train import Trainer
+from tests.helpers import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = dict(embed_dim=16, resnet_width=8, gru_hidden=16, attn_hidden=8)
@@ -29,6 +30,7 @@ def weights(trainer):
     return {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
     full = Trainer(tiny(tmp_path, out=str(tmp_path / "full")))
     full.fit()
@@ -55,6 +57,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
         torch.testing.assert_close(v, expected[k], rtol=0, atol=1e-6, msg=k)
 
 
+@pytest.mark.slow
 def test_frozen_backbone_stage_then_end_to_end(tmp_path):
     t = Trainer(tiny(tmp_path, freeze_backbone_epochs=1, epochs=2))
     before = weights(t)
@@ -69,6 +72,7 @@ def test_frozen_backbone_stage_then_end_to_end(tmp_path):
                            after1["image.backbone.layer1.0.conv1.weight"])
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_counts_optimiser_steps(tmp_path):
     t = Trainer(tiny(tmp_path, accum_steps=2, epochs=1))
     assert t.steps_per_epoch == 64 // (16 * 2)
@@ -76,6 +80,7 @@ def test_gradient_accumulation_counts_optimiser_steps(tmp_path):
     assert t.step == 2 and t.opt.state_dict()["state"][0]["step"] == 2
 
 
+@pytest.mark.slow
 def test_kill_9_mid_training_then_resume_finishes(tmp_path):
     cfg = tmp_path / "tiny.toml"
     cfg.write_text("batch_size = 16\nn_samples = 2\nckpt_every = 1\nepochs = 12\nexport = false\n"
@@ -85,22 +90,40 @@ def test_kill_9_mid_training_then_resume_finishes(tmp_path):
     args = [sys.executable, "cli.py", "train", "--config", str(cfg), "--root", str(tmp_path / "data"),
             "--out", str(tmp_path / "run"), "--device", "cpu"]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = tmp_path / "run" / "last.pt"
-    deadline = time.time() + 120
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    time.sleep(0.5)
-    assert proc.poll() is None, "training finished before it could be interrupted"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        # log.jsonl gets a row every 10 optimiser steps: step 10 is in epoch 3 of 12, and
+        # last.pt (saved every step, atomically) is at least at step 9
+        row = wait_for(lambda: _logged_step(tmp_path / "run" / "log.jsonl"), proc, 120,
+                       "a training log row")
+        assert proc.poll() is None, "training finished before it could be interrupted"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == -signal.SIGKILL
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert row["step"] - 1 <= last["step"] < 12 * 4
     done = subprocess.run(args[:3] + ["--resume"] + args[3:], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 12 and ckpt["step"] == 12 * 4
-    assert "resumed" in done.stderr
+    # it went on from where last.pt stood when the process died
+    assert f"at epoch {last['epoch']}, batch {last['step_in_epoch']}" in done.stderr
 
 
+def _logged_step(log):
+    """The first complete row of a training log.jsonl, or None while there is none."""
+    try:
+        first = log.read_text().split("\n", 1)
+    except FileNotFoundError:
+        return None
+    return json.loads(first[0]) if len(first) == 2 else None
+
+
+@pytest.mark.slow
 def test_match_scalars_have_their_own_learning_rate_and_no_decay(tmp_path):
     t = Trainer(tiny(tmp_path, match_lr_scale=20.0, lr=1e-3, epochs=1))
     groups = t.opt.param_groups
