@@ -84,7 +84,8 @@ def train(
     batch_size: Optional[int] = _default("batch_size", "Images per step."),
     lr: Optional[float] = _default("lr", "Peak learning rate."),
     loss: Optional[str] = _default("loss", "pcme, pcmepp, infonce or vse++."),
-    positives: Optional[str] = _default("positives", "In-batch positives: pairs (captions written "
+    positives: Optional[str] = _default("positives", "In-batch positives: auto (plausible where the "
+                                        "dataset knows, else pairs), pairs (captions written "
                                         "for the image) or plausible (every caption true of it: "
                                         "scenes, cub)."),
     train_images: Optional[int] = _default("train_images", "Scenes training images."),

@@ -100,4 +100,4 @@ def test_training_with_plausible_positives(tmp_path, monkeypatch):
 def test_unknown_positives_is_a_one_line_error(tmp_path):
     res = CliRunner().invoke(app, ["train", "--positives", "all", "--root", str(tmp_path)])
     assert res.exit_code == 2
-    assert "positives 'all' is unknown; choose one of pairs, plausible" in res.output
+    assert "positives 'all' is unknown; choose one of auto, pairs, plausible" in res.output

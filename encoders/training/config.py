@@ -49,7 +49,8 @@ class TrainConfig:
     anchor_positives: bool = False  # pcme: average each anchor's positives first (balanced only)
     hard_negatives: bool = False    # pcme, not in the paper: weight each anchor's negatives by
     hard_negative_beta: float = 1.0 # p(match)^beta instead of equally (see losses.hard_negative_nll)
-    positives: str = "plausible"    # in-batch positives: "pairs" = the captions written for the
+    positives: str = "auto"         # in-batch positives: "auto" = plausible where the dataset
+                                    # knows, else pairs; "pairs" = the captions written for the
                                     # image; "plausible" = every caption true of it (datasets that
                                     # know: scenes predicates, CUB classes)
     train_images: int = 10000       # size of the scenes training split
@@ -133,7 +134,7 @@ def load_train_config(path: str | Path | None, overrides: dict) -> TrainConfig:
     return cfg
 
 
-POSITIVES = ("pairs", "plausible")
+POSITIVES = ("auto", "pairs", "plausible")
 
 
 def _check_choices(cfg: TrainConfig, where: str) -> None:

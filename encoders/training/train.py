@@ -87,6 +87,19 @@ def batch_positives(split: Split, images, captions, positives: str = "pairs") ->
     return torch.from_numpy(matched)
 
 
+def resolve_positives(positives: str, split: Split, caps_of) -> str:
+    """"auto": plausible where the dataset knows which captions are true of which images (the
+    scenes, CUB's classes), else pairs (COCO, Flickr30k, a folder). "plausible" on a dataset
+    that does not know fails now, not after every image is decoded."""
+    knows = split.match_block(caps_of[0][:1], np.arange(1)) is not None
+    if positives == "auto":
+        return "plausible" if knows else "pairs"
+    if positives == "plausible" and not knows:
+        raise PcmeError(f"positives 'plausible': the {split.dataset} dataset does not know "
+                        f"which captions are true of which images; use 'pairs'")
+    return positives
+
+
 def make_batch(split: Split, vocab: Vocab, source: ImageSource, images, captions, flip_rng,
                positives: str = "pairs"):
     """(images [B, 3, S, S], tokens, lengths, positives [B_img, B_txt]) for one micro-batch."""
@@ -132,8 +145,7 @@ class Trainer:
                         for i in range(self.train_split.n_images)]
         if any(len(c) == 0 for c in self.caps_of):
             raise PcmeError(f"{cfg.data} train split: some images have no caption")
-        if cfg.positives == "plausible":  # fail now, not after decoding every image
-            batch_positives(self.train_split, np.arange(1), self.caps_of[0][None, :1], "plausible")
+        self.positives = resolve_positives(cfg.positives, self.train_split, self.caps_of)
         if cfg.accum_steps < 1:
             raise PcmeError(f"accum_steps {cfg.accum_steps}: must be at least 1")
         # an epoch is a whole number of optimiser steps of accum_steps micro-batches each
@@ -216,7 +228,7 @@ class Trainer:
                     sl = slice(m * bs, (m + 1) * bs)
                     flip_rng = np.random.default_rng([cfg.seed, self.epoch, m])  # resumable
                     micro.append(make_batch(split, self.vocab, self.images, order[sl], picks[sl],
-                                             flip_rng, cfg.positives))
+                                             flip_rng, self.positives))
                 stats = self.train_step(micro)
                 self.step += 1
                 self.step_in_epoch = k + 1
