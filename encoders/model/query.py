@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from core.errors import PcmeError
 from encoders.model.checkpoint import load_model, resolve_device
 from encoders.model.encode import encode_images, encode_query_text
+from encoders.model.text import tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,8 @@ MAX_QUERY_CHARS = 10_000
 
 
 class QueryEncoder:
-    """encode_text(text) -> (μ [D], log_var [D], unknown words); encode_image(path) -> (μ, log_var)."""
+    """encode_text(text) -> (μ [D], log_var [D], unknown words); encode_image(path) -> (μ, log_var);
+    words(text) -> the normalised words it reads (optional for other encoders)."""
 
     def __init__(self, model, vocab, device: torch.device):
         self.model, self.vocab, self.device = model, vocab, device
@@ -54,6 +56,10 @@ class QueryEncoder:
         if len(text) > MAX_QUERY_CHARS:
             raise PcmeError(f"query: {len(text)} characters; at most {MAX_QUERY_CHARS} are accepted")
         return encode_query_text(self.model, self.vocab, text, self.device)
+
+    def words(self, text: str) -> list[str]:
+        """The words of `text` as the encoder reads them (normalised: case, accents, NFKC)."""
+        return tokenize(text)
 
     def encode_image(self, path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         img = open_image(path)
