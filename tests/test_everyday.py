@@ -194,3 +194,26 @@ def test_bench_table_has_units(good):
     header = res.stdout.splitlines()[1].split()
     assert header[:4] == ["score", "p50", "ms", "p95"] and "shortlist" in header
     assert format_table.__doc__
+
+
+def test_readme_tables_are_regenerated_from_eval_json(tmp_path):
+    from benchmarks.readme_tables import main
+
+    report = {"by_score": {"elk": {"rsum": 444.25, **{d: {"R@1": 0.5, "R@5": 0.75, "R@10": 0.875,
+                                                         "PMRP": 0.25, "mAP@R": 0.125}
+                                                     for d in ("t2i", "i2t")}}},
+              "uncertainty": {"by_group": [{"group": "setting", "n": 3, "mean_matches": 251.4,
+                                            "mean_var": 0.0123, "R@1": 0.996}]}}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "eval.json").write_text(__import__("json").dumps(report))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- readme-table:levels run/eval.json -->\nstale | 1 |\n"
+                      "<!-- /readme-table:levels -->\nmiddle\n<!-- readme-table:scores run/eval.json -->\n"
+                      "<!-- /readme-table:scores -->\nend\n")
+    assert main(["--readme", str(readme), "--check"]) == 1
+    assert main(["--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "| setting | 251 | 0.012 | 1.00 |" in text and "stale" not in text
+    assert "| elk | t2i | 0.500 | 0.750 | 0.875 | 0.250 | 0.125 | 444.2 |" in text
+    assert text.startswith("intro\n") and "\nmiddle\n" in text and text.endswith("end\n")
+    assert main(["--readme", str(readme), "--check"]) == 0
