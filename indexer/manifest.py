@@ -25,7 +25,7 @@ def read_manifest(directory: Path, kind: str) -> dict:
         raise PcmeError(f"{directory}: is a file; give the {kind} directory that holds it"
                         f" ({directory.parent}/)")
     if not directory.is_dir():
-        raise PcmeError(f"{directory}: no such {kind} directory; {_FIRST_STEP[kind]()}")
+        raise PcmeError(f"{directory}: {kind} directory does not exist; {_FIRST_STEP[kind]()}")
     path = directory / MANIFEST
     if not path.is_file():
         raise PcmeError(f"{path}: no manifest (empty or incomplete {kind} directory?)")

@@ -147,9 +147,9 @@ def test_messages_name_the_problem_and_the_next_step(good, trained, tmp_path, re
     one_error_line(run("index", "--shards", shard, "--out", tmp_path / "i"), record_property,
                    "is a file", "give the shards directory")
     one_error_line(run("index", "--shards", tmp_path / "out", "--out", tmp_path / "i"),
-                   record_property, "no such shards directory", "cli.py train")
+                   record_property, "shards directory does not exist", "cli.py train")
     one_error_line(run("query", "a dog", "--index", tmp_path / "index"), record_property,
-                   "no such index directory", "cli.py index --shards out/")
+                   "index directory does not exist", "cli.py index --shards out/")
     one_error_line(run("eval", "--checkpoint", trained / "run" / "last.pth", "--root",
                        trained / "data"), record_property, "file not found", "checkpoint.pt")
     res = run("query", "a dog", "--index", trained / "index", "--score", "ELK", "--k", "1")
