@@ -72,6 +72,16 @@ def test_interrupted_run_says_how_to_resume(cfg, monkeypatch):
         runs.run_training(cfg)
 
 
+def test_a_run_that_fails_before_any_progress_leaves_nothing(cfg, monkeypatch):
+    def bad_flag(cfg, resume=False):
+        (Path(cfg.out) / "log.jsonl").write_text("{}\n")
+        raise PcmeError("device tpu: unknown")
+    monkeypatch.setattr("encoders.training.train.train", bad_flag)
+    with pytest.raises(PcmeError, match="tpu"):
+        runs.run_training(cfg)
+    assert not Path(cfg.out).exists()
+
+
 def test_resume_with_nothing_to_resume_is_refused(cfg):
     with pytest.raises(PcmeError, match="holds no run to continue"):
         runs.run_training(cfg, resume=True)

@@ -111,6 +111,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, force: bool = False) ->
     check_writable(out, "--out", inside=True)
     if cfg.export:
         check_writable(cfg.shards, "--shards")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out):
         event = _claim(out, resume, force)
@@ -128,10 +129,13 @@ def run_training(cfg: TrainConfig, resume: bool = False, force: bool = False) ->
                                   "pid": os.getpid()}) + "\n")
         try:
             result = train(cfg, resume)
-        except KeyboardInterrupt:
-            _finish(out, manifest, "interrupted")
-            raise RunInterrupted(manifest["resume_command"]) from None
-        except BaseException:
+        except BaseException as e:
+            if event == "start" and not (out / "last.pt").exists():
+                _remove_run(out, created)  # stopped before any progress: nothing to keep
+                raise
+            if isinstance(e, KeyboardInterrupt):
+                _finish(out, manifest, "interrupted")
+                raise RunInterrupted(manifest["resume_command"]) from None
             _finish(out, manifest, "failed")
             raise
         ckpt = out / "checkpoint.pt"
@@ -139,6 +143,19 @@ def run_training(cfg: TrainConfig, resume: bool = False, force: bool = False) ->
                 checkpoint_sha256=sha256_file(ckpt), shards=result.get("shards"),
                 train_s=result.get("train_s"))
     return result
+
+
+def _remove_run(out: Path, created: bool) -> None:
+    """Undo a run that failed (a bad flag, a missing dataset) before saving anything to resume
+    from, so the next attempt is not refused for a run that never was."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    if created:
+        (out / LOCK).unlink(missing_ok=True)
+        try:
+            out.rmdir()
+        except OSError:
+            pass
 
 
 def _read_manifest(out: Path) -> dict:
