@@ -43,11 +43,13 @@ def plot_latency_recall(report: dict, path: Path) -> Path:
     draw_text(draw, (8, PAD - 18), "recall@10 against exact search")
     draw_text(draw, (W // 2, 10), f"latency vs recall: N={report['n']} D={report['dim']} "
                                   f"{report['factory']}", anchor="ma")
+    for i, (name, ms, recall) in enumerate(points):  # every point first: labels go on top
+        x, y = xy(ms, recall)
+        draw.ellipse([x - 5, y - 5, x + 5, y + 5], fill=COLOURS[i % len(COLOURS)])
     taken: list[tuple[float, float]] = []
     for i, (name, ms, recall) in enumerate(points):
         x, y = xy(ms, recall)
         colour = COLOURS[i % len(COLOURS)]
-        draw.ellipse([x - 5, y - 5, x + 5, y + 5], fill=colour)
         label_y = y - 6
         while any(abs(label_y - ty) < 13 and abs(x - tx) < 90 for tx, ty in taken):
             label_y += 13  # points that coincide get their labels stacked, not overprinted
