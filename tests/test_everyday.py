@@ -4,6 +4,7 @@ next step, charts are plain ASCII with their points inside the frame, hints past
 import errno
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -28,6 +29,9 @@ def readonly(tmp_path_factory):
     path = tmp_path_factory.mktemp("readonly")
     mounted = False
     if hasattr(os, "geteuid") and os.geteuid() == 0:
+        if shutil.which("mount") is None:
+            pytest.skip("running as root without a mount command: root ignores permission "
+                        "bits, so no read-only folder can be made")
         proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)],
                               capture_output=True, text=True)
         mounted = proc.returncode == 0
