@@ -16,6 +16,8 @@ from typing import Optional
 
 import typer
 
+from core.atomic import check_writable
+from core.commands import cli_command
 from core.errors import PcmeError
 from core.process import configure_process
 from encoders.training.config import TrainConfig
@@ -60,9 +62,25 @@ def _run(fn, *args, **kwargs):
     except PcmeError as e:
         err(f"error: {e}", err=True)
         raise typer.Exit(2)
-    except KeyboardInterrupt:
-        err("interrupted", err=True)
+    except OSError as e:  # a disk that filled up or went read-only mid-run: one line, not a trace
+        where = f"{e.filename}: " if e.filename else ""
+        err(f"error: {where}{e.strerror or e}", err=True)
+        raise typer.Exit(2)
+    except KeyboardInterrupt as e:
+        resume = getattr(e, "resume", None)  # training says how to continue
+        err(f"interrupted; resume with: {resume}" if resume else "interrupted", err=True)
         raise typer.Exit(130)
+
+
+def _artefact(what: str, write, *args) -> None:
+    """Write an optional picture after the results were printed: a failure is a one-line
+    warning, never a lost run; success says where it went (on stderr: stdout may be JSON)."""
+    try:
+        path = write(*args)
+    except (PcmeError, OSError) as e:
+        err(f"warning: {what} not written: {e}", err=True)
+        return
+    err(f"wrote {what}: {path}", err=True)
 
 
 Verbose = typer.Option(False, "--verbose", "-v", help="Debug logging.")
@@ -96,22 +114,26 @@ def train(
     config: Optional[str] = typer.Option(None, help="TOML or JSON file of train options; flags "
                                          "override it.", show_default="none"),
     resume: bool = typer.Option(False, help="Continue the interrupted run in --out from last.pt."),
+    force: bool = typer.Option(False, help="Replace the run already in --out (its checkpoint, "
+                               "log and eval) with a new one."),
     verbose: bool = Verbose,
 ):
-    """Train PCME encoders, evaluate on the test split and write its μ/log σ² shards."""
+    """Train PCME encoders, evaluate on the test split and write its μ/log σ² shards.
+    A run folder that already holds a run is refused unless --resume or --force says what to do."""
     _setup_logging(verbose)
     from encoders.training.config import load_train_config
-    from encoders.training.train import train as run_train
+    from encoders.training.runs import run_training
 
     overrides = dict(data=data, root=root, out=out, shards=shards, epochs=epochs,
                      batch_size=batch_size, lr=lr, loss=loss, positives=positives,
                      train_images=train_images, glove=glove, seed=seed, device=device)
     cfg = _run(load_train_config, config, overrides)
-    result = _run(run_train, cfg, resume)
+    result = _run(run_training, cfg, resume, force)
     typer.echo(f"trained in {result['train_s']} s -> {result['checkpoint']}")
     _print_eval(result["eval"])
     if "shards" in result:
-        typer.echo(f"shards: {result['shards']}/   (next: python cli.py index --shards {result['shards']})")
+        typer.echo(f"shards: {result['shards']}/   (next: "
+                   f"{cli_command('index', '--shards', result['shards'])})")
 
 
 @app.command()
@@ -128,6 +150,7 @@ def encode(
     _setup_logging(verbose)
     from encoders.training.pipeline import encode_to_shards
 
+    _run(check_writable, out, "--out")
     path = _run(encode_to_shards, checkpoint, data, root, split, out, device)
     typer.echo(f"shards: {path}")
 
@@ -148,6 +171,7 @@ def index(
     from indexer.build import build_index
 
     names = tuple(s.strip() for s in augmented.split(",") if s.strip())
+    _run(check_writable, out, "--out")
     with StageBars("index") as bars:
         manifest = _run(build_index, Path(shards), Path(out), factory, nprobe, progress=bars,
                         augmented=names, recall_target=recall_target)
@@ -183,6 +207,7 @@ def query(
         raise typer.Exit(2)
     if show:
         _run(check_png_path, show, "--show")
+        _run(check_writable, show, "--show")
     with _run(open_engine, index, device) as engine:
         if image is not None:
             result = _run(engine.query_image, image, k, score, exact)
@@ -194,7 +219,7 @@ def query(
         _print_result(result)
     if show:
         from engine.contact_sheet import contact_sheet
-        _run(contact_sheet, result, show)
+        _artefact("contact sheet", contact_sheet, result, show)
 
 
 @app.command()
@@ -231,19 +256,20 @@ def eval_cmd(
     _setup_logging(verbose)
     from core.charts import check_png_path
     from core.scores import score_name
-    from encoders.training.evaluate import plot_uncertainty
     from encoders.training.pipeline import evaluate_checkpoint
+    from encoders.training.plots import plot_uncertainty
 
     names = tuple(_run(score_name, s, "--scores") for s in scores.split(",") if s.strip())
     if plot:
         _run(check_png_path, plot)
+        _run(check_writable, plot, "--plot")
     report = _run(evaluate_checkpoint, checkpoint, data, root, split, names, device)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:
         _print_eval(report)
     if plot:
-        _run(plot_uncertainty, report, plot)
+        _artefact("uncertainty plot", plot_uncertainty, report, plot)
 
 
 @app.command()
@@ -279,12 +305,16 @@ def bench(
                       queries=queries, batch=batch, recall_queries=recall_queries,
                       mc_recall_queries=mc_recall_queries, recall_target=recall_target,
                       shortlist=shortlist)
-    report = _run(run_bench, cfg, open_engine)
+    if synthetic:
+        _run(check_writable, workdir, "--workdir", inside=True)
+    if plot:
+        _run(check_writable, plot, "--plot")
+    report = _run(run_bench, cfg, _bench_engine)
     typer.echo(json.dumps(report, indent=2) if as_json else format_table(report))
     if plot:
         from benchmarks.plot import plot_latency_recall
 
-        _run(plot_latency_recall, report, Path(plot))
+        _artefact("latency-recall plot", plot_latency_recall, report, Path(plot))
 
 
 @app.command()
@@ -333,6 +363,16 @@ def _named_indexes(specs: list[str]) -> dict[str, Path]:
     return out
 
 
+def _bench_engine(index: Path):
+    """bench encodes the caption texts when the index's checkpoint is at hand, else it queries
+    with the stored caption vectors."""
+    from engine.search import SearchEngine
+    from indexer.manifest import read_index_manifest
+
+    checkpoint = read_index_manifest(index).get("producer", {}).get("checkpoint")
+    return open_engine(index) if checkpoint and Path(checkpoint).is_file() else SearchEngine(index)
+
+
 def _print_eval(report: dict) -> None:
     typer.echo(f"{report['split']}: {report['n_images']} images, {report['n_captions']} captions")
     typer.echo(f"{'score':<14}{'dir':<5}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'PMRP':>7}{'mAP@R':>7}{'RSUM':>8}")
@@ -353,18 +393,24 @@ def _print_eval(report: dict) -> None:
 
 
 def _print_result(result) -> None:
+    if result.searched_words is not None:
+        typer.echo(f"searching for: {' '.join(result.searched_words)}")
     if result.unknown_words:
         typer.echo(f"note: not in the vocabulary, ignored: {' '.join(result.unknown_words)}")
     confidence = ("" if result.confidence is None else
                   f"   confidence (expected R@1) {result.confidence:.2f}"
                   + ("  LOW: consider rephrasing" if result.low_confidence else ""))
     typer.echo(f"query uncertainty Σσ² {result.query_uncertainty:.4f}{confidence}")
+    from core.scores import SCORE_MEANING
+    typer.echo(f"score {result.score}: {SCORE_MEANING[result.score]}; p_match: Monte-Carlo "
+               f"match probability of each hit")
     typer.echo(f"rank  {result.score + ' (higher is better)':>26}  p_match  Σσ²     id       item")
     for h in result.results:
         typer.echo(f"{h.rank:4d}  {h.score:26.4f}  {h.p_match:7.3f}  {h.uncertainty:.4f}  "
                    f"#{h.id:<7d} {h.item}")
     t = result.timings_ms
-    typer.echo("timings: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
+    typer.echo(f"shortlist: {result.shortlist_size} candidates rescored; timings (ms): "
+               + ", ".join(f"{k.removesuffix('_ms')} {v:.1f}" for k, v in t.items()))
 
 
 def main() -> None:

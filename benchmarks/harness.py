@@ -126,8 +126,9 @@ def _bench_score(engine: SearchEngine, score: str, q: dict, cfg: BenchConfig) ->
     rows, found = [], []
     for i in range(len(mu)):
         t = time.perf_counter()
-        hits, timings = engine.search("image", mu[i], lv[i], cfg.k, score)
+        hits, timings, shortlist = engine.search("image", mu[i], lv[i], cfg.k, score)
         timings["total_ms"] = (time.perf_counter() - t) * 1000
+        timings["shortlist"] = shortlist
         rows.append(timings)
         found.append([h.id for h in hits])
     total = np.asarray([r["total_ms"] for r in rows])
@@ -178,15 +179,16 @@ def format_table(report: dict) -> str:
             f"nprobe={report['nprobe']} build={report['build_s']} s index={report['index_mb']} MB "
             f"peak RSS={report.get('peak_rss_mb')} MB queries={report['queries']} k={report['k']} "
             f"shortlist={report['shortlist']}")
-    cols = ("p50", "p95", "p99", "qps", "batchqps", "ann", "fetch", "rescore", "meta",
-            "shortl", "recall@10")
-    lines = [head, f"{'score':<14}" + "".join(f"{c:>10}" for c in cols)]
+    # latencies per query in ms (stages: p50), throughput in queries/s, shortlist in items
+    cols = ("p50 ms", "p95 ms", "p99 ms", "qps", "batch qps", "ann ms", "fetch ms", "rescore ms",
+            "meta ms", "shortlist", "recall@10")
+    lines = [head, f"{'score':<14}" + "".join(f"{c:>11}" for c in cols)]
     for name, s in report["scores"].items():
         st = s["stages_p50_ms"]
         vals = (s["p50_ms"], s["p95_ms"], s["p99_ms"], s["qps"], s["batch_qps"], st["ann_ms"],
                 st["fetch_ms"], st["rescore_ms"], st["meta_ms"], s["shortlist_p50"],
                 s["recall@10"])
-        lines.append(f"{name:<14}" + "".join(f"{v:>10.3f}" if isinstance(v, float) else f"{v:>10}"
+        lines.append(f"{name:<14}" + "".join(f"{v:>11.3f}" if isinstance(v, float) else f"{v:>11}"
                                              for v in vals))
     if "elk_over_mu_p50" in report:
         lines.append(f"elk p50 / mu p50 = {report['elk_over_mu_p50']}")

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -61,6 +62,29 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return path
+
+
+def check_writable(path: str | Path, option: str, inside: bool = False) -> Path:
+    """Fail now, with one line naming `option`, when `path` cannot be written: before a command
+    does minutes of work, not after. Outputs are written as temporary siblings renamed into
+    place, so the folder that must accept new files is the nearest existing ancestor of
+    `path`'s parent (and `path` itself when `inside`: run folders are written in place).
+    Probed by creating and removing a file, which sees read-only mounts, permissions and ACLs."""
+    path = Path(path)
+    if path.exists() and inside and not path.is_dir():
+        raise PcmeError(f"{option} {path}: exists and is not a directory")
+    folder = path if inside and path.is_dir() else path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise PcmeError(f"{option} {path}: {folder} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".pcme-write-check-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PcmeError(f"{option} {path}: cannot write in {folder} ({e.strerror})") from None
     return path
 
 

@@ -130,6 +130,19 @@ SCORES = {
 }
 
 
+# What a shown score is, in words (the CLI prints it above the hits). Distances are shown
+# negated so that every column sorts the same way: higher is better.
+SCORE_MEANING = {
+    "mu": "inner product of the μ (cosine similarity), σ ignored; higher is better",
+    "csd": "minus the closed-form sampled distance E|z_q - z_d|^2 (a distance, negated); "
+           "higher (closer to 0) is better",
+    "elk": "log expected likelihood kernel log ∫N(z; q)N(z; d)dz; higher is better",
+    "w2": "minus the squared 2-Wasserstein distance (a distance, negated); higher is better",
+    "bhattacharyya": "minus the Bhattacharyya distance (a distance, negated); higher is better",
+    "mc": "Monte-Carlo match probability sigmoid(-a|z_q - z_d| + b), in [0, 1]; higher is better",
+}
+
+
 # The score a query gets when none is asked for, by the modality of the QUERY: text queries
 # rank images by ELK; image queries rank captions by CSD (ELK's log-det term favours low-σ
 # generic captions for image queries on models whose caption σ differs a lot; README).

@@ -50,8 +50,10 @@ class QueryResult:
     results: list[Hit]
     confidence: float | None = None       # expected R@1 at the query's Σσ² (eval calibration)
     low_confidence: bool | None = None    # confidence below engine.confidence.LOW_CONFIDENCE
-    timings_ms: dict = field(default_factory=dict)
-    unknown_words: list[str] = field(default_factory=list)
+    timings_ms: dict = field(default_factory=dict)   # milliseconds only
+    unknown_words: list[str] = field(default_factory=list)   # dropped: not in the vocabulary
+    searched_words: list[str] | None = None   # the words that were searched (text queries)
+    shortlist_size: int = 0                   # candidates rescored
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -107,13 +109,14 @@ class SearchEngine:
         return self.batch.search(modality, mu_q, lv_q, k, score, exact)
 
     def search(self, modality: str, mu_q: np.ndarray, lv_q: np.ndarray, k: int = 10,
-               score: str = "elk", exact: bool = False) -> tuple[list[Hit], dict]:
+               score: str = "elk", exact: bool = False) -> tuple[list[Hit], dict, int]:
+        """(hits, timings in ms, shortlist size: the number of candidates rescored)."""
         return self.search_many(modality, mu_q[None], lv_q[None], k, score, exact)[0]
 
     def search_many(self, modality: str, mu_q: np.ndarray, lv_q: np.ndarray, k: int = 10,
-                    score: str = "elk", exact: bool = False) -> list[tuple[list[Hit], dict]]:
-        """(hits, timings) per query of a [Q, D] batch: one search_batch call, then one σ and
-        one metadata read for all hits (the service's micro-batches come through here)."""
+                    score: str = "elk", exact: bool = False) -> list[tuple[list[Hit], dict, int]]:
+        """(hits, timings, shortlist size) per query of a [Q, D] batch: one search_batch call,
+        then one σ and one metadata read for all hits (the service's micro-batches)."""
         res = self.search_batch(modality, mu_q, lv_q, k, score, exact)
         t = time.perf_counter()
         flat = res.ids.reshape(-1)
@@ -129,7 +132,7 @@ class SearchEngine:
                         uncertainty=float(uncertainty(lv)), item=item, group=int(group))
                     for r, (i, key, p, lv, (group, item))
                     in enumerate(zip(ids, keys, p_match, lv_hits[rows], meta[rows]))]
-            out.append((hits, {**timings, "shortlist": int(res.shortlist[q])}))
+            out.append((hits, dict(timings), int(res.shortlist[q])))
         return out
 
     def match_probability(self, mu_q, lv_q, mu_d, lv_d, ids) -> np.ndarray:
@@ -162,12 +165,17 @@ class SearchEngine:
                    exact: bool = False) -> QueryResult:
         score = score_name(score or DEFAULT_SCORE["text"])
         t = time.perf_counter()
-        mu, lv, unknown = self._encoder().encode_text(text)
+        encoder = self._encoder()
+        mu, lv, unknown = encoder.encode_text(text)
         encode_ms = _ms(t)
-        hits, timings = self.search("image", mu, lv, k, score, exact)
+        hits, timings, shortlist = self.search("image", mu, lv, k, score, exact)
         timings = {"encode_ms": encode_ms, **timings, "total_ms": _ms(t)}
+        searched = None
+        if hasattr(encoder, "words"):  # optional member of the encoder protocol
+            dropped = set(unknown)
+            searched = [w for w in encoder.words(text) if w not in dropped]
         return QueryResult(text, "image", score, float(uncertainty(lv)), hits,
-                           *self.confidence("text", lv), timings, unknown)
+                           *self.confidence("text", lv), timings, unknown, searched, shortlist)
 
     def query_image(self, path: str | Path, k: int = 10, score: str | None = None,
                     exact: bool = False) -> QueryResult:
@@ -175,10 +183,10 @@ class SearchEngine:
         t = time.perf_counter()
         mu, lv = self._encoder().encode_image(path)
         encode_ms = _ms(t)
-        hits, timings = self.search("text", mu, lv, k, score, exact)
+        hits, timings, shortlist = self.search("text", mu, lv, k, score, exact)
         timings = {"encode_ms": encode_ms, **timings, "total_ms": _ms(t)}
         return QueryResult(str(path), "text", score, float(uncertainty(lv)), hits,
-                           *self.confidence("image", lv), timings)
+                           *self.confidence("image", lv), timings, shortlist_size=shortlist)
 
 
 def _ms(t0: float) -> float:

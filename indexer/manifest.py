@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 from core.atomic import MANIFEST
+from core.commands import cli_command
 from core.errors import PcmeError
 
 logger = logging.getLogger(__name__)
@@ -20,8 +21,11 @@ SCHEMA_VERSION = 1
 def read_manifest(directory: Path, kind: str) -> dict:
     """Load `directory/manifest.json` and check its schema version and kind."""
     directory = Path(directory)
+    if directory.is_file():
+        raise PcmeError(f"{directory}: is a file; give the {kind} directory that holds it"
+                        f" ({directory.parent}/)")
     if not directory.is_dir():
-        raise PcmeError(f"{directory}: directory does not exist")
+        raise PcmeError(f"{directory}: {kind} directory does not exist; {_FIRST_STEP[kind]()}")
     path = directory / MANIFEST
     if not path.is_file():
         raise PcmeError(f"{path}: no manifest (empty or incomplete {kind} directory?)")
@@ -35,6 +39,13 @@ def read_manifest(directory: Path, kind: str) -> dict:
         raise PcmeError(f"{path}: schema_version {_get(manifest, 'schema_version')!r} "
                         f"is not supported (expected {SCHEMA_VERSION})")
     return manifest
+
+
+# the step that writes each kind of directory, for "does not exist" errors
+_FIRST_STEP = {
+    "shards": lambda: f"write it first with train (or encode), run: {cli_command('train')}",
+    "index": lambda: f"build it first, run: {cli_command('index', '--shards', 'out/')}",
+}
 
 
 def _get(obj, key):

@@ -80,7 +80,7 @@ def test_eval_json(trained, tmp_path):
     assert sum(g["n"] for g in levels.values()) == 5000
     assert levels["setting"]["mean_matches"] > levels["pair"]["mean_matches"]
     from PIL import Image
-    assert Image.open(png).size == (640, 360)
+    assert Image.open(png).size == (720, 400)
 
 
 def test_index_with_augmented_scores_and_recall_target(trained, tmp_path):

@@ -158,12 +158,12 @@ def test_mc_score_does_not_depend_on_the_shortlist(flat, queries):
 
 def test_search_hits_and_exact_flag(flat, queries):
     with SearchEngine(flat) as e:
-        hits, timings = e.search("image", queries[0][0], queries[1][0], 5, "elk")
-        exact_hits, _ = e.search("image", queries[0][0], queries[1][0], 5, "elk", exact=True)
+        hits, timings, shortlist = e.search("image", queries[0][0], queries[1][0], 5, "elk")
+        exact_hits, _, _ = e.search("image", queries[0][0], queries[1][0], 5, "elk", exact=True)
     assert [h.id for h in hits] == [h.id for h in exact_hits]
     assert [h.rank for h in hits] == [1, 2, 3, 4, 5]
     assert all(hits[i].score >= hits[i + 1].score for i in range(4))
-    assert hits[0].item == f"image-{hits[0].id}" and timings["shortlist"] >= 5
+    assert hits[0].item == f"image-{hits[0].id}" and shortlist >= 5
 
 
 def _reference_keys(score, mu_q, lv_q, items, a, b):

@@ -220,7 +220,7 @@ def _rewrite_sha_only(out: Path, shard: int) -> None:
 
 
 def test_validation_rejects_missing_empty_and_unreadable_dirs(tmp_path):
-    with pytest.raises(PcmeError, match="nope: directory does not exist"):
+    with pytest.raises(PcmeError, match="nope: shards directory does not exist"):
         validate_shards(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(PcmeError, match="empty.manifest.json: no manifest"):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from core.commands import cli_command
 from core.errors import PcmeError
 from core.atomic import atomic_write, sha256_file
 
@@ -40,10 +41,20 @@ def save_checkpoint(path: str | Path, model: PCME, **extra) -> None:
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
+def _missing_hint(path: Path) -> str:
+    """A typo is told which checkpoints exist beside it; no checkpoint at all, how to make one."""
+    if path.is_dir():
+        return "is a directory, not a checkpoint file"
+    found = sorted(p.name for p in path.parent.glob("*.pt")) if path.parent.is_dir() else []
+    if found:
+        return f"file not found; {path.parent} has {', '.join(found)}"
+    return f"file not found; train first, run: {cli_command('train')}"
+
+
 def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise PcmeError(f"checkpoint {path}: file not found (train first: python cli.py train)")
+        raise PcmeError(f"checkpoint {path}: {_missing_hint(path)}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, foreign or pickled-object files all end here

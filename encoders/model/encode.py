@@ -14,7 +14,7 @@ from PIL import Image
 from core.errors import PcmeError
 
 from encoders.model.networks import PCME
-from encoders.model.text import Vocab
+from encoders.model.text import MAX_WORDS, Vocab, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,12 @@ def check_query_text(vocab: Vocab, text: str) -> list[str]:
     """The unknown words of a query; rejects queries with nothing known."""
     if not text or not text.strip():
         raise PcmeError("query: empty text")
+    words = tokenize(text)
+    if not words:
+        raise PcmeError("query: no words in the text (only punctuation or symbols)")
+    if len(words) > MAX_WORDS:
+        raise PcmeError(f"query: {len(words)} words; the text encoder reads at most {MAX_WORDS}: "
+                        f"shorten the query (nothing was searched)")
     ids, unknown = vocab.encode(text)
     if len(ids) - 2 == len(unknown):
         raise PcmeError(f"query: no word of the query is in the vocabulary ({' '.join(unknown[:10])})")

@@ -19,6 +19,7 @@ from core.errors import PcmeError
 from encoders.model.checkpoint import load_model, resolve_device
 from encoders.model.encode import (check_query_text, encode_images, encode_query_text,
                                    encode_texts)
+from encoders.model.text import tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,8 @@ MAX_QUERY_CHARS = 10_000
 
 class QueryEncoder:
     """encode_text(text) -> (μ [D], log_var [D], unknown words); encode_image(path) -> (μ, log_var);
-    encode_texts(texts): many queries in one forward pass (the service's micro-batches)."""
+    encode_texts(texts): many queries in one forward pass (the service's micro-batches);
+    words(text) -> the normalised words it reads (optional for other encoders)."""
 
     def __init__(self, model, vocab, device: torch.device):
         self.model, self.vocab, self.device = model, vocab, device
@@ -78,6 +80,9 @@ class QueryEncoder:
                 out.append((mu[j], lv[j], c))
                 j += 1
         return out
+    def words(self, text: str) -> list[str]:
+        """The words of `text` as the encoder reads them (normalised: case, accents, NFKC)."""
+        return tokenize(text)
 
     def encode_image(self, path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         img = open_image(path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -20,14 +21,26 @@ logger = logging.getLogger(__name__)
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = [PAD, START, END, UNK]
-MAX_TOKENS = 64  # longer captions are cut: COCO captions rarely pass 30 words
+MAX_TOKENS = 64  # with <start>/<end>; longer captions are cut, longer queries refused
+MAX_WORDS = MAX_TOKENS - 2
 
-_TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+# letters and digits of any script, with an optional 's / 're tail; punctuation and symbols
+# (emoji included) separate words and are dropped
+_TOKEN = re.compile(r"[^\W_]+(?:'[^\W\d_]+)?")
+
+
+def normalize(text: str) -> str:
+    """The text as the vocabulary spells it: NFKC (full-width forms, ligatures), case-folded
+    (ß -> ss), accents folded (Café -> cafe). Captions are folded the same way when the
+    vocabulary is built, so the plain word is the one the vocabulary has."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    return unicodedata.normalize("NFC", text)
 
 
 def tokenize(text: str) -> list[str]:
-    """Lower-case words and numbers; punctuation is dropped."""
-    return _TOKEN.findall(text.lower())
+    """Normalised words and numbers (see `normalize`); punctuation and symbols are dropped."""
+    return _TOKEN.findall(normalize(text))
 
 
 def build_vocab(captions: list[str], min_count: int = 1) -> list[str]:
@@ -48,7 +61,7 @@ class Vocab:
 
     def encode(self, text: str) -> tuple[list[int], list[str]]:
         """Token ids with <start>/<end>, and the words that were not in the vocabulary."""
-        toks = tokenize(text)[: MAX_TOKENS - 2]
+        toks = tokenize(text)[:MAX_WORDS]
         unknown = [w for w in toks if w not in self.index]
         ids = [self.index[START]] + [self.index.get(w, self.index[UNK]) for w in toks]
         return ids + [self.index[END]], unknown
