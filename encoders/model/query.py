@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from core.errors import PcmeError
 from encoders.model.checkpoint import load_model, resolve_device
 from encoders.model.encode import encode_images, encode_query_text
+from encoders.model.images import ImageError, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -62,20 +62,12 @@ class QueryEncoder:
 
 
 def open_image(path: str | Path) -> Image.Image:
-    """A query image as RGB; unreadable, foreign or oversized files are a one-line error. The
-    pixel limit is PIL's process-wide setting, made once at the CLI or service edge."""
+    """A query image as RGB (see encoders/model/images.py); unreadable, foreign or oversized files
+    are a one-line error naming the --image argument."""
     path = Path(path)
     if not path.is_file():
         raise PcmeError(f"--image {path}: file not found")
     try:
-        with warnings.catch_warnings():  # PIL only warns between 1x and 2x the limit
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                return img.convert("RGB")
-    except UnidentifiedImageError:
-        raise PcmeError(f"--image {path}: not an image file") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise PcmeError(f"--image {path}: image larger than {Image.MAX_IMAGE_PIXELS} pixels") from None
-    except OSError as e:  # truncated or corrupt data
-        raise PcmeError(f"--image {path}: cannot decode ({e})") from None
+        return load_image(path)
+    except ImageError as e:
+        raise PcmeError(f"--image {e}") from None
