@@ -88,6 +88,16 @@ def train(
                                         "for the image) or plausible (every caption true of it: "
                                         "scenes, cub)."),
     train_images: Optional[int] = _default("train_images", "Scenes training images."),
+    backbone: Optional[str] = typer.Option(None, help="Image backbone: resnet or "
+                                           "efficientnet-lite0 (ImageNet-pretrained, offline).",
+                                           show_default=DEFAULTS.model.backbone),
+    image_size: Optional[int] = typer.Option(None, help="Image side in pixels (efficientnet-lite0: "
+                                             "224 native, 128 for CPU).",
+                                             show_default=str(DEFAULTS.model.image_size)),
+    freeze_backbone_epochs: Optional[int] = _default("freeze_backbone_epochs", "Epochs with the "
+                                                     "backbone frozen (>= epochs: all of them)."),
+    backbone_lr_scale: Optional[float] = _default("backbone_lr_scale", "Backbone lr = lr x this "
+                                                  "after the frozen epochs."),
     glove: Optional[str] = typer.Option(None, help="GloVe text file.",
                                         show_default="offline GloVe 6B 50-d"),
     seed: Optional[int] = _default("seed", "Random seed."),
@@ -104,7 +114,10 @@ def train(
 
     overrides = dict(data=data, root=root, out=out, shards=shards, epochs=epochs,
                      batch_size=batch_size, lr=lr, loss=loss, positives=positives,
-                     train_images=train_images, glove=glove, seed=seed, device=device)
+                     train_images=train_images, glove=glove, seed=seed, device=device,
+                     freeze_backbone_epochs=freeze_backbone_epochs,
+                     backbone_lr_scale=backbone_lr_scale,
+                     model={"backbone": backbone, "image_size": image_size})
     cfg = _run(load_train_config, config, overrides)
     result = _run(run_train, cfg, resume)
     typer.echo(f"trained in {result['train_s']} s -> {result['checkpoint']}")
