@@ -132,12 +132,27 @@ def encode(
     data: str = typer.Option(DEFAULTS.data, help=f"Dataset: {', '.join(DATASETS)}."),
     root: str = typer.Option(DEFAULTS.root, help="Dataset root folder."),
     split: str = typer.Option(DEFAULTS.eval_split, help="Split to encode."),
+    images: Optional[str] = typer.Option(None, help="Encode every image under this folder "
+                                         "(recursive) instead of a dataset split.",
+                                         show_default="none"),
+    captions: Optional[str] = typer.Option(None, help="Encode the captions of this file (one per "
+                                           "line, or .jsonl) instead of a dataset split.",
+                                           show_default="none"),
     out: str = typer.Option(DEFAULTS.shards, help="Shard directory to write."),
     device: str = typer.Option(DEFAULTS.device, help="auto, cpu or cuda."),
     verbose: bool = Verbose,
 ):
-    """Encode a split with a checkpoint into μ/log σ² parquet shards."""
+    """Encode a dataset split, or a folder of images and/or a caption file, into μ/log σ² shards."""
     _setup_logging(verbose)
+    if images or captions:
+        from encoders.training.encode_files import encode_files_to_shards
+
+        done = _run(encode_files_to_shards, checkpoint, out, images, captions, device)
+        skipped = f", {done['skipped']} unreadable files skipped (listed in {out}/manifest.json)"
+        typer.echo(f"encoded {done['images']} images and {done['captions']} captions"
+                   f"{skipped if done['skipped'] else ''}")
+        typer.echo(f"shards: {out}   (next: python cli.py index --shards {out})")
+        return
     from encoders.training.pipeline import encode_to_shards
 
     path = _run(encode_to_shards, checkpoint, data, root, split, out, device)
