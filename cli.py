@@ -331,7 +331,7 @@ def _print_eval(report: dict) -> None:
 
 def _print_result(result) -> None:
     if result.unknown_words:
-        typer.echo(f"note: not in the vocabulary, ignored: {' '.join(result.unknown_words)}")
+        typer.echo(f"note: unknown words (not in training captions nor GloVe), ignored: {' '.join(result.unknown_words)}")
     typer.echo(f"query uncertainty (mean σ²): {result.query_uncertainty:.4f}   score: {result.score}")
     for h in result.results:
         typer.echo(f"{h.rank:3d}  {h.score:10.4f}  σ² {h.uncertainty:.4f}  #{h.id:<7d} {h.item}")

@@ -52,12 +52,14 @@ def _batches(n: int, batch_size: int) -> Iterator[slice]:
 @torch.no_grad()
 def encode_texts(model: PCME, vocab: Vocab, texts: Sequence[str], device: torch.device,
                  batch_size: int = 512, progress=None) -> tuple[np.ndarray, np.ndarray]:
+    """`vocab`: the model's Vocab (closed: unseen words are <unk>) or an OpenVocab."""
     model.eval()
     mus, lvs = [], []
     for sl in _batches(len(texts), batch_size):
-        ids = [vocab.encode(t)[0] for t in texts[sl]]
+        ids, extra, _ = vocab.encode_batch(list(texts[sl]))
         tokens, lengths = pad_tokens(ids)
-        mu, lv = model.text(tokens.to(device), lengths)
+        mu, lv = model.text(tokens.to(device), lengths,
+                            None if extra is None else extra.to(device))
         mus.append(mu.float().cpu().numpy())
         lvs.append(lv.float().cpu().numpy())
         if progress:
@@ -86,9 +88,9 @@ def encode_query_text(model: PCME, vocab: Vocab, text: str, device: torch.device
     """One query -> (μ [D], log_var [D], unknown words). Rejects queries with nothing known."""
     if not text or not text.strip():
         raise PcmeError("query: empty text")
-    ids, unknown = vocab.encode(text)
-    if len(ids) - 2 == len(unknown):
-        raise PcmeError(f"query: no word of the query is in the vocabulary ({' '.join(unknown[:10])})")
+    ids, _, (unknown,) = vocab.encode_batch([text])
+    if len(ids[0]) - 2 == len(unknown):
+        raise PcmeError(f"query: no word of the query is known ({' '.join(unknown[:10])})")
     mu, lv = encode_texts(model, vocab, [text], device)
     return mu[0], lv[0], unknown
 

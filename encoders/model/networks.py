@@ -181,9 +181,16 @@ class TextEncoder(nn.Module):
         self.gru = nn.GRU(cfg.word_dim, cfg.gru_hidden, batch_first=True, bidirectional=True)
         self.head = ProbHead(cfg.gru_hidden, cfg.embed_dim, cfg.attn_hidden, cfg.dropout, cfg.init_log_var)
 
-    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor):
-        """tokens: long [B, T] padded with 0; lengths: [B] -> (μ [B, D], log_var [B, D])."""
-        packed = pack_padded_sequence(self.embed(tokens), lengths.cpu(), batch_first=True,
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor, extra: torch.Tensor | None = None):
+        """tokens: long [B, T] padded with 0; lengths: [B] -> (μ [B, D], log_var [B, D]).
+        extra: [E, word_dim] input vectors of words outside the vocabulary (open vocabulary),
+        which tokens address as len(vocab) + row."""
+        if extra is None:
+            words = self.embed(tokens)
+        else:
+            table = torch.cat([self.embed.weight, extra.to(self.embed.weight)])
+            words = F.embedding(tokens, table, padding_idx=0)
+        packed = pack_padded_sequence(words, lengths.cpu(), batch_first=True,
                                       enforce_sorted=False)
         out, last = self.gru(packed)
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])

@@ -18,6 +18,7 @@ from core.errors import PcmeError
 from encoders.model.checkpoint import load_model, resolve_device
 from encoders.model.encode import encode_images, encode_query_text
 from encoders.model.images import ImageError, load_image
+from encoders.model.open_vocab import OpenVocab
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,8 @@ MAX_QUERY_CHARS = 10_000
 
 
 class QueryEncoder:
-    """encode_text(text) -> (μ [D], log_var [D], unknown words); encode_image(path) -> (μ, log_var)."""
+    """encode_text(text) -> (μ [D], log_var [D], unknown words); encode_image(path) -> (μ, log_var).
+    Text goes through the open vocabulary: only words GloVe does not know are unknown."""
 
     def __init__(self, model, vocab, device: torch.device):
         self.model, self.vocab, self.device = model, vocab, device
@@ -37,7 +39,7 @@ class QueryEncoder:
         t = time.perf_counter()
         dev = resolve_device(device)
         model, vocab, _ = load_model(path, dev, expected_sha256)
-        encoder = cls(model, vocab, dev)
+        encoder = cls(model, OpenVocab.for_model(model, vocab), dev)
         encoder.load_ms = round((time.perf_counter() - t) * 1000, 3)
         return encoder
 

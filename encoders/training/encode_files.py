@@ -23,6 +23,7 @@ from indexer.shards import ShardWriter
 from encoders.model.checkpoint import load_model, resolve_device
 from encoders.model.encode import encode_image_files, encode_texts
 from encoders.model.images import list_images
+from encoders.model.open_vocab import OpenVocab
 from encoders.training.pipeline import producer_of
 
 logger = logging.getLogger(__name__)
@@ -112,5 +113,6 @@ def _write_captions(writer, model, vocab, texts, image_ids, images_root: Path, d
     groups = np.array([image_ids.get((images_root / img).resolve(), NO_GROUP) if img else NO_GROUP
                        for _, img in texts], dtype=np.int64)
     with track("encode captions", len(texts)) as bar:
-        mu, lv = encode_texts(model, vocab, [t for t, _ in texts], dev, progress=bar.advance)
+        mu, lv = encode_texts(model, OpenVocab.for_model(model, vocab), [t for t, _ in texts], dev,
+                              progress=bar.advance)
     writer.add("text", mu, lv, [t for t, _ in texts], groups)
