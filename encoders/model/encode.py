@@ -90,7 +90,8 @@ def encode_query_text(model: PCME, vocab: Vocab, text: str, device: torch.device
         raise PcmeError("query: empty text")
     ids, _, (unknown,) = vocab.encode_batch([text])
     if len(ids[0]) - 2 == len(unknown):
-        raise PcmeError(f"query: no word of the query is in the vocabulary or GloVe ({' '.join(unknown[:10])})")
+        raise PcmeError(f"query: no word of the query is in the vocabulary or GloVe "
+                        f"({' '.join(unknown[:10])})")
     mu, lv = encode_texts(model, vocab, [text], device)
     return mu[0], lv[0], unknown
 
