@@ -107,6 +107,16 @@ def train(
                                         "for the image) or plausible (every caption true of it: "
                                         "scenes, cub)."),
     train_images: Optional[int] = _default("train_images", "Scenes training images."),
+    backbone: Optional[str] = typer.Option(None, help="Image backbone: resnet or "
+                                           "efficientnet-lite0 (ImageNet-pretrained, offline).",
+                                           show_default=DEFAULTS.model.backbone),
+    image_size: Optional[int] = typer.Option(None, help="Image side in pixels (efficientnet-lite0: "
+                                             "224 native, 128 for CPU).",
+                                             show_default=str(DEFAULTS.model.image_size)),
+    freeze_backbone_epochs: Optional[int] = _default("freeze_backbone_epochs", "Epochs with the "
+                                                     "backbone frozen (>= epochs: all of them)."),
+    backbone_lr_scale: Optional[float] = _default("backbone_lr_scale", "Backbone lr = lr x this "
+                                                  "after the frozen epochs."),
     glove: Optional[str] = typer.Option(None, help="GloVe text file.",
                                         show_default="offline GloVe 6B 50-d"),
     seed: Optional[int] = _default("seed", "Random seed."),
@@ -126,7 +136,10 @@ def train(
 
     overrides = dict(data=data, root=root, out=out, shards=shards, epochs=epochs,
                      batch_size=batch_size, lr=lr, loss=loss, positives=positives,
-                     train_images=train_images, glove=glove, seed=seed, device=device)
+                     train_images=train_images, glove=glove, seed=seed, device=device,
+                     freeze_backbone_epochs=freeze_backbone_epochs,
+                     backbone_lr_scale=backbone_lr_scale,
+                     model={"backbone": backbone, "image_size": image_size})
     cfg = _run(load_train_config, config, overrides)
     result = _run(run_training, cfg, resume, force)
     typer.echo(f"trained in {result['train_s']} s -> {result['checkpoint']}")
@@ -142,12 +155,27 @@ def encode(
     data: str = typer.Option(DEFAULTS.data, help=f"Dataset: {', '.join(DATASETS)}."),
     root: str = typer.Option(DEFAULTS.root, help="Dataset root folder."),
     split: str = typer.Option(DEFAULTS.eval_split, help="Split to encode."),
+    images: Optional[str] = typer.Option(None, help="Encode every image under this folder "
+                                         "(recursive) instead of a dataset split.",
+                                         show_default="none"),
+    captions: Optional[str] = typer.Option(None, help="Encode the captions of this file (one per "
+                                           "line, or .jsonl) instead of a dataset split.",
+                                           show_default="none"),
     out: str = typer.Option(DEFAULTS.shards, help="Shard directory to write."),
     device: str = typer.Option(DEFAULTS.device, help="auto, cpu or cuda."),
     verbose: bool = Verbose,
 ):
-    """Encode a split with a checkpoint into μ/log σ² parquet shards."""
+    """Encode a dataset split, or a folder of images and/or a caption file, into μ/log σ² shards."""
     _setup_logging(verbose)
+    if images or captions:
+        from encoders.training.encode_files import encode_files_to_shards
+
+        done = _run(encode_files_to_shards, checkpoint, out, images, captions, device)
+        skipped = f", {done['skipped']} unreadable files skipped (listed in {out}/manifest.json)"
+        typer.echo(f"encoded {done['images']} images and {done['captions']} captions"
+                   f"{skipped if done['skipped'] else ''}")
+        typer.echo(f"shards: {out}   (next: python cli.py index --shards {out})")
+        return
     from encoders.training.pipeline import encode_to_shards
 
     _run(check_writable, out, "--out")
@@ -396,7 +424,7 @@ def _print_result(result) -> None:
     if result.searched_words is not None:
         typer.echo(f"searching for: {' '.join(result.searched_words)}")
     if result.unknown_words:
-        typer.echo(f"note: not in the vocabulary, ignored: {' '.join(result.unknown_words)}")
+        typer.echo(f"note: unknown words (not in training captions nor GloVe), ignored: {' '.join(result.unknown_words)}")
     confidence = ("" if result.confidence is None else
                   f"   confidence (expected R@1) {result.confidence:.2f}"
                   + ("  LOW: consider rephrasing" if result.low_confidence else ""))

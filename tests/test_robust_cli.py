@@ -89,7 +89,7 @@ def test_lmdb_missing_keys(trained, tmp_path, record_property):
 @pytest.mark.parametrize("text,needles", [
     ("", ("query", "empty")),
     ("   \t ", ("query", "empty")),
-    ("qqq zzzx", ("query", "vocabulary", "qqq")),
+    ("qqqzzzxxw zzqqxxwv", ("query", "vocabulary or GloVe", "qqqzzzxxw")),  # GloVe lacks both
     ("people " * 10_000, ("query", "70000 characters", "at most 10000")),
 ], ids=["empty", "whitespace", "unknown words", "10000 words"])
 def test_bad_text_query(trained, text, needles, record_property):

@@ -71,7 +71,8 @@ def load_model(path: str | Path, device: torch.device, expected_sha256: str | No
                         "manifest (the model changed since indexing; re-encode and re-index)")
     ckpt = read_checkpoint(path)
     cfg = model_config_from_dict(ckpt["model_config"])
-    cfg.resnet_weights = ""  # the checkpoint already holds the backbone weights
+    # the checkpoint already holds the backbone weights: no weight file or package is read
+    cfg.resnet_weights, cfg.imagenet_weights = "", False
     model = PCME(cfg)
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()

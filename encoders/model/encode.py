@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,6 +15,7 @@ from PIL import Image
 
 from core.errors import PcmeError
 
+from encoders.model.images import ImageError, load_image
 from encoders.model.networks import PCME
 from encoders.model.text import MAX_WORDS, Vocab, tokenize
 
@@ -49,12 +52,14 @@ def _batches(n: int, batch_size: int) -> Iterator[slice]:
 @torch.no_grad()
 def encode_texts(model: PCME, vocab: Vocab, texts: Sequence[str], device: torch.device,
                  batch_size: int = 512, progress=None) -> tuple[np.ndarray, np.ndarray]:
+    """`vocab`: the model's Vocab (closed: unseen words are <unk>) or an OpenVocab."""
     model.eval()
     mus, lvs = [], []
     for sl in _batches(len(texts), batch_size):
-        ids = [vocab.encode(t)[0] for t in texts[sl]]
+        ids, extra, _ = vocab.encode_batch(list(texts[sl]))
         tokens, lengths = pad_tokens(ids)
-        mu, lv = model.text(tokens.to(device), lengths)
+        mu, lv = model.text(tokens.to(device), lengths,
+                            None if extra is None else extra.to(device))
         mus.append(mu.float().cpu().numpy())
         lvs.append(lv.float().cpu().numpy())
         if progress:
@@ -89,9 +94,10 @@ def check_query_text(vocab: Vocab, text: str) -> list[str]:
     if len(words) > MAX_WORDS:
         raise PcmeError(f"query: {len(words)} words; the text encoder reads at most {MAX_WORDS}: "
                         f"shorten the query (nothing was searched)")
-    ids, unknown = vocab.encode(text)
-    if len(ids) - 2 == len(unknown):
-        raise PcmeError(f"query: no word of the query is in the vocabulary ({' '.join(unknown[:10])})")
+    ids, _, (unknown,) = vocab.encode_batch([text])   # Vocab or OpenVocab (GloVe's words too)
+    if len(ids[0]) - 2 == len(unknown):
+        raise PcmeError(f"query: no word of the query is in the vocabulary or GloVe "
+                        f"({' '.join(unknown[:10])})")
     return unknown
 
 
@@ -100,3 +106,35 @@ def encode_query_text(model: PCME, vocab: Vocab, text: str, device: torch.device
     unknown = check_query_text(vocab, text)
     mu, lv = encode_texts(model, vocab, [text], device)
     return mu[0], lv[0], unknown
+
+
+def _decode(path: Path, size: int) -> torch.Tensor | ImageError:
+    try:
+        return image_to_uint8(load_image(path, size_hint=size), size)
+    except ImageError as e:
+        return e
+
+
+@torch.no_grad()
+def encode_image_files(model: PCME, paths: Sequence[Path], device: torch.device,
+                       batch_size: int = 64, workers: int = 2):
+    """Yield (paths encoded, μ, log_var, [(path, why) skipped]) per batch of files. Files that
+    cannot be used are skipped, not fatal: one broken photo must not stop a folder of 10,000.
+    The next batch is decoded by `workers` threads (PIL releases the GIL) while the model runs."""
+    model.eval()
+    size = model.cfg.image_size
+    chunks = [list(paths[i: i + batch_size]) for i in range(0, len(paths), batch_size)]
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        submit = lambda chunk: [pool.submit(_decode, p, size) for p in chunk]  # noqa: E731
+        pending = submit(chunks[0]) if chunks else []
+        for k, chunk in enumerate(chunks):
+            decoded = [f.result() for f in pending]
+            pending = submit(chunks[k + 1]) if k + 1 < len(chunks) else []
+            ok = [i for i, d in enumerate(decoded) if not isinstance(d, ImageError)]
+            skipped = [(chunk[i], str(d)) for i, d in enumerate(decoded) if isinstance(d, ImageError)]
+            if not ok:
+                yield [], None, None, skipped
+                continue
+            x = torch.stack([decoded[i] for i in ok]).to(device).float().div_(255.0)
+            mu, lv = model.image(x)
+            yield [chunk[i] for i in ok], mu.float().cpu().numpy(), lv.float().cpu().numpy(), skipped

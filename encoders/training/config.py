@@ -27,7 +27,8 @@ class TrainConfig:
     warmup_steps: int = 50          # linear warm-up before the cosine decay
     grad_clip: float = 2.0          # max global gradient norm
     accum_steps: int = 1            # micro-batches per optimiser step (negatives stay in-batch)
-    freeze_backbone_epochs: int = 0 # stage 1: epochs with the ResNet frozen (pretrained weights)
+    freeze_backbone_epochs: int = 0 # stage 1: epochs with the image backbone frozen (pretrained
+                                    # weights); >= epochs keeps it frozen for the whole run
     backbone_lr_scale: float = 1.0  # stage 2: backbone learning rate = lr * this (e.g. 0.1)
     match_lr_scale: float = 50.0    # learning rate of a and b (p = sigmoid(-a d + b)) = lr * this:
                                     # they must move by tens within a short run (p_match calibration)
@@ -115,7 +116,8 @@ def _check_and_build(cls, values: dict, where: str):
 
 
 def load_train_config(path: str | Path | None, overrides: dict) -> TrainConfig:
-    """Defaults, then the TOML/JSON file, then CLI overrides (None values are ignored)."""
+    """Defaults, then the TOML/JSON file, then CLI overrides (None values are ignored; a "model"
+    dict of overrides is merged into the file's [model] table)."""
     values: dict = {}
     if path:
         path = Path(path)
@@ -128,7 +130,13 @@ def load_train_config(path: str | Path | None, overrides: dict) -> TrainConfig:
             raise PcmeError(f"--config {path}: cannot parse ({e})") from None
         if not isinstance(values, dict):
             raise PcmeError(f"--config {path}: expected a table/object at the top level")
+    overrides = dict(overrides)
+    model = {k: v for k, v in (overrides.pop("model", None) or {}).items() if v is not None}
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if model:
+        if not isinstance(values.get("model", {}), dict):
+            raise PcmeError(f"{path or 'config'}: 'model' must be a table ([model])")
+        values["model"] = {**values.get("model", {}), **model}
     cfg = _check_and_build(TrainConfig, values, str(path or "config"))
     _check_choices(cfg, str(path or "config"))
     return cfg
@@ -143,10 +151,12 @@ def _check_choices(cfg: TrainConfig, where: str) -> None:
     from core.scores import SCORES
 
     from encoders.training.losses_baselines import LOSSES
+    from encoders.model.networks import BACKBONES
 
-    for name, choices in (("loss", LOSSES), ("data", LOADERS), ("positives", POSITIVES)):
-        if getattr(cfg, name) not in choices:
-            raise PcmeError(f"{where}: {name} {getattr(cfg, name)!r} is unknown; choose one of "
+    for obj, name, choices in ((cfg, "loss", LOSSES), (cfg, "data", LOADERS),
+                               (cfg, "positives", POSITIVES), (cfg.model, "backbone", BACKBONES)):
+        if getattr(obj, name) not in choices:
+            raise PcmeError(f"{where}: {name} {getattr(obj, name)!r} is unknown; choose one of "
                             f"{', '.join(choices)}")
     unknown = [s for s in cfg.eval_scores if s not in SCORES]
     if unknown:

@@ -1,8 +1,10 @@
 """Optimiser and learning-rate schedule: AdamW, linear warm-up, cosine decay, two stages.
 
-Stage 1 (the first `freeze_backbone_epochs` epochs) trains everything but the ResNet backbone,
-which stays frozen (learning rate 0, BatchNorm statistics fixed): useful when the backbone starts
-from pretrained weights. Stage 2 trains end to end with the backbone at `lr * backbone_lr_scale`.
+Stage 1 (the first `freeze_backbone_epochs` epochs) trains everything but the image backbone
+(ResNet or EfficientNet-Lite0), which stays frozen (learning rate 0, BatchNorm statistics fixed):
+useful when the backbone starts from pretrained weights. Stage 2 trains end to end with the
+backbone at `lr * backbone_lr_scale`. A backbone frozen for the whole run gets no gradients at
+all (requires_grad off), which skips its backward pass: ~3x cheaper steps on a CPU.
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ def make_optimizer(model: PCME, cfg: TrainConfig, steps_per_epoch: int):
     LambdaLR per group. a and b get lr * match_lr_scale and no weight decay: they are two
     scalars far from 0, and at lr 2e-3 Adam moves each by at most ~1 in a 600-step run."""
     backbone = list(model.image.backbone.parameters())
+    frozen_for_good = cfg.freeze_backbone_epochs >= cfg.epochs
+    for p in backbone:
+        p.requires_grad_(not frozen_for_good)
     scalars = [model.a_raw, model.b]
     ids = {id(p) for p in backbone + scalars}
     rest = [p for p in model.parameters() if id(p) not in ids]

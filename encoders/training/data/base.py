@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from core.errors import PcmeError
+from encoders.model.images import load_image
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +57,7 @@ class Split:
 
     def load_image(self, i: int) -> Image.Image:
         """Image i as RGB. Decoded on demand: a split never holds its pixels in memory."""
-        path = self.root / self.image_paths[i]
-        try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except (OSError, UnidentifiedImageError) as e:
-            raise PcmeError(f"{path}: cannot read image ({e})") from e
+        return load_image(self.root / self.image_paths[i])
 
     def pairing_matrix(self) -> np.ndarray:
         """bool [n_captions, n_images]: True only where a caption was written for that image."""

@@ -1,0 +1,118 @@
+"""Held-out retrieval on the real-photo dev set (benchmarks/tuxpaint_photos.py), per checkpoint:
+R@1/5/10 both ways with the closed vocabulary (what `train`'s eval reports: unseen words are
+<unk>) and with the open one (unseen words through GloVe, what `query` serves), and the
+held-out-word test: each word that appears in test captions but never in training captions
+(and that GloVe knows; all such words, and only the captions' subjects) is queried alone through the real engine on the test split's index; a
+hit is a top-5 photo whose caption contains the word.
+
+    python benchmarks/photos_eval.py --root data/tuxpaint RUN_DIR[:INDEX_DIR] ... [--json]
+
+RUN_DIR holds checkpoint.pt; INDEX_DIR (optional) an index of that run's test-split shards
+(`train` exports them, `cli.py index` builds it); without it the held-out-word test is skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.process import configure_process
+from engine.search import SearchEngine
+from encoders.model.checkpoint import load_model
+from encoders.model.open_vocab import GloveTable, OpenVocab
+from encoders.model.query import QueryEncoder
+from encoders.model.text import tokenize
+from encoders.training.data import load_split
+from encoders.training.evaluate import encode_split, ground_truth, score_matrix
+from encoders.training.metrics import recall_at_k
+
+STOPWORDS = {"a", "an", "the", "it", "its", "in", "on", "of", "and", "or", "to", "with", "is",
+             "are", "for", "at", "by", "from", "this", "that", "as", "be", "has", "have", "can"}
+KS = (1, 5, 10)
+
+
+def recalls(model, vocab, split, device, score: str = "elk") -> dict:
+    i_mu, i_lv, t_mu, t_lv = encode_split(model, vocab, split, device)
+    m = score_matrix(score, (t_mu, t_lv), (i_mu, i_lv), model.a.item(), model.b.item())
+    gt = ground_truth(split)
+    return {"t2i": recall_at_k(m, gt, KS), "i2t": recall_at_k(m.T, gt.T, KS)}
+
+
+def subject(caption: str) -> str:
+    """The stamp's subject: the last word of its first sentence ("A sitting gnu." -> gnu)."""
+    words = tokenize(caption.split(".")[0])
+    return words[-1] if words else ""
+
+
+def held_out_words(train, test, subjects_only: bool) -> list[str]:
+    """Words of test captions (or only their subjects) never seen in training captions."""
+    seen = {w for c in train.captions for w in tokenize(c)}
+    pool = {subject(c) for c in test.captions} if subjects_only else \
+        {w for c in test.captions for w in tokenize(c)}
+    new = sorted(pool - seen - STOPWORDS - {""})
+    return [w for w in new if len(w) > 2 and not w.isdigit() and w in GloveTable().vectors(new)]
+
+
+def word_queries(index: Path, test, words: list[str], device, k: int = 5) -> dict:
+    """{word: True when a top-k photo's caption contains it} through SearchEngine.query_text."""
+    caps_of: dict[str, set[str]] = {}
+    for c, i in zip(test.captions, test.caption_image):
+        caps_of.setdefault(str((test.root / test.image_paths[i]).resolve()), set()).update(tokenize(c))
+    out = {}
+    with SearchEngine(index, make_encoder=lambda m, d: QueryEncoder.for_index(m, d, device)) as eng:
+        for w in words:
+            hits = eng.query_text(w, k=k).results
+            out[w] = any(w in caps_of.get(h.item, ()) for h in hits)
+    return out
+
+
+def evaluate_run(root: Path, run: str, device: str) -> dict:
+    run_dir, _, index = run.partition(":")
+    dev = torch.device(device)
+    model, vocab, _ = load_model(Path(run_dir) / "checkpoint.pt", dev)
+    test, train = load_split("folder", root, "test"), load_split("folder", root, "train")
+    report = {"run": run_dir, "backbone": model.cfg.backbone, "image_size": model.cfg.image_size,
+              "closed": recalls(model, vocab, test, dev),
+              "open": recalls(model, OpenVocab.for_model(model, vocab), test, dev)}
+    if index:
+        for name, only in (("held_out_words", False), ("held_out_subjects", True)):
+            hits = word_queries(Path(index), test, held_out_words(train, test, only), device)
+            report[name] = {"n": len(hits), "top5_hit": sum(hits.values()),
+                            "hit": sorted(w for w, ok in hits.items() if ok),
+                            "miss": sorted(w for w, ok in hits.items() if not ok)}
+    return report
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", help="RUN_DIR[:INDEX_DIR]")
+    ap.add_argument("--root", type=Path, required=True, help="dataset folder (tuxpaint_photos.py)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    configure_process()
+    reports = [evaluate_run(args.root, r, args.device) for r in args.runs]
+    if args.json:
+        print(json.dumps(reports, indent=2))
+        return 0
+    print(f"{'run':<34} {'vocab':<7} " + " ".join(f"t2i R@{k:<3}" for k in KS) + " "
+          + " ".join(f"i2t R@{k:<3}" for k in KS))
+    for r in reports:
+        for kind in ("closed", "open"):
+            row = r[kind]
+            print(f"{r['run'][-34:]:<34} {kind:<7} " + " ".join(f"{row['t2i'][k]:9.3f}" for k in KS)
+                  + " " + " ".join(f"{row['i2t'][k]:9.3f}" for k in KS))
+        for name in ("held_out_words", "held_out_subjects"):
+            if name in r:
+                h = r[name]
+                print(f"  {name.replace('_', ' ')} with a correct top-5 photo: "
+                      f"{h['top5_hit']}/{h['n']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Open vocabulary: a word training never saw takes its GloVe vector through the learned map."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from encoders.model.encode import encode_texts
+from encoders.model.open_vocab import GloveTable, OpenVocab, fit_glove_map
+from encoders.model.query import QueryEncoder
+from encoders.model.text import UNK
+
+
+def test_fit_glove_map_recovers_a_linear_drift_and_shrinks_to_identity():
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=(200, 6))
+    b = np.eye(6) + 0.3 * rng.normal(size=(6, 6))
+    assert np.allclose(fit_glove_map(g, g @ b, ridge=1e-9), b, atol=1e-5)  # exact least squares
+    assert np.allclose(fit_glove_map(g, g @ b, ridge=1e9), np.eye(6), atol=1e-4)  # all prior
+
+
+@pytest.fixture(scope="module")
+def encoder(trained):
+    return QueryEncoder.from_checkpoint(trained / "run" / "checkpoint.pt", "cpu")
+
+
+def test_held_out_word_lands_next_to_its_trained_glove_neighbour(encoder):
+    words = encoder.vocab.vocab.index
+    assert "puppy" not in words and "kitten" not in words  # never in the scenes captions
+    trained = ["dog", "cat", "car", "bus", "boat", "horse", "bird", "bench", "train", "tree"]
+    assert all(w in words for w in trained)
+    mu_trained = np.stack([encoder.encode_text(f"a {w}")[0] for w in trained])
+    for new, neighbour in (("puppy", "dog"), ("kitten", "cat")):
+        mu, _, unknown = encoder.encode_text(f"a {new}")
+        assert unknown == []
+        assert trained[int(np.argmax(mu_trained @ mu))] == neighbour
+    # the closed vocabulary drops the word: "a puppy" and "a kitten" become the same "a <unk>"
+    closed = encoder.vocab.vocab
+    mu_closed, _ = encode_texts(encoder.model, closed, ["a puppy", "a kitten"], encoder.device)
+    assert np.allclose(mu_closed[0], mu_closed[1])
+    assert closed.encode("a puppy")[0][2] == closed.index[UNK]
+
+
+def test_only_words_glove_does_not_know_are_unknown(encoder):
+    _, _, unknown = encoder.encode_text("a purple giraffe qqzzxw near the station")
+    assert unknown == ["qqzzxw"]
+    ids, extra, unknown = encoder.vocab.encode_batch(["a giraffe giraffe", "the dog"])
+    base = len(encoder.vocab.vocab)
+    assert ids[0][2] == ids[0][3] == base and extra.shape == (1, 50)  # one extra row, shared
+    expected = GloveTable().vectors(["giraffe"])["giraffe"] @ encoder.vocab.map
+    assert np.allclose(extra[0].numpy(), expected)
+    assert unknown == [[], []]
+
+
+def test_model_without_glove_width_falls_back_to_the_closed_vocabulary(encoder):
+    narrow = SimpleNamespace(text=SimpleNamespace(embed=torch.nn.Embedding(10, 8)))  # 8-d words
+    assert OpenVocab.for_model(narrow, encoder.vocab.vocab) is encoder.vocab.vocab
