@@ -84,7 +84,7 @@ def test_build_manifest(shards, index):
     assert m["counts"] == {"image": 6000, "text": 1200}
     assert m["factory"] == {"image": "IVF128,Flat", "text": "Flat"}
     assert m["nprobe"]["text"] is None and 1 <= m["nprobe"]["image"] <= 128
-    assert m["store"]["mu_in_store"] == {"image": False, "text": False}
+    assert m["store"]["format"] == 2
     assert m["producer"] == {"checkpoint": "runs/x.pt", "sha256": "ab"}
     assert m["shards"]["dir"] == str(shards.absolute())
     assert sorted(p.name for p in index.iterdir()) == ["image.faiss", "manifest.json", "store.lmdb", "text.faiss"]
@@ -131,8 +131,7 @@ def test_store_round_trip_flat_and_ivf(shards, index):
 @pytest.mark.parametrize("factory", ["IVF16,SQ8", "PQ4x4"])
 def test_store_holds_exact_mu_for_compressed_codes(shards, tmp_path, factory):
     out = tmp_path / "index"
-    manifest = build_index(shards, out, factory=factory, nprobe=4)
-    assert manifest["store"]["mu_in_store"] == {"image": True, "text": True}
+    build_index(shards, out, factory=factory, nprobe=4)
     ref = load_shards(shards, "image")
     with IndexReader.open(out) as r:
         pick = np.array([5, 4000, 5999])
@@ -238,16 +237,19 @@ def test_store_grows_when_full_and_clips_extreme_log_var(tmp_path, caplog):
     rng = np.random.default_rng(6)
     log_var = rng.normal(0, 5, (300, D)).astype(np.float32)
     log_var[0, :3] = [-30.0, 25.0, -20.0]
+    mu = rng.standard_normal((300, D)).astype(np.float32)
     items = [f"{i} " + "long caption ✓ " * 200 for i in range(300)]  # ~1 MB: past the 64 KiB map
     store = StoreWriter(tmp_path / "s.lmdb", map_size=64 << 10)
     for start in (0, 150):
         sl = slice(start, start + 150)
-        store.put("text", np.arange(start, start + 150), log_var[sl], np.arange(300)[sl] // 3, items[sl])
+        store.put("text", np.arange(start, start + 150), mu[sl], log_var[sl],
+                  np.arange(300)[sl] // 3, items[sl])
     with caplog.at_level("WARNING"):
         store.close()
     assert "clipped 2 log_var values" in caplog.text
     reader = StoreReader(tmp_path / "s.lmdb", D)
-    got = reader.scan("text", "log_var", np.float16, 300)
+    got_mu, got = reader.scan("text", 300)
+    np.testing.assert_array_equal(got_mu, mu)
     np.testing.assert_array_equal(got[0, :3], [-20.0, 20.0, -20.0])
     np.testing.assert_allclose(got[1:], log_var[1:], rtol=2**-11, atol=1e-6)
     assert reader.meta("text", np.array([299, 0])) == [(99, items[299]), (0, items[0])]
