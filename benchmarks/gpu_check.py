@@ -25,6 +25,8 @@ from unittest import mock
 
 import numpy as np
 
+from core.process import configure_process
+
 
 def no_gpu_reason() -> str | None:
     import faiss
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-images", type=int, default=1024)
     p.add_argument("--workdir", default="gpu_work")
     args = p.parse_args(argv)
+    configure_process()
     reason = no_gpu_reason()
     if reason:
         print(json.dumps({"error": reason}))
