@@ -16,7 +16,7 @@ from core.errors import PcmeError
 from core.atomic import atomic_write, sha256_file
 
 from encoders.model.config import model_config_from_dict
-from encoders.model.networks import PCME
+from encoders.model.networks import PCME, TOWERS
 from encoders.model.text import Vocab
 
 logger = logging.getLogger(__name__)
@@ -53,15 +53,19 @@ def read_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def load_model(path: str | Path, device: torch.device, expected_sha256: str | None = None):
-    """-> (model in eval mode on device, vocabulary, checkpoint dict)."""
+def load_model(path: str | Path, device: torch.device, expected_sha256: str | None = None,
+               towers: tuple[str, ...] = TOWERS):
+    """-> (model in eval mode on device, vocabulary, checkpoint dict). `towers` limits what is
+    built and loaded (PCME); the checkpoint must still hold every tower's weights."""
     if expected_sha256 and Path(path).is_file() and sha256_file(path) != expected_sha256:
         raise PcmeError(f"checkpoint {path}: sha256 differs from the one recorded in the index "
                         "manifest (the model changed since indexing; re-encode and re-index)")
     ckpt = read_checkpoint(path)
     cfg = model_config_from_dict(ckpt["model_config"])
     cfg.resnet_weights = ""  # the checkpoint already holds the backbone weights
-    model = PCME(cfg)
-    model.load_state_dict(ckpt["model"])
+    model = PCME(cfg, towers)
+    skipped = tuple(f"{t}." for t in TOWERS if t not in towers)
+    model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.startswith(skipped)}
+                          if skipped else ckpt["model"])
     model.to(device).eval()
     return model, Vocab(cfg.vocab), ckpt
