@@ -16,6 +16,7 @@ from indexer.store import STORE_FORMAT
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+MODALITIES = ("image", "text")  # here, not in shards.py: the query path needs no pyarrow
 
 
 def read_manifest(directory: Path, kind: str) -> dict:

@@ -17,8 +17,7 @@ import numpy as np
 from core.errors import PcmeError
 from indexer import augmented as aug
 from indexer import faiss_index as fx
-from indexer.manifest import read_index_manifest
-from indexer.shards import MODALITIES
+from indexer.manifest import MODALITIES, read_index_manifest
 from indexer.store import StoreReader
 
 logger = logging.getLogger(__name__)
