@@ -84,11 +84,11 @@ class BatchSearcher:
         first = k if score == "mu" else max(k, self.initial or shortlist_size(k, n, score))
         depth = prefetch_depth(k, n, first) if bounds is not None and score != "mu" else first
         t = time.perf_counter()
-        ids, ip = self.reader.search(modality, mu_q, min(depth, n))
+        ids, ip = self.reader.search(modality, mu_q, min(depth, n), min_fill=first)
         timings["ann_ms"] += _ms(t)
         if score == "mu":  # the ANN ranking is the answer: no σ needed
             return BatchResult(ids, ip, np.full(len(ids), ids.shape[1]), timings)
-        head = min(first, ids.shape[1])
+        head = min(first, ids.shape[1])  # min_fill: the first `first` of every row are ids
         keys = self._rescore(modality, score, mu_q, lv_q, ids[:, :head], timings)
         lists = [(ids[i, :head], keys[i]) for i in range(len(mu_q))]
         if bounds is not None:
@@ -110,8 +110,9 @@ class BatchSearcher:
         extra_q, extra_ids = [], []
         for i, (c_ids, c_keys) in enumerate(lists):
             t_req = required_ip(score, kth_key(c_keys, k), mu_q[i], lv_q[i], bounds)
-            above = int(np.searchsorted(-ip[i], -t_req, side="left"))  # items with ip > t_req
-            if above < ids.shape[1] or ids.shape[1] == n:
+            valid = int((ids[i] >= 0).sum())  # fewer than asked: the probed lists are exhausted
+            above = int(np.searchsorted(-ip[i, :valid], -t_req, side="left"))  # ip > t_req
+            if above < valid or valid < ids.shape[1] or ids.shape[1] == n:
                 more = ids[i, len(c_ids):above]
             else:  # the whole ANN list is above t: it may not hold every such item
                 t = time.perf_counter()

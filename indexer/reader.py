@@ -56,10 +56,12 @@ class IndexReader:
         _check_modality(modality)
         return int(self.manifest["counts"].get(modality, 0))
 
-    def search(self, modality: str, queries: np.ndarray, n: int,
-               nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, modality: str, queries: np.ndarray, n: int, nprobe: int | None = None,
+               min_fill: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Approximate top-n by inner product on μ: (ids [Q, n'], ip [Q, n']) with n' = min(n,
-        count). Never returns -1 ids: rows IVF left short are searched again with more lists."""
+        count). Rows IVF left with fewer than `min_fill` hits (default: n) are searched again
+        with more lists; by default no -1 id comes back. With min_fill < n a row may end in -1
+        ids: then it holds every item of the lists it probed (the engine's prefetch uses that)."""
         queries = self._check_queries(queries)
         if n < 1:
             raise PcmeError(f"search: n must be >= 1, got {n}")
@@ -74,11 +76,13 @@ class IndexReader:
         else:
             ip, ids = fx.search(index, queries, n, nprobe)
         ivf = fx.ivf_of(index)
-        while ivf is not None and nprobe and nprobe < ivf.nlist and (ids < 0).any():
+        need = n if min_fill is None else min(min_fill, n)
+        while ivf is not None and nprobe and nprobe < ivf.nlist \
+                and ((ids >= 0).sum(axis=1) < need).any():
             nprobe = min(2 * nprobe, ivf.nlist)  # nprobe = nlist scans all n rows: never short
-            short = np.flatnonzero((ids < 0).any(axis=1))
+            short = np.flatnonzero((ids >= 0).sum(axis=1) < need)
             ip[short], ids[short] = fx.search(index, queries[short], n, nprobe)
-        return _trim_missing(ids, ip)
+        return _trim_missing(ids, ip) if min_fill is None else (ids, ip)
 
     def range_search(self, modality: str, query: np.ndarray, threshold: float,
                      nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:

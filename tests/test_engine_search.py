@@ -210,3 +210,20 @@ def test_range_search_fallback_when_threshold_is_beyond_the_ann_list(flat, queri
     assert res.shortlist.max() > 5 * K
     for i in range(10):
         check_topk(res.ids[i], res.keys[i], brute("elk", mu_q[i], lv_q[i], mu, lv))
+
+
+def test_short_prefetch_rows_equal_the_range_search_path(shards, tmp_path_factory, queries,
+                                                          monkeypatch):
+    """nprobe 2 of 16 lists holds fewer items than the prefetch asks for: such a row already
+    holds every probed item above the threshold, so it must agree with the range search."""
+    import engine.batch as batch
+    ivf = _build(shards, tmp_path_factory, "IVF16,Flat", 2)
+    mu_q, lv_q = queries[0][:12], queries[1][:12]
+    with IndexReader.open(ivf) as r:
+        ids, _ = r.search("image", mu_q, 2000, min_fill=50)
+        assert ((ids >= 0).sum(axis=1) < 2000).all() and (ids[:, :50] >= 0).all()
+        got = BatchSearcher(r, 5.0, 5.0).search("image", mu_q, lv_q, K, "elk")
+        monkeypatch.setattr(batch, "prefetch_depth", lambda k, n, first: first)
+        ref = BatchSearcher(r, 5.0, 5.0).search("image", mu_q, lv_q, K, "elk")
+    np.testing.assert_array_equal(got.ids, ref.ids)
+    np.testing.assert_allclose(got.keys, ref.keys, rtol=1e-6)
