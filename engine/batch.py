@@ -1,5 +1,5 @@
-"""Search many queries at once: one ANN call, one σ fetch, one rescoring call for the batch,
-then per-query shortlist growth where the bound says an unseen item could still win.
+"""Search many queries at once: one ANN call, one store read and one rescoring call for the
+batch, then one more read and rescore of whatever the bound says could still win.
 
 Stages are timed separately (ann, fetch, rescore) because they scale differently: ANN with
 nprobe and N, fetch with the shortlist length (LMDB reads), rescore with shortlist × D.
@@ -19,7 +19,7 @@ from engine.exact import ExactSearcher
 from core.montecarlo import MC_SAMPLES
 from core.scores import score_name
 from engine.rescore import rescore_gathered
-from engine.shortlist import is_final, kth_key, shortlist_size
+from engine.shortlist import BOUNDED, kth_key, prefetch_depth, shortlist_size
 from indexer.variance import VarianceBounds, required_ip
 
 logger = logging.getLogger(__name__)
@@ -75,49 +75,68 @@ class BatchSearcher:
         return self._shortlist(modality, mu_q, lv_q, k, score, n)
 
     def _shortlist(self, modality, mu_q, lv_q, k, score, n) -> BatchResult:
+        """One ANN call returns `prefetch_depth` candidates by ⟨μ_q, μ_d⟩; the first `first`
+        are fetched and rescored; the bound then says, per query, which further prefix of
+        that same list could still enter the top-k (one more fetch and rescore for the batch).
+        Only a query whose threshold lies beyond the list needs a FAISS range search."""
         timings = {"ann_ms": 0.0, "fetch_ms": 0.0, "rescore_ms": 0.0}
+        bounds = self._bounds(modality) if self.guarantee and score in BOUNDED else None
         first = k if score == "mu" else max(k, self.initial or shortlist_size(k, n, score))
+        depth = prefetch_depth(k, n, first) if bounds is not None and score != "mu" else first
         t = time.perf_counter()
-        ids, ip = self.reader.search(modality, mu_q, min(first, n))
+        ids, ip = self.reader.search(modality, mu_q, min(depth, n), min_fill=first)
         timings["ann_ms"] += _ms(t)
         if score == "mu":  # the ANN ranking is the answer: no σ needed
             return BatchResult(ids, ip, np.full(len(ids), ids.shape[1]), timings)
+        head = min(first, ids.shape[1])  # min_fill: the first `first` of every row are ids
+        keys = self._rescore(modality, score, mu_q, lv_q, ids[:, :head], timings)
+        lists = [(ids[i, :head], keys[i]) for i in range(len(mu_q))]
+        if bounds is not None:
+            lists = self._complete(modality, mu_q, lv_q, k, score, n, ids, ip, lists, bounds,
+                                   timings)
+        out_ids, out_keys, sizes = [], [], []
+        for c_ids, c_keys in lists:
+            top = np.argsort(-c_keys, kind="stable")[:k]
+            out_ids.append(c_ids[top]), out_keys.append(c_keys[top]), sizes.append(len(c_ids))
+        return BatchResult(np.stack(out_ids), np.stack(out_keys), np.asarray(sizes), timings)
+
+    def _complete(self, modality, mu_q, lv_q, k, score, n, ids, ip, lists, bounds, timings):
+        """Add to each query's shortlist every item the bound cannot rule out.
+
+        The bounds are linear in ‖Δμ‖², so the k-th best key gives, in closed form, the inner
+        product t below which no item can compete (indexer/variance.py). Items above t are a
+        prefix of the ANN list (sorted by inner product) unless the list ends above t; then a
+        range search finds them. More candidates can only raise the k-th key: one round."""
+        extra_q, extra_ids = [], []
+        for i, (c_ids, c_keys) in enumerate(lists):
+            t_req = required_ip(score, kth_key(c_keys, k), mu_q[i], lv_q[i], bounds)
+            valid = int((ids[i] >= 0).sum())  # fewer than asked: the probed lists are exhausted
+            above = int(np.searchsorted(-ip[i, :valid], -t_req, side="left"))  # ip > t_req
+            if above < valid or valid < ids.shape[1] or ids.shape[1] == n:
+                more = ids[i, len(c_ids):above]
+            else:  # the whole ANN list is above t: it may not hold every such item
+                t = time.perf_counter()
+                found, _ = self.reader.range_search(modality, mu_q[i], t_req)
+                timings["ann_ms"] += _ms(t)
+                more = found[~np.isin(found, c_ids)]
+            extra_q.append(np.full(len(more), i)), extra_ids.append(more)
+        extra_q, extra_ids = np.concatenate(extra_q), np.concatenate(extra_ids)
+        if not len(extra_ids):
+            return lists
+        keys = self._rescore(modality, score, mu_q[extra_q], lv_q[extra_q], extra_ids[:, None],
+                             timings)[:, 0]
+        bounds_at = np.searchsorted(extra_q, np.arange(len(lists) + 1))
+        return [(np.concatenate([c_ids, extra_ids[a:b]]), np.concatenate([c_keys, keys[a:b]]))
+                for (c_ids, c_keys), a, b in zip(lists, bounds_at[:-1], bounds_at[1:])]
+
+    def _rescore(self, modality, score, mu_q, lv_q, ids, timings) -> np.ndarray:
+        """Rank keys [Q, M] of ids [Q, M]: one store read, one rescoring call."""
         mu_d, lv_d = self._fetch(modality, ids, timings)
         t = time.perf_counter()
         keys = rescore_gathered(score, mu_q, lv_q, mu_d, lv_d, ids, self.a, self.b,
                                 self.mc_samples)
         timings["rescore_ms"] += _ms(t)
-        bounds = self._bounds(modality) if self.guarantee else None
-        out_ids, out_keys, sizes = [], [], []
-        for i in range(len(mu_q)):
-            c_ids, c_keys = self._grow(modality, mu_q[i], lv_q[i], k, score, n, ids[i], ip[i],
-                                       keys[i], bounds, timings)
-            top = np.argsort(-c_keys, kind="stable")[:k]
-            out_ids.append(c_ids[top]), out_keys.append(c_keys[top]), sizes.append(len(c_ids))
-        return BatchResult(np.stack(out_ids), np.stack(out_keys), np.asarray(sizes), timings)
-
-    def _grow(self, modality, mu_q, lv_q, k, score, n, ids, ip, keys, bounds, timings):
-        """Complete this query's shortlist so the bound proves its top-k final.
-
-        The bounds are linear in ‖Δμ‖², so the k-th best key gives, in closed form, the inner
-        product t below which no item can compete; one range search fetches every item above
-        t. The k-th key can only improve with more candidates, so one round is enough.
-        """
-        if bounds is None or is_final(score, keys, k, float(ip[-1]), mu_q, lv_q, bounds):
-            return ids, keys
-        t = time.perf_counter()
-        threshold = required_ip(score, kth_key(keys, k), mu_q, lv_q, bounds)
-        more_ids, _ = self.reader.range_search(modality, mu_q, threshold)
-        timings["ann_ms"] += _ms(t)
-        new_ids = more_ids[~np.isin(more_ids, ids)]
-        if not len(new_ids):
-            return ids, keys
-        mu_d, lv_d = self._fetch(modality, new_ids[None], timings)
-        t = time.perf_counter()
-        new_keys = rescore_gathered(score, mu_q[None], lv_q[None], mu_d, lv_d, new_ids[None],
-                                    self.a, self.b, self.mc_samples)[0]
-        timings["rescore_ms"] += _ms(t)
-        return np.concatenate([ids, new_ids]), np.concatenate([keys, new_keys])
+        return keys
 
     def _fetch(self, modality, ids: np.ndarray, timings) -> tuple[np.ndarray, np.ndarray]:
         """[Q, M, D] μ and log_var for ids [Q, M]: the union is read in one store transaction."""

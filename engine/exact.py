@@ -1,8 +1,9 @@
 """Exhaustive probabilistic search: every item scored, the reference that recall is measured
 against (`query --exact`, `bench`).
 
-All μ and log_var of a modality are read once and kept in memory as float32 tensors (1M × 256
-is 2 GB for both). Items are scored a block at a time with `scores.pairwise` (matmul fast paths
+Up to CACHE_MAX_BYTES, all μ and log_var of a modality are read once and kept in memory as
+float32 tensors (1M × 256 is 2 GB for both); larger modalities (10M × 256 would be 20 GB) are
+streamed from the store a block at a time on every call, so memory stays bounded whatever N. Items are scored a block at a time with `scores.pairwise` (matmul fast paths
 for mu/csd/w2), keeping a running top-k, so the temporaries stay a few tens of MB whatever N.
 `mc` uses the same per-item noise and kernel as the shortlist rescorer
 (core.montecarlo.fixed_match_prob), so both give the same numbers.
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 BLOCK = 16_384       # items per block: a (1, BLOCK, D) float32 temporary is 16 MB at D = 256
 MC_BLOCK = 4_096     # mc holds (J, BLOCK, D) samples and a (J·Q, J·BLOCK) matrix
+CACHE_MAX_BYTES = 4 << 30  # above this, exact search streams the store instead of caching it
 
 
 class ExactSearcher:
@@ -49,22 +51,31 @@ class ExactSearcher:
         if mu_q.ndim != 2 or mu_q.shape != lv_q.shape:
             raise PcmeError(f"exact search: queries must be [Q, D] arrays, got {mu_q.shape} "
                             f"and {lv_q.shape}")
-        mu, lv = self.vectors()
         q_mu, q_lv = torch.from_numpy(np.ascontiguousarray(mu_q, np.float32)), \
             torch.from_numpy(np.ascontiguousarray(lv_q, np.float32))
-        k = min(k, len(mu))
+        k = min(k, self.reader.count(self.modality))
         best_keys = torch.full((len(mu_q), 0), -torch.inf)
         best_ids = torch.zeros((len(mu_q), 0), dtype=torch.int64)
         block = MC_BLOCK if score == "mc" else BLOCK
-        for s in range(0, len(mu), block):
-            keys = self._block_keys(score, q_mu, q_lv, mu[s:s + block], lv[s:s + block], s, a, b,
-                                    mc_samples)
+        for s, d_mu, d_lv in self._blocks(block):
+            keys = self._block_keys(score, q_mu, q_lv, d_mu, d_lv, s, a, b, mc_samples)
             keys = torch.cat([best_keys, keys], dim=1)
             ids = torch.cat([best_ids, torch.arange(s, s + keys.shape[1] - best_ids.shape[1])
                              .expand(len(mu_q), -1)], dim=1)
             best_keys, pos = keys.topk(min(k, keys.shape[1]), dim=1)
             best_ids = ids.gather(1, pos)
         return best_ids.numpy(), best_keys.numpy()
+
+    def _blocks(self, block: int):
+        """(start, μ, log_var) tensors of consecutive item blocks, from memory or the store."""
+        n, dim = self.reader.count(self.modality), self.reader.dim
+        if n * dim * 8 > CACHE_MAX_BYTES:
+            for s, mu, lv in self.reader.vector_blocks(self.modality, block):
+                yield s, torch.from_numpy(mu), torch.from_numpy(lv)
+            return
+        mu, lv = self.vectors()
+        for s in range(0, n, block):
+            yield s, mu[s:s + block], lv[s:s + block]
 
     def _block_keys(self, score, q_mu, q_lv, d_mu, d_lv, start, a, b, mc_samples) -> torch.Tensor:
         if score != "mc":

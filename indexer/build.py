@@ -4,8 +4,8 @@ Stages (each streams the shards; nothing holds all rows of a modality except FAI
   1. choose each modality's factory from the manifest counts, and which ids to sample;
   2. validate the shards (hashes, schema, values, ids) and, in the same pass, copy out the
      seeded random training sample and ~200 probe queries;
-  3. train each FAISS index; find out whether it gives μ back exactly (else μ goes to the store);
-  4. add every row to FAISS and to the LMDB store, keeping the probes' exact top-10 and the
+  3. train each FAISS index (k-means on the GPUs when faiss sees any);
+  4. add every row to FAISS and to the LMDB store (exact μ and log σ² in one row per id), keeping the probes' exact top-10 and the
      variance ranges per stratum (for the engine's shortlist bounds) on the side, and to the
      optional augmented CSD/W2 indexes;
   5. choose nprobe by measured recall@10, write the FAISS files and, last, the manifest.
@@ -31,7 +31,7 @@ from core.montecarlo import MC_SAMPLES
 from core.atomic import AtomicDir, sha256_file, utc_now, write_json
 from indexer.manifest import SCHEMA_VERSION
 from indexer.shards import MODALITIES, ShardBatch, read_shard_manifest, read_shards, validate_shards
-from indexer.store import StoreWriter, estimate_map_size, stored_log_var
+from indexer.store import STORE_FORMAT, StoreWriter, estimate_map_size, stored_log_var
 from indexer.variance import VarianceStats
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,6 @@ class _Plan:
     train: np.ndarray | None = None
     probes: np.ndarray | None = None
     exact: fx.ExactTopK | None = None
-    mu_in_store: bool = False
     stats: VarianceStats | None = None          # σ ranges for the engine's shortlist bounds
     train_lv_sum: np.ndarray | None = None      # Σ log v of the training rows: stratum edges
     augmented: dict | None = None               # score -> exact augmented-vector index
@@ -103,8 +102,8 @@ def build_index(shard_dir: Path, out_dir: Path, factory: str = "auto", nprobe: i
             "metric": "inner_product", "mc_samples": MC_SAMPLES,
             "variance_stats": {m: p.stats.to_json() for m, p in plans.items()},
             "augmented": {m: sorted(p.augmented) for m, p in plans.items()},
-            "store": {"file": STORE_FILE, "dtype": "float16",
-                      "mu_in_store": {m: p.mu_in_store for m, p in plans.items()}},
+            "store": {"file": STORE_FILE, "format": STORE_FORMAT,
+                      "row": "mu float32[dim] + log_var float16[dim]"},
             "shards": {"dir": str(shard_dir), "manifest_sha256": shard_sha},
             "producer": shard_manifest.get("producer", {}), "created": utc_now(),
             "calibration": read_calibration(shard_manifest.get("producer", {})),
@@ -162,11 +161,9 @@ def _train(plans: dict[str, _Plan]) -> None:
         fx.train(p.index, p.train, p.factory)
         edges = np.quantile(p.train_lv_sum, np.linspace(0, 1, VARIANCE_STRATA + 1)[1:-1])
         p.stats = VarianceStats(p.train.shape[1], np.unique(edges))
-        p.mu_in_store = not fx.reconstructs_exactly(p.index, p.train)
         if len(p.probe_ids):
             p.exact = fx.ExactTopK(p.probes, min(RECALL_K, p.n))
-        logger.info("%s: trained in %.1f s; exact μ %s", p.modality, time.perf_counter() - t,
-                    "in the LMDB store" if p.mu_in_store else "reconstructed from FAISS")
+        logger.info("%s: trained in %.1f s", p.modality, time.perf_counter() - t)
         p.train = None  # free the sample before the big pass
 
 
@@ -174,8 +171,7 @@ def _add_all(shard_dir: Path, store_path: Path, plans: dict[str, _Plan], dim: in
              progress: Progress | None) -> None:
     """Stream every row into FAISS, the store and the probes' exact top-k."""
     total = sum(p.n for p in plans.values())
-    with_mu = any(p.mu_in_store for p in plans.values())
-    store = StoreWriter(store_path, estimate_map_size(total, dim, 128 * total, with_mu))
+    store = StoreWriter(store_path, estimate_map_size(total, dim, 128 * total))
     done, worst_norm, t = 0, 0.0, time.perf_counter()
     try:
         for batch in read_shards(shard_dir):
@@ -184,7 +180,7 @@ def _add_all(shard_dir: Path, store_path: Path, plans: dict[str, _Plan], dim: in
                 if not len(b):
                     continue
                 fx.add(p.index, b.mu, b.ids)
-                store.put(m, b.ids, b.log_var, b.groups, b.items, b.mu if p.mu_in_store else None)
+                store.put(m, b.ids, b.mu, b.log_var, b.groups, b.items)
                 if p.exact is not None:
                     p.exact.update(b.mu, b.ids)
                 p.stats.update(b.mu, b.log_var)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 
 import faiss
 import numpy as np
@@ -29,6 +30,12 @@ MAX_TRAIN = 200_000
 # recall of the μ ranking hardly moves, and nprobe is tuned on held-out queries anyway.
 TRAIN_PER_LIST = 64
 KMEANS_ITERS = 20
+GPU_MAX_K = 2048          # the largest k (and nprobe) faiss' GPU k-selection kernels take
+
+
+def gpu_count() -> int:
+    """GPUs faiss can use: 0 with faiss-cpu, whatever the machine has."""
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
 def choose_factory(n: int, dim: int) -> str:
@@ -71,7 +78,19 @@ def train_size(index: faiss.Index, n: int) -> int:
     return min(n, 256 if index.is_trained else MAX_TRAIN)
 
 
-def train(index: faiss.Index, sample: np.ndarray, factory: str) -> None:
+def kmeans_index(dim: int, metric: int) -> faiss.Index | None:
+    """Where IVF k-means runs its assignment step: a flat index on all GPUs when faiss sees
+    any (the expensive n·K·D part), else None (FAISS' own CPU path)."""
+    if not gpu_count():
+        return None
+    return faiss.index_cpu_to_all_gpus(faiss.IndexFlat(dim, metric))
+
+
+def train(index: faiss.Index, sample: np.ndarray, factory: str,
+          clustering: faiss.Index | None = None) -> None:
+    """Train `index` on `sample`. IVF k-means assigns with `clustering` when given (default:
+    kmeans_index, i.e. the GPUs when there are any); the centroids end up in the quantizer
+    either way, so the written index is the same kind of file."""
     if index.is_trained:
         return
     ivf = ivf_of(index)
@@ -81,7 +100,14 @@ def train(index: faiss.Index, sample: np.ndarray, factory: str) -> None:
     if ivf is not None:  # the sample is already ≤ TRAIN_PER_LIST·K: no FAISS resampling
         ivf.cp.niter = KMEANS_ITERS
         ivf.cp.max_points_per_centroid = TRAIN_PER_LIST
-    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        clustering = clustering if clustering is not None else kmeans_index(index.d,
+                                                                            ivf.metric_type)
+        ivf.clustering_index = clustering
+    try:
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    finally:
+        if ivf is not None:
+            ivf.clustering_index = None  # never written; drop the reference to GPU memory
 
 
 def add(index: faiss.Index, mu: np.ndarray, ids: np.ndarray) -> None:
@@ -94,23 +120,35 @@ def add(index: faiss.Index, mu: np.ndarray, ids: np.ndarray) -> None:
     index.add(mu)
 
 
-def reconstructs_exactly(index: faiss.Index, sample: np.ndarray, seed: int = 0) -> bool:
-    """Does this (trained) index give μ back bit for bit? Tried on a copy, so any factory
-    (PQ, SQ, OPQ/PCA transforms…) is classified by what it does. Random unit vectors join
-    the data sample because a codec can be exact on its own training points (PQ with
-    as many centroids as points) and lossy on everything else."""
-    probe = faiss.clone_index(index)
-    noise = np.random.default_rng(seed).standard_normal((64, index.d))
-    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
-    sample = np.ascontiguousarray(np.concatenate([sample[:256], noise]), dtype=np.float32)
-    add(probe, sample, np.arange(len(sample)))
-    try:
-        if ivf_of(probe) is not None:
-            ivf_of(probe).make_direct_map()
-        back = probe.reconstruct_n(0, len(sample))
-    except RuntimeError:
-        return False  # cannot reconstruct at all: μ must come from the store
-    return bool(np.array_equal(back, sample))
+class GpuSearch:
+    """A copy of one CPU index on all GPUs faiss sees, serving `search` with k ≤ GPU_MAX_K.
+    nprobe is index state on the GPU (set through GpuParameterSpace), hence the lock."""
+
+    def __init__(self, index: faiss.Index):
+        self.index = faiss.index_cpu_to_all_gpus(index)
+        self.ivf = ivf_of(index) is not None
+        self._nprobe, self._lock = None, threading.Lock()
+
+    @classmethod
+    def create(cls, index: faiss.Index) -> "GpuSearch | None":
+        if not gpu_count():
+            return None
+        try:
+            return cls(index)
+        except (RuntimeError, AttributeError) as e:  # e.g. an HNSW quantizer has no GPU twin
+            logger.warning("μ index stays on the CPU: faiss cannot copy it to the GPU (%s)",
+                           str(e).strip().splitlines()[-1][:200])
+            return None
+
+    def can_search(self, k: int, nprobe: int | None) -> bool:
+        return k <= GPU_MAX_K and (nprobe or 0) <= GPU_MAX_K
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None):
+        with self._lock:
+            if self.ivf and nprobe and nprobe != self._nprobe:
+                faiss.GpuParameterSpace().set_index_parameter(self.index, "nprobe", int(nprobe))
+                self._nprobe = nprobe
+            return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int | None = None):

@@ -12,10 +12,12 @@ from pathlib import Path
 from core.atomic import MANIFEST
 from core.commands import cli_command
 from core.errors import PcmeError
+from indexer.store import STORE_FORMAT
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+MODALITIES = ("image", "text")  # here, not in shards.py: the query path needs no pyarrow
 
 
 def read_manifest(directory: Path, kind: str) -> dict:
@@ -73,7 +75,12 @@ def read_index_manifest(index_dir: Path) -> dict:
         manifest["store"]["file"]
         for m, n in counts.items():
             if n:
-                manifest["store"]["mu_in_store"][m], manifest["nprobe"][m]
+                manifest["nprobe"][m]
     except (KeyError, TypeError) as e:
         raise PcmeError(f"{where}: malformed index manifest (missing or bad field {e})") from None
+    found = manifest["store"].get("format", 1)
+    if found != STORE_FORMAT:  # format 1: σ only, μ from FAISS; see indexer/store.py
+        raise PcmeError(f"{where}: store format {found!r}, this version reads format "
+                        f"{STORE_FORMAT}; rebuild the index (pcme index --shards DIR --out "
+                        f"{index_dir})")
     return manifest

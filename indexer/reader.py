@@ -1,9 +1,9 @@
-"""Open an index directory for the engine: FAISS search on μ, σ (and exact μ) from LMDB.
+"""Open an index directory for the engine: FAISS search on μ, exact μ and log σ² from LMDB.
 
-Exact μ for a hit comes from the LMDB store when the FAISS codes are lossy (mu_in_store);
-otherwise it is reconstructed from FAISS. For IVF that needs the id -> list position map,
-which is built once per modality on first use (O(n) once, then each lookup is O(1)); the
-index files stay plain `faiss.write_index` output without it.
+Exact μ and log_var of a shortlist come from one LMDB row per id (indexer/store.py), read with
+one `getmulti` call; FAISS only ranks. When faiss reports GPUs, each modality's μ index is
+also copied to all of them at open time and serves `search` (faiss_index.GpuSearch); the CPU
+copy stays for range search and for k beyond what the GPU kernels select.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import numpy as np
 from core.errors import PcmeError
 from indexer import augmented as aug
 from indexer import faiss_index as fx
-from indexer.manifest import read_index_manifest
-from indexer.shards import MODALITIES
+from indexer.manifest import MODALITIES, read_index_manifest
 from indexer.store import StoreReader
 
 logger = logging.getLogger(__name__)
@@ -28,7 +27,8 @@ class IndexReader:
     def __init__(self, index_dir: Path, manifest: dict, indexes: dict, store: StoreReader):
         self.index_dir, self.manifest, self.dim = index_dir, manifest, manifest["dim"]
         self._indexes, self._store = indexes, store
-        self._direct_maps: set[str] = set()
+        self._gpu = {m: g for m, g in ((m, fx.GpuSearch.create(i)) for m, i in indexes.items())
+                     if g is not None}
         self._augmented: dict[tuple[str, str], faiss.Index] = {}
 
     def augmented(self, modality: str, score: str) -> faiss.Index | None:
@@ -56,10 +56,12 @@ class IndexReader:
         _check_modality(modality)
         return int(self.manifest["counts"].get(modality, 0))
 
-    def search(self, modality: str, queries: np.ndarray, n: int,
-               nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, modality: str, queries: np.ndarray, n: int, nprobe: int | None = None,
+               min_fill: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Approximate top-n by inner product on μ: (ids [Q, n'], ip [Q, n']) with n' = min(n,
-        count). Never returns -1 ids: rows IVF left short are searched again with more lists."""
+        count). Rows IVF left with fewer than `min_fill` hits (default: n) are searched again
+        with more lists; by default no -1 id comes back. With min_fill < n a row may end in -1
+        ids: then it holds every item of the lists it probed (the engine's prefetch uses that)."""
         queries = self._check_queries(queries)
         if n < 1:
             raise PcmeError(f"search: n must be >= 1, got {n}")
@@ -68,13 +70,19 @@ class IndexReader:
             return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
         index = self._indexes[modality]
         nprobe = nprobe or self.manifest["nprobe"][modality]
-        ip, ids = fx.search(index, queries, n, nprobe)
+        gpu = self._gpu.get(modality)
+        if gpu is not None and gpu.can_search(n, nprobe):
+            ip, ids = gpu.search(queries, n, nprobe)
+        else:
+            ip, ids = fx.search(index, queries, n, nprobe)
         ivf = fx.ivf_of(index)
-        while ivf is not None and nprobe and nprobe < ivf.nlist and (ids < 0).any():
+        need = n if min_fill is None else min(min_fill, n)
+        while ivf is not None and nprobe and nprobe < ivf.nlist \
+                and ((ids >= 0).sum(axis=1) < need).any():
             nprobe = min(2 * nprobe, ivf.nlist)  # nprobe = nlist scans all n rows: never short
-            short = np.flatnonzero((ids < 0).any(axis=1))
+            short = np.flatnonzero((ids >= 0).sum(axis=1) < need)
             ip[short], ids[short] = fx.search(index, queries[short], n, nprobe)
-        return _trim_missing(ids, ip)
+        return _trim_missing(ids, ip) if min_fill is None else (ids, ip)
 
     def range_search(self, modality: str, query: np.ndarray, threshold: float,
                      nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -85,15 +93,10 @@ class IndexReader:
 
     def fetch(self, modality: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(μ float32 [M, D], log_var float32 [M, D]) for `ids`; store reads in one transaction."""
-        ids = self._check_ids(modality, ids)
-        if self._mu_in_store(modality):
-            mu_rows, lv_rows = self._store.get(modality, ("mu", "log_var"), ids)
-            return self._store.decode(mu_rows, np.float32), self._store.decode(lv_rows, np.float16)
-        log_var = self._store.log_var(modality, ids)
-        return self._reconstruct(modality, ids), log_var
+        return self._store.vectors(modality, self._check_ids(modality, ids))
 
     def fetch_log_var(self, modality: str, ids: np.ndarray) -> np.ndarray:
-        return self._store.log_var(modality, self._check_ids(modality, ids))
+        return self.fetch(modality, ids)[1]
 
     def meta(self, modality: str, ids: np.ndarray) -> list[tuple[int, str]]:
         """(group, item) per id."""
@@ -105,33 +108,24 @@ class IndexReader:
         if n == 0:
             empty = np.zeros((0, self.dim), np.float32)
             return np.zeros(0, np.int64), empty, empty.copy()
-        log_var = self._store.scan(modality, "log_var", np.float16, n)
-        if self._mu_in_store(modality):
-            mu = self._store.scan(modality, "mu", np.float32, n)
-        else:  # IVF reconstruct_n walks the inverted lists; it needs no direct map
-            mu = self._indexes[modality].reconstruct_n(0, n)
+        mu, log_var = self._store.scan(modality, n)
         return np.arange(n, dtype=np.int64), mu, log_var
+
+    def vector_blocks(self, modality: str, block: int):
+        """(start, μ, log_var) of consecutive id blocks: exhaustive scoring in bounded memory."""
+        n = self.count(modality)
+        for start in range(0, n, block):
+            yield (start, *self._store.scan(modality, n, start, start + block))
 
     def close(self) -> None:
         self._store.close()
-        self._indexes, self._augmented = {}, {}
+        self._indexes, self._augmented, self._gpu = {}, {}, {}
 
     def __enter__(self) -> "IndexReader":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def _mu_in_store(self, modality: str) -> bool:
-        return bool(self.manifest["store"]["mu_in_store"][modality])
-
-    def _reconstruct(self, modality: str, ids: np.ndarray) -> np.ndarray:
-        index = self._indexes[modality]
-        ivf = fx.ivf_of(index)
-        if ivf is not None and modality not in self._direct_maps:
-            ivf.make_direct_map()
-            self._direct_maps.add(modality)
-        return index.reconstruct_batch(ids)
 
     def _check_queries(self, queries: np.ndarray) -> np.ndarray:
         queries = np.asarray(queries)

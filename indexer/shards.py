@@ -18,11 +18,10 @@ import pyarrow.parquet as pq
 
 from core.errors import PcmeError
 from core.atomic import AtomicDir, sha256_file, utc_now, write_json
-from indexer.manifest import SCHEMA_VERSION, read_manifest
+from indexer.manifest import MODALITIES, SCHEMA_VERSION, read_manifest
 
 logger = logging.getLogger(__name__)
 
-MODALITIES = ("image", "text")
 READ_BATCH = 65_536  # rows per streamed batch: bounds memory at ~READ_BATCH·D·8 bytes
 
 

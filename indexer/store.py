@@ -1,12 +1,18 @@
-"""The LMDB store beside the FAISS index: per-id log_var (float16), exact μ when the FAISS
-codes are lossy (float32), and the metadata needed to show a hit.
+"""The LMDB store beside the FAISS index: per-id exact μ and log_var in ONE row, and the metadata
+needed to show a hit.
 
-One LMDB environment, named sub-databases per modality:
-  `<modality>.log_var`  D float16 values   (float16 keeps a 512-d row inline in a 4 KiB page)
-  `<modality>.mu`       D float32 values   (only when the FAISS index cannot give μ back exactly)
-  `<modality>.meta`     int64 little-endian group, then the item as utf-8
+One LMDB environment, named sub-databases per modality (store format 2):
+  `<modality>.vec`   D float32 μ, then D float16 log_var (1.5 KiB at 256-d: inline in a 4 KiB
+                     page, two rows per page; 512-d spills to one overflow page per row)
+  `<modality>.meta`  int64 little-endian group, then the item as utf-8
 Keys are 8-byte big-endian ids, so byte order is id order: the builder writes them with
 append=True (no B-tree search per put) and a cursor walks them in id order.
+
+Why μ sits beside log_var even when FAISS could give it back: a shortlist then costs one
+B-tree lookup per id in one `getmulti` call, instead of a FAISS reconstruct plus an LMDB get,
+and the FAISS codes are free to be lossy (SQ8 at 10M) without a second copy of μ.
+Format 1 (separate `.log_var`/`.mu` sub-databases, μ reconstructed from FAISS) is refused by
+indexer/manifest.py with a message to rebuild.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from core.errors import PcmeError
 
 logger = logging.getLogger(__name__)
 
+STORE_FORMAT = 2
 LOG_VAR_CLIP = 20.0  # |log σ²| beyond 20 (σ² < 2e-9 or > 5e8) carries no ranking information
 _PAGE = 4096
 
@@ -35,13 +42,17 @@ def _rows(a: np.ndarray) -> list[bytes]:
     return [raw[i:i + step] for i in range(0, len(raw), step)]
 
 
-def estimate_map_size(rows: int, dim: int, item_bytes: int, with_mu: bool) -> int:
+def row_bytes(dim: int) -> int:
+    return 6 * dim  # float32 μ + float16 log_var
+
+
+def estimate_map_size(rows: int, dim: int, item_bytes: int) -> int:
     """Bytes LMDB needs for `rows` entries, with 2x margin. Values too big for half a page
-    spill to whole overflow pages, so μ as float32 at 512-d costs a full page per row."""
+    spill to whole overflow pages, so a 512-d row (3 KiB) costs a full page."""
     def cost(value_bytes):
         node = 16 + 8 + value_bytes  # node header + key + value
         return node if node < _PAGE // 2 else -(-node // _PAGE) * _PAGE
-    per_row = cost(2 * dim) + cost(8 + 64) + (cost(4 * dim) if with_mu else 0)
+    per_row = cost(row_bytes(dim)) + cost(8 + 64)
     return 2 * (rows * per_row + 2 * item_bytes) + (64 << 20)
 
 
@@ -54,20 +65,21 @@ class StoreWriter:
                              sync=False, metasync=False)  # durability comes from close()'s sync
         self.clipped = 0
 
-    def put(self, modality: str, ids: np.ndarray, log_var: np.ndarray, groups: np.ndarray,
-            items: list[str], mu: np.ndarray | None = None) -> None:
+    def put(self, modality: str, ids: np.ndarray, mu: np.ndarray, log_var: np.ndarray,
+            groups: np.ndarray, items: list[str]) -> None:
         n = len(ids)
-        if log_var.shape[0] != n or groups.shape != (n,) or len(items) != n:
-            raise ValueError(f"put: {n} ids but log_var {log_var.shape}, groups {groups.shape}, "
-                             f"{len(items)} items")
+        if mu.shape != log_var.shape or mu.shape[0] != n or groups.shape != (n,) \
+                or len(items) != n:
+            raise ValueError(f"put: {n} ids but mu {mu.shape}, log_var {log_var.shape}, "
+                             f"groups {groups.shape}, {len(items)} items")
         keys = encode_ids(ids)
         clipped = np.clip(log_var, -LOG_VAR_CLIP, LOG_VAR_CLIP)
         self.clipped += int(np.count_nonzero(clipped != log_var))
+        vec = np.concatenate([np.ascontiguousarray(mu, np.float32).view(np.uint8),
+                              clipped.astype(np.float16).view(np.uint8)], axis=1)
         g = np.ascontiguousarray(groups, dtype="<i8").tobytes()
         meta = [g[8 * i:8 * i + 8] + s.encode("utf-8") for i, s in enumerate(items)]
-        columns = [("log_var", _rows(clipped.astype(np.float16))), ("meta", meta)]
-        if mu is not None:
-            columns.append(("mu", _rows(np.ascontiguousarray(mu, dtype=np.float32))))
+        columns = [("vec", _rows(vec)), ("meta", meta)]
         while True:
             try:
                 return self._write(modality, keys, columns)
@@ -115,43 +127,58 @@ class StoreReader:
                 raise PcmeError(f"{self.path}: store has no sub-database '{key}'") from None
         return self._dbs[key]
 
-    def get(self, modality: str, names: tuple[str, ...], ids: np.ndarray) -> list[list[bytes]]:
-        """Raw values of each named sub-database for `ids`, all in ONE read transaction."""
+    def get(self, modality: str, name: str, ids: np.ndarray) -> list[bytes]:
+        """Raw values of one sub-database for `ids`: one transaction, one `getmulti` call."""
         keys = encode_ids(ids)
-        dbs = [self._db(modality, name) for name in names]
+        db = self._db(modality, name)
         with self.env.begin() as txn:
-            out = [txn.cursor(db).getmulti(keys) for db in dbs]
-        for name, pairs in zip(names, out):
-            if len(pairs) != len(keys):  # getmulti skips missing keys
-                found = {k for k, _ in pairs}
-                missing = next(int(i) for i, k in zip(ids, keys) if k not in found)
-                raise PcmeError(f"{self.path}: {modality}.{name} has no entry for id {missing}")
-        return [[v for _, v in pairs] for pairs in out]
+            pairs = txn.cursor(db).getmulti(keys)
+        if len(pairs) != len(keys):  # getmulti skips missing keys
+            found = {k for k, _ in pairs}
+            missing = next(int(i) for i, k in zip(ids, keys) if k not in found)
+            raise PcmeError(f"{self.path}: {modality}.{name} has no entry for id {missing}")
+        return [v for _, v in pairs]
 
-    def log_var(self, modality: str, ids: np.ndarray) -> np.ndarray:
-        (rows,) = self.get(modality, ("log_var",), ids)
-        return self.decode(rows, np.float16)
+    def vectors(self, modality: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(μ float32 [M, D], log_var float32 [M, D]) for `ids`."""
+        return self.decode(self.get(modality, "vec", ids))
 
-    def decode(self, rows: list[bytes], dtype) -> np.ndarray:
-        return np.frombuffer(b"".join(rows), dtype=dtype).reshape(len(rows), self.dim).astype(np.float32)
+    def decode(self, rows: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        raw = np.frombuffer(bytearray().join(rows), np.uint8).reshape(len(rows), row_bytes(self.dim))
+        mu = raw[:, :4 * self.dim].view(np.float32)
+        return mu, raw[:, 4 * self.dim:].view(np.float16).astype(np.float32)
 
     def meta(self, modality: str, ids: np.ndarray) -> list[tuple[int, str]]:
-        (rows,) = self.get(modality, ("meta",), ids)
+        rows = self.get(modality, "meta", ids)
         return [(int.from_bytes(v[:8], "little", signed=True), v[8:].decode("utf-8")) for v in rows]
 
-    def scan(self, modality: str, name: str, dtype, count: int) -> np.ndarray:
-        """Every row of one sub-database in id order (one transaction, one cursor walk)."""
-        db = self._db(modality, name)  # before begin(): a txn cannot see dbs opened after it
+    def scan(self, modality: str, count: int, start: int = 0,
+             stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(μ, log_var) of ids start..stop-1 in id order (one transaction, one cursor walk);
+        `count` is what the manifest says the modality holds, checked on a full scan."""
+        stop = count if stop is None else min(stop, count)
+        db = self._db(modality, "vec")  # before begin(): a txn cannot see dbs opened after it
         with self.env.begin() as txn:
             cursor = txn.cursor(db)
-            rows = list(cursor.iternext(keys=False, values=True))
-        if len(rows) != count:
-            raise PcmeError(f"{self.path}: {modality}.{name} has {len(rows)} rows, "
-                            f"manifest says {count}")
-        return self.decode(rows, dtype)
+            rows = []
+            if cursor.set_range(encode_ids(np.array([start]))[0]):
+                for key, value in cursor:
+                    if int.from_bytes(key, "big") >= stop:
+                        break
+                    rows.append(value)
+        full = start == 0 and stop == count
+        if len(rows) != stop - start or (full and txn_count(self.env, db) != count):
+            raise PcmeError(f"{self.path}: {modality}.vec has {len(rows)} rows in "
+                            f"[{start}, {stop}), manifest says {count} in all")
+        return self.decode(rows) if rows else (np.zeros((0, self.dim), np.float32),) * 2
 
     def close(self) -> None:
         self.env.close()
+
+
+def txn_count(env, db) -> int:
+    with env.begin() as txn:
+        return txn.stat(db)["entries"]
 
 
 def stored_log_var(log_var: np.ndarray) -> np.ndarray:

@@ -23,15 +23,21 @@ could reach (as a rank key, higher is better); the bound is the max over strata:
 
 Every bound has the form C − α·δ, so instead of doubling the shortlist blindly the engine
 solves for the inner product t* at which the bound falls below the current k-th best key
-(with a small rounding margin) and fetches every item with ⟨μ_q, μ_d⟩ > t* in one FAISS range
-search. Rescoring them can only raise the k-th best key, so t* only gets safer: one round
-suffices (engine/batch.py). If the first shortlist already proves itself, nothing is added.
+(with a small rounding margin) and rescores every item with ⟨μ_q, μ_d⟩ > t*: a prefix of the
+ANN list it already holds (200·k deep), or one FAISS range search when the list ends above t*.
+Rescoring them can only raise the k-th best key, so t* only gets safer: one round suffices
+(engine/batch.py). If the first shortlist already proves itself, nothing is added.
 So for these scores the result equals exhaustive search whenever the ANN stage finds every
 item above t*: always for Flat and for IVF with nprobe = nlist; with fewer probes it is as
 good as the ANN recall of the μ ranking (the build chose nprobe for that; `bench` measures
 the end result against `--exact`). The bounds are loose where item variances vary a lot
 (they pair the smallest log-det with the largest variances), which costs shortlist length,
 never correctness; the strata keep them tight when variance is mostly a per-item scale.
+What remains loose is α: Σ Δμ_d²/(v_q,d+v_d,d) is bounded with the LARGEST per-dimension
+variance, as if all of ‖Δμ‖² sat in that dimension, because nothing about an unseen item's Δμ
+but its length is known. When the per-dimension variance profile spreads (synthetic 1M × 256:
+max/mean ≈ 2), items up to ~2× the k-th ‖Δμ‖² stay candidates, i.e. about the query's whole
+cluster (~950 items at 1M) although the true top-10 lie within μ-rank ~15.
 
 `mc` is stochastic and has no closed form to bound: it uses a fixed shortlist, and `bench`
 measures (calibrates) its recall against exhaustive Monte-Carlo scoring.

@@ -100,3 +100,24 @@ def test_index_with_augmented_scores_and_recall_target(trained, tmp_path):
     bad = runner.invoke(app, ["index", "--shards", str(trained / "out"), "--out", str(out),
                               "--augmented", "elk"])
     assert bad.exit_code == 2 and "augmented index for ['elk']" in bad.output
+
+
+def test_query_encoder_loads_the_text_tower_only_until_an_image_query(trained):
+    """A text query needs neither the ResNet nor its weights; the first image query adds them,
+    and both towers give what the fully loaded model gives."""
+    from encoders.model.checkpoint import load_model
+    from encoders.model.query import QueryEncoder
+    import torch
+    ckpt = trained / "run" / "checkpoint.pt"
+    enc = QueryEncoder.from_checkpoint(ckpt)
+    assert enc.model.image is None and enc.model.text is not None
+    full, _, _ = load_model(ckpt, torch.device("cpu"))
+    mu, lv, _ = enc.encode_text("a dog next to a car")
+    ref = QueryEncoder(full, enc.vocab, torch.device("cpu")).encode_text("a dog next to a car")
+    np.testing.assert_array_equal(mu, ref[0])
+    np.testing.assert_array_equal(lv, ref[1])
+    image = trained / "data" / "scenes" / "test" / "images" / "000002.png"
+    got = enc.encode_image(image)
+    assert enc.model.image is not None
+    want = QueryEncoder(full, enc.vocab, torch.device("cpu")).encode_image(image)
+    np.testing.assert_array_equal(got[0], want[0])

@@ -209,3 +209,48 @@ def test_cli_bench_synthetic_json_and_plot(tmp_path):
 def test_cli_bench_errors():
     out = CliRunner().invoke(app, ["bench"])
     assert out.exit_code == 2 and "--index DIR or --synthetic N" in out.output
+
+
+@pytest.mark.parametrize("score", ("elk", "mc"))
+def test_exact_search_streams_the_store_beyond_the_cache_limit(flat, queries, score, monkeypatch):
+    """Above CACHE_MAX_BYTES (10M × 256 would not fit) blocks come from the store: same answer."""
+    from engine import exact
+    mu_q, lv_q = queries[0][:4], queries[1][:4]
+    with IndexReader.open(flat) as r:
+        cached = exact.ExactSearcher(r, "image").topk(score, mu_q, lv_q, K)
+        monkeypatch.setattr(exact, "CACHE_MAX_BYTES", 0)
+        streamed = exact.ExactSearcher(r, "image")
+        got = streamed.topk(score, mu_q, lv_q, K)
+        assert streamed._mu is None  # nothing was cached
+    np.testing.assert_array_equal(got[0], cached[0])
+    np.testing.assert_allclose(got[1], cached[1], rtol=1e-6)
+
+
+def test_range_search_fallback_when_threshold_is_beyond_the_ann_list(flat, queries, monkeypatch):
+    """With a one-deep ANN list every bounded query needs the range search: same answer."""
+    import engine.batch as batch
+    mu_q, lv_q = queries
+    with IndexReader.open(flat) as r:
+        _, mu, lv = r.all_vectors("image")
+        monkeypatch.setattr(batch, "prefetch_depth", lambda k, n, first: first)
+        res = BatchSearcher(r, 5.0, 5.0).search("image", mu_q[:10], lv_q[:10], K, "elk")
+    assert res.shortlist.max() > 5 * K
+    for i in range(10):
+        check_topk(res.ids[i], res.keys[i], brute("elk", mu_q[i], lv_q[i], mu, lv))
+
+
+def test_short_prefetch_rows_equal_the_range_search_path(shards, tmp_path_factory, queries,
+                                                          monkeypatch):
+    """nprobe 2 of 16 lists holds fewer items than the prefetch asks for: such a row already
+    holds every probed item above the threshold, so it must agree with the range search."""
+    import engine.batch as batch
+    ivf = _build(shards, tmp_path_factory, "IVF16,Flat", 2)
+    mu_q, lv_q = queries[0][:12], queries[1][:12]
+    with IndexReader.open(ivf) as r:
+        ids, _ = r.search("image", mu_q, 2000, min_fill=50)
+        assert ((ids >= 0).sum(axis=1) < 2000).all() and (ids[:, :50] >= 0).all()
+        got = BatchSearcher(r, 5.0, 5.0).search("image", mu_q, lv_q, K, "elk")
+        monkeypatch.setattr(batch, "prefetch_depth", lambda k, n, first: first)
+        ref = BatchSearcher(r, 5.0, 5.0).search("image", mu_q, lv_q, K, "elk")
+    np.testing.assert_array_equal(got.ids, ref.ids)
+    np.testing.assert_allclose(got.keys, ref.keys, rtol=1e-6)

@@ -84,7 +84,7 @@ def test_build_manifest(shards, index):
     assert m["counts"] == {"image": 6000, "text": 1200}
     assert m["factory"] == {"image": "IVF128,Flat", "text": "Flat"}
     assert m["nprobe"]["text"] is None and 1 <= m["nprobe"]["image"] <= 128
-    assert m["store"]["mu_in_store"] == {"image": False, "text": False}
+    assert m["store"]["format"] == 2
     assert m["producer"] == {"checkpoint": "runs/x.pt", "sha256": "ab"}
     assert m["shards"]["dir"] == str(shards.absolute())
     assert sorted(p.name for p in index.iterdir()) == ["image.faiss", "manifest.json", "store.lmdb", "text.faiss"]
@@ -131,8 +131,7 @@ def test_store_round_trip_flat_and_ivf(shards, index):
 @pytest.mark.parametrize("factory", ["IVF16,SQ8", pytest.param("PQ4x4", marks=pytest.mark.slow)])
 def test_store_holds_exact_mu_for_compressed_codes(shards, tmp_path, factory):
     out = tmp_path / "index"
-    manifest = build_index(shards, out, factory=factory, nprobe=4)
-    assert manifest["store"]["mu_in_store"] == {"image": True, "text": True}
+    build_index(shards, out, factory=factory, nprobe=4)
     ref = load_shards(shards, "image")
     with IndexReader.open(out) as r:
         pick = np.array([5, 4000, 5999])
@@ -238,17 +237,75 @@ def test_store_grows_when_full_and_clips_extreme_log_var(tmp_path, caplog):
     rng = np.random.default_rng(6)
     log_var = rng.normal(0, 5, (300, D)).astype(np.float32)
     log_var[0, :3] = [-30.0, 25.0, -20.0]
+    mu = rng.standard_normal((300, D)).astype(np.float32)
     items = [f"{i} " + "long caption ✓ " * 200 for i in range(300)]  # ~1 MB: past the 64 KiB map
     store = StoreWriter(tmp_path / "s.lmdb", map_size=64 << 10)
     for start in (0, 150):
         sl = slice(start, start + 150)
-        store.put("text", np.arange(start, start + 150), log_var[sl], np.arange(300)[sl] // 3, items[sl])
+        store.put("text", np.arange(start, start + 150), mu[sl], log_var[sl],
+                  np.arange(300)[sl] // 3, items[sl])
     with caplog.at_level("WARNING"):
         store.close()
     assert "clipped 2 log_var values" in caplog.text
     reader = StoreReader(tmp_path / "s.lmdb", D)
-    got = reader.scan("text", "log_var", np.float16, 300)
+    got_mu, got = reader.scan("text", 300)
+    np.testing.assert_array_equal(got_mu, mu)
     np.testing.assert_array_equal(got[0, :3], [-20.0, 20.0, -20.0])
     np.testing.assert_allclose(got[1:], log_var[1:], rtol=2**-11, atol=1e-6)
     assert reader.meta("text", np.array([299, 0])) == [(99, items[299]), (0, items[0])]
     reader.close()
+
+
+@pytest.mark.parametrize("old_store", [{"file": "store.lmdb", "dtype": "float16",
+                                         "mu_in_store": {"image": False, "text": False}},
+                                        {"file": "store.lmdb", "format": 1}])
+def test_old_store_format_fails_with_rebuild_message(index, tmp_path, old_store):
+    """Format 1 (σ alone, μ from FAISS) cannot serve a one-read shortlist: one line, rebuild."""
+    import shutil
+    old = tmp_path / "old"
+    shutil.copytree(index, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["store"] = old_store
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PcmeError) as e:
+        IndexReader.open(old)
+    msg = str(e.value)
+    assert "\n" not in msg and "store format 1" in msg and "rebuild" in msg and str(old) in msg
+
+
+def test_store_row_holds_exact_mu_and_float16_log_var(tmp_path):
+    """One `vec` row per id: float32 μ bytes then float16 log_var bytes, read back by getmulti."""
+    from indexer.store import StoreReader, StoreWriter, encode_ids, row_bytes
+    rng = np.random.default_rng(3)
+    mu = rng.standard_normal((40, D)).astype(np.float32)
+    lv = rng.normal(-3, 1, (40, D)).astype(np.float32)
+    w = StoreWriter(tmp_path / "s.lmdb", 1 << 22)
+    w.put("image", np.arange(40), mu, lv, np.arange(40), [str(i) for i in range(40)])
+    w.close()
+    r = StoreReader(tmp_path / "s.lmdb", D)
+    (raw,) = r.get("image", "vec", np.array([7]))
+    assert len(raw) == row_bytes(D) == 6 * D
+    np.testing.assert_array_equal(np.frombuffer(raw[:4 * D], np.float32), mu[7])
+    np.testing.assert_array_equal(np.frombuffer(raw[4 * D:], np.float16), lv[7].astype(np.float16))
+    got_mu, got_lv = r.vectors("image", np.array([39, 0, 7, 7]))
+    np.testing.assert_array_equal(got_mu, mu[[39, 0, 7, 7]])
+    np.testing.assert_array_equal(got_lv, lv[[39, 0, 7, 7]].astype(np.float16).astype(np.float32))
+    part = r.scan("image", 40, 10, 25)
+    np.testing.assert_array_equal(part[0], mu[10:25])
+    assert encode_ids(np.array([1]))[0] == (1).to_bytes(8, "big")
+    r.close()
+
+
+def test_kmeans_through_a_clustering_index_equals_the_default(shards):
+    """The GPU build path hands k-means a flat index for its assignments (kmeans_index); on the
+    CPU a flat IP index in that slot must give the same centroids as FAISS' own path."""
+    import faiss
+    sample = load_shards(shards, "image").mu[:2000]
+    default, via = fx.make_index("IVF16,Flat", D), fx.make_index("IVF16,Flat", D)
+    fx.train(default, sample, "IVF16,Flat")
+    clustering = faiss.IndexFlatIP(D)
+    fx.train(via, sample, "IVF16,Flat", clustering=clustering)
+    assert clustering.ntotal == 16  # k-means assigned through it (it holds the centroids)
+    c0 = default.quantizer.reconstruct_n(0, 16)
+    np.testing.assert_allclose(via.quantizer.reconstruct_n(0, 16), c0, rtol=1e-5, atol=1e-6)
+    assert fx.ivf_of(via).clustering_index is None  # not kept after training

@@ -75,12 +75,12 @@ def test_checkpoint_changed_since_indexing(trained, tmp_path, record_property):
 def test_lmdb_missing_keys(trained, tmp_path, record_property):
     index = copy_index(trained, tmp_path)
     env = lmdb.open(str(index / "store.lmdb"), max_dbs=8, subdir=True)
-    with env.begin(write=True) as txn:  # drop every image's log_var: any hit lacks its σ
-        db = env.open_db(b"image.log_var", txn=txn)
+    with env.begin(write=True) as txn:  # drop every image's row: any hit lacks its μ and σ
+        db = env.open_db(b"image.vec", txn=txn)
         txn.drop(db, delete=False)
     env.close()
     line = one_error_line(query(trained, "a dog", index=index), record_property,
-                          "store.lmdb", "image.log_var has no entry for id")
+                          "store.lmdb", "image.vec has no entry for id")
     assert str(index) in line
 
 

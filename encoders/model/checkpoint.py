@@ -17,7 +17,7 @@ from core.errors import PcmeError
 from core.atomic import atomic_write, sha256_file
 
 from encoders.model.config import model_config_from_dict
-from encoders.model.networks import PCME
+from encoders.model.networks import PCME, TOWERS
 from encoders.model.text import Vocab
 
 logger = logging.getLogger(__name__)
@@ -51,12 +51,15 @@ def _missing_hint(path: Path) -> str:
     return f"file not found; train first, run: {cli_command('train')}"
 
 
-def read_checkpoint(path: str | Path) -> dict:
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """`mmap`: tensors stay in the mapped file until used; a model load copies what it needs,
+    so the optimizer state a training checkpoint also holds is never read (half of a one-shot
+    query's load time)."""
     path = Path(path)
     if not path.is_file():
         raise PcmeError(f"checkpoint {path}: {_missing_hint(path)}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated, foreign or pickled-object files all end here
         raise PcmeError(f"checkpoint {path}: cannot be read ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
@@ -64,16 +67,20 @@ def read_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def load_model(path: str | Path, device: torch.device, expected_sha256: str | None = None):
-    """-> (model in eval mode on device, vocabulary, checkpoint dict)."""
+def load_model(path: str | Path, device: torch.device, expected_sha256: str | None = None,
+               towers: tuple[str, ...] = TOWERS):
+    """-> (model in eval mode on device, vocabulary, checkpoint dict). `towers` limits what is
+    built and loaded (PCME); the checkpoint must still hold every tower's weights."""
     if expected_sha256 and Path(path).is_file() and sha256_file(path) != expected_sha256:
         raise PcmeError(f"checkpoint {path}: sha256 differs from the one recorded in the index "
                         "manifest (the model changed since indexing; re-encode and re-index)")
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, mmap=True)
     cfg = model_config_from_dict(ckpt["model_config"])
     # the checkpoint already holds the backbone weights: no weight file or package is read
     cfg.resnet_weights, cfg.imagenet_weights = "", False
-    model = PCME(cfg)
-    model.load_state_dict(ckpt["model"])
+    model = PCME(cfg, towers)
+    skipped = tuple(f"{t}." for t in TOWERS if t not in towers)
+    model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.startswith(skipped)}
+                          if skipped else ckpt["model"])
     model.to(device).eval()
     return model, Vocab(cfg.vocab), ckpt

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-from torchvision.models.resnet import BasicBlock, ResNet
 
 from core.errors import PcmeError
 
@@ -71,8 +70,10 @@ class ProbHead(nn.Module):
         return mu, log_var
 
 
-def build_resnet(cfg: ModelConfig) -> ResNet:
+def build_resnet(cfg: ModelConfig) -> nn.Module:
     """torchvision's ResNet with BasicBlocks, a configurable depth and width, and a small stem."""
+    # lazy: importing torchvision costs a text-only query process about a second
+    from torchvision.models.resnet import BasicBlock, ResNet
     net = ResNet(BasicBlock, list(cfg.resnet_layers))
     w = cfg.resnet_width
     if w != 64 or cfg.small_stem:
@@ -201,12 +202,18 @@ class TextEncoder(nn.Module):
         return self.head(pooled, local, pad_mask)
 
 
+TOWERS = ("image", "text")
+
+
 class PCME(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Both towers by default; `towers=("text",)` builds the text side only (a text query needs
+    neither the ResNet's construction nor its weights); the absent tower is None."""
+
+    def __init__(self, cfg: ModelConfig, towers: tuple[str, ...] = TOWERS):
         super().__init__()
         self.cfg = cfg
-        self.image = ImageEncoder(cfg)
-        self.text = TextEncoder(cfg)
+        self.image = ImageEncoder(cfg) if "image" in towers else None
+        self.text = TextEncoder(cfg) if "text" in towers else None
         # a of sigmoid(-a·d + b) must stay positive: store its inverse softplus
         self.a_raw = nn.Parameter(torch.tensor(float(cfg.init_a)).expm1().log())
         self.b = nn.Parameter(torch.tensor(float(cfg.init_b)))

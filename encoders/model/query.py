@@ -33,8 +33,10 @@ class QueryEncoder:
     words(text) -> the normalised words it reads (optional for other encoders).
     Text goes through the open vocabulary: only words GloVe does not know are unknown."""
 
-    def __init__(self, model, vocab, device: torch.device):
+    def __init__(self, model, vocab, device: torch.device, path: str | Path | None = None,
+                 expected_sha256: str | None = None):
         self.model, self.vocab, self.device = model, vocab, device
+        self.path, self.expected_sha256 = path, expected_sha256  # to add the image tower later
         self.load_ms = 0.0
 
     @classmethod
@@ -42,8 +44,9 @@ class QueryEncoder:
                         expected_sha256: str | None = None) -> "QueryEncoder":
         t = time.perf_counter()
         dev = resolve_device(device)
-        model, vocab, _ = load_model(path, dev, expected_sha256)
-        encoder = cls(model, OpenVocab.for_model(model, vocab), dev)
+        # text tower only: most queries are text; the image tower is built on the first image query
+        model, vocab, _ = load_model(path, dev, expected_sha256, towers=("text",))
+        encoder = cls(model, OpenVocab.for_model(model, vocab), dev, path, expected_sha256)
         encoder.load_ms = round((time.perf_counter() - t) * 1000, 3)
         return encoder
 
@@ -89,6 +92,8 @@ class QueryEncoder:
 
     def encode_image(self, path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         img = open_image(path)
+        if self.model.image is None:
+            self.model, _, _ = load_model(self.path, self.device, self.expected_sha256)
         mu, lv = encode_images(self.model, lambda i: img, 1, self.device)
         return mu[0], lv[0]
 
