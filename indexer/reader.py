@@ -162,7 +162,9 @@ def _read_faiss(path: Path, dim: int, count: int) -> faiss.Index:
     if not path.is_file():
         raise PcmeError(f"{path}: FAISS index file is missing")
     try:
-        index = faiss.read_index(str(path))
+        # SAME_DIR: a distributed build's inverted lists live in `<modality>.ivfdata` beside
+        # the index file (merged on disk), found there wherever the directory has moved
+        index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
     except RuntimeError as e:
         raise PcmeError(f"{path}: unreadable FAISS index ({str(e).splitlines()[-1][:200]})") from None
     if index.d != dim or index.ntotal != count:
