@@ -135,7 +135,8 @@ def fault_point(name: str) -> None:
     """Test hook, inert unless $PCME_FAULT_DIR is set. `kill-<name>` there: the first worker
     to reach this point claims it (renamed to `killed-<name>`, so a retry runs clean) and
     dies at once, as a crashed process would. `hold-<name>`: the worker claims it as
-    `held-<name>` and waits until that file is removed (the test does something meanwhile)."""
+    `held-<name>`, writes its Ray node id to `node-<name>` and waits until `held-<name>` is
+    removed (the test does something meanwhile, such as removing that node)."""
     folder = os.environ.get(FAULT_ENV)
     if not folder:
         return
@@ -144,8 +145,14 @@ def fault_point(name: str) -> None:
         logger.warning("fault hook: killing this worker at %s", name)
         os._exit(1)
     if _claim(base / f"hold-{name}", base / f"held-{name}"):
+        (base / f"node-{name}").write_text(_node_id())  # where the test can strike
         while (base / f"held-{name}").exists():
             time.sleep(0.05)
+
+
+def _node_id() -> str:
+    ray = import_ray()
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 def _claim(request: Path, claimed: Path) -> bool:

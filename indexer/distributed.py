@@ -124,7 +124,7 @@ def build_part(index_bytes: np.ndarray, shard_dir: str, files: list[str], dim: i
 def build_index_distributed(shard_dir: Path, out_dir: Path, factory: str = "auto",
                             nprobe: int | None = None, progress: B.Progress | None = None,
                             seed: int = 0, recall_target: float = B.RECALL_TARGET,
-                            part_rows: int = PART_ROWS, sharded: bool = False) -> dict:
+                            part_rows: int | None = None, sharded: bool = False) -> dict:
     """Build on the connected Ray cluster; same arguments as build_index (no augmented
     indexes). Returns the manifest written."""
     ray = import_ray()
@@ -138,7 +138,7 @@ def build_index_distributed(shard_dir: Path, out_dir: Path, factory: str = "auto
     present = [m for m in MODALITIES if counts[m] > 0]
     if not present:
         raise PcmeError(f"{shard_dir}: the shards hold no rows; nothing to index")
-    parts = plan_parts({m: counts[m] for m in present}, part_rows)
+    parts = plan_parts({m: counts[m] for m in present}, part_rows or PART_ROWS)
     rng = np.random.default_rng(seed)
     with AtomicDir(out_dir, kind=SHARDED_KIND if sharded else "index") as tmp:
         plans = {m: B._plan(m, counts, dim, factory, nprobe is None, rng) for m in present}

@@ -91,7 +91,7 @@ class PartEncoder:
 
 
 def encode_distributed(checkpoint: str, data: str, root: str, split: str, out: str,
-                       device: str = "auto", part_rows: int = PART_ROWS,
+                       device: str = "auto", part_rows: int | None = None,
                        workers: int | None = None) -> tuple[Path, dict]:
     """Encode on the connected Ray cluster; returns (shard dir, job facts)."""
     ray = import_ray()
@@ -101,7 +101,7 @@ def encode_distributed(checkpoint: str, data: str, root: str, split: str, out: s
     AtomicDir(out_dir, kind="shards").abort()  # refuse a foreign --out before any work
     model, _, _ = load_model(checkpoint, resolve_device("cpu"))
     producer = {**producer_of(checkpoint, model), "dataset": sp.dataset, "split": sp.name}
-    parts = plan_parts({"image": sp.n_images, "text": sp.n_captions}, part_rows)
+    parts = plan_parts({"image": sp.n_images, "text": sp.n_captions}, part_rows or PART_ROWS)
     stage = staging_dir(out_dir)
     stage.mkdir(parents=True, exist_ok=True)
     todo = [p for p in parts if not (stage / p.file).is_file()]
