@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 SHARDED_KIND = "sharded-index"   # the manifest kind indexer/distributed.py writes
 SHARD_TIMEOUT_S = 120.0          # one shard's answer (a restart included) may take this long
+RESTART_POLL_S = 0.2             # while a shard actor restarts, the query is resent this often
 ACTOR_RESTARTS = 4               # restarts Ray may make of each shard actor over its life
 
 
@@ -111,7 +112,7 @@ class ShardedEngine:
         refs = [getattr(a, method).remote(modality, *args) for _, a in mine]
         answers, missing = [], []
         for (shard, actor), ref in zip(mine, refs):
-            answer = self._get(ref) or self._get(getattr(actor, method).remote(modality, *args))
+            answer = self._answer(ref, lambda a=actor: getattr(a, method).remote(modality, *args))
             if answer is None:
                 missing.append(shard["dir"])
             else:
@@ -121,13 +122,22 @@ class ShardedEngine:
                            self.index_dir, ", ".join(missing))
         return answers, missing
 
-    def _get(self, ref):
-        errors = self.ray.exceptions
-        try:
-            return self.ray.get(ref, timeout=SHARD_TIMEOUT_S)
-        except (errors.RayActorError, errors.GetTimeoutError) as e:
-            logger.warning("a shard actor failed (%s)", type(e).__name__)
-            return None
+    def _answer(self, ref, resend):
+        """The shard's answer to `ref`; if its actor was lost, the query again once Ray has
+        restarted it (calls fail fast while it restarts); None when it is gone for good
+        (restarts used up, killed) or does not answer within SHARD_TIMEOUT_S."""
+        errors, deadline = self.ray.exceptions, time.monotonic() + SHARD_TIMEOUT_S
+        while True:
+            try:
+                return self.ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            except errors.ActorUnavailableError:   # restarting (or unreachable for now)
+                if time.monotonic() > deadline:
+                    return None
+                time.sleep(RESTART_POLL_S)
+            except (errors.RayActorError, errors.GetTimeoutError) as e:
+                logger.warning("a shard actor is gone (%s)", type(e).__name__)
+                return None
+            ref = resend()
 
     def search_batch(self, modality: str, mu_q: np.ndarray, lv_q: np.ndarray, k: int = 10,
                      score: str = "elk", exact: bool = False) -> ShardedBatch:
