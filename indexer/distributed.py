@@ -19,6 +19,7 @@ contract is then the same number in a shard as in the merged index.
 from __future__ import annotations
 
 import logging
+import resource
 import shutil
 import time
 from dataclasses import dataclass
@@ -118,7 +119,7 @@ def build_part(index_bytes: np.ndarray, shard_dir: str, files: list[str], dim: i
         write_json(tmp / "manifest.json", {"schema_version": SCHEMA_VERSION, "kind": "index-part",
                                            "part": vars(part), "created": utc_now()})
     return {"stats": stats, "exact": None if exact is None else (exact.scores, exact.ids),
-            "worst_norm": worst_norm}
+            "worst_norm": worst_norm, "peak_rss_mb": peak_rss_mb()}
 
 
 def build_index_distributed(shard_dir: Path, out_dir: Path, factory: str = "auto",
@@ -159,6 +160,7 @@ def build_index_distributed(shard_dir: Path, out_dir: Path, factory: str = "auto
         chosen = {m: B._nprobe(p, nprobe, recall_target) for m, p in plans.items()}
         producer = shard_manifest.get("producer", {})
         build = {"ray": {"parts": [vars(q) for q in parts], "workers": _workers(ray),
+                         "worker_peak_rss_mb": max(r["peak_rss_mb"] for r in results.values()),
                          "merge": "sharded" if sharded else "faiss on-disk inverted lists"}}
         if sharded:
             shutil.rmtree(tune)
@@ -177,6 +179,11 @@ def build_index_distributed(shard_dir: Path, out_dir: Path, factory: str = "auto
         write_json(tmp / "manifest.json", manifest)  # last: its presence marks a complete build
     logger.info("distributed index built in %.1f s from %d parts", manifest["build_s"], len(parts))
     return manifest
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _workers(ray) -> int:

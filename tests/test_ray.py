@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ray = pytest.importorskip("ray")  # in the `test` extra; skipped only where it is not installed
+import ray  # noqa: E402  (in the `test` extra)
 
 from core.cluster import FAULT_ENV, OBJECT_STORE_BYTES, ray_runtime_env  # noqa: E402
 from engine.search import SearchEngine  # noqa: E402
@@ -55,6 +55,15 @@ def indexes(cluster, tmp_path_factory):
     build_index_distributed(root / "shards", root / "merged", part_rows=PART_ROWS)
     build_index_distributed(root / "shards", root / "sharded", part_rows=PART_ROWS, sharded=True)
     return root
+
+
+@pytest.fixture(scope="module")
+def engines(indexes):
+    """(single-index engine, sharded engine): shared by (d) and (e), which runs last."""
+    from engine.sharded import ShardedEngine
+
+    with SearchEngine(indexes / "single") as a, ShardedEngine(indexes / "sharded") as b:
+        yield a, b
 
 
 def queries(n=8, seed=3):
@@ -131,43 +140,39 @@ def test_c_distributed_index_gives_the_same_top_k(indexes):
         np.testing.assert_array_equal(a.reader.fetch("text", ids)[1], b.reader.fetch("text", ids)[1])
 
 
-def test_d_sharded_search_equals_the_single_index(indexes):
+def test_d_sharded_search_equals_the_single_index(engines):
     """Exhaustive scoring (exact=True) at k = 1, 10, 100 checks the merge itself; the served
     path (ANN shortlist with the same quantizer and nprobe) is checked at k = 1 and 10. At
     k = 100 the smaller shard's probed lists can hold fewer rows than its shortlist, and the
     reader then widens nprobe for it, so the sharded answer may be better than the single
     index's, not equal."""
-    from engine.sharded import ShardedEngine
-
+    a, b = engines
     mu, lv = queries(4)
-    with SearchEngine(indexes / "single") as a, ShardedEngine(indexes / "sharded") as b:
-        for k, exact in ((1, True), (10, True), (100, True), (1, False), (10, False)):
-            for score in SCORES:
-                ra = a.search_batch("image", mu, lv, k, score, exact)
-                rb = b.search_batch("image", mu, lv, k, score, exact)
-                assert not rb.missing
-                assert np.array_equal(ra.ids, rb.ids), (k, score, exact)
-                np.testing.assert_allclose(rb.keys, ra.keys, rtol=1e-6)
-        hits, _, missing = b.search("text", mu[0], lv[0], 10, "elk")
-        single, _ = a.search("text", mu[0], lv[0], 10, "elk")
-        assert [(h.id, h.rank, h.item) for h in hits] == [(h.id, h.rank, h.item) for h in single]
+    for k, exact in ((1, True), (10, True), (100, True), (1, False), (10, False)):
+        for score in SCORES:
+            ra = a.search_batch("image", mu, lv, k, score, exact)
+            rb = b.search_batch("image", mu, lv, k, score, exact)
+            assert not rb.missing
+            assert np.array_equal(ra.ids, rb.ids), (k, score, exact)
+            np.testing.assert_allclose(rb.keys, ra.keys, rtol=1e-6)
+    hits, _, missing = b.search("text", mu[0], lv[0], 10, "elk")
+    assert not missing
+    single, _ = a.search("text", mu[0], lv[0], 10, "elk")
+    assert [(h.id, h.rank, h.item) for h in hits] == [(h.id, h.rank, h.item) for h in single]
 
 
-def test_e_killed_shard_actor_is_restarted_or_reported(indexes, cluster):
-    from engine.sharded import ShardedEngine
-
-    faults = cluster[2]
+def test_e_killed_shard_actor_is_restarted_or_reported(indexes, engines, cluster):
+    (a, b), faults = engines, cluster[2]
     mu, lv = queries(4, seed=5)
-    with SearchEngine(indexes / "single") as a, ShardedEngine(indexes / "sharded") as b:
-        want = a.search_batch("image", mu, lv, 10, "elk")
-        (faults / "kill-search-image-000000004096").touch()   # dies while answering
-        got = b.search_batch("image", mu, lv, 10, "elk")
-        assert (faults / "killed-search-image-000000004096").exists()
-        assert not got.missing and np.array_equal(got.ids, want.ids)
-        ray.kill(b.actors[0], no_restart=True)              # image-000000000000, for good
-        got = b.search_batch("image", mu, lv, 10, "elk")
-        assert got.missing == ["image-000000000000"]
-        assert (got.ids >= PART_ROWS).all()                 # only the surviving shard's ids
-        with SearchEngine(indexes / "sharded" / "image-000000004096") as rest:
-            local = rest.search_batch("image", mu, lv, 10, "elk")
-        assert np.array_equal(got.ids, local.ids + PART_ROWS)
+    want = a.search_batch("image", mu, lv, 10, "elk")
+    (faults / "kill-search-image-000000004096").touch()   # dies while answering
+    got = b.search_batch("image", mu, lv, 10, "elk")
+    assert (faults / "killed-search-image-000000004096").exists()
+    assert not got.missing and np.array_equal(got.ids, want.ids)
+    ray.kill(b.actors[0], no_restart=True)              # image-000000000000, for good
+    got = b.search_batch("image", mu, lv, 10, "elk")
+    assert got.missing == ["image-000000000000"]
+    assert (got.ids >= PART_ROWS).all()                 # only the surviving shard's ids
+    with SearchEngine(indexes / "sharded" / "image-000000004096") as rest:
+        local = rest.search_batch("image", mu, lv, 10, "elk")
+    assert np.array_equal(got.ids, local.ids + PART_ROWS)
