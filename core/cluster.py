@@ -76,15 +76,17 @@ def worker_count(ray) -> int:
 
 def run_on_actors(ray, make_actor: Callable[[], object], n_actors: int, parts: list,
                   call: Callable[[object, object], object], key: Callable[[object], Hashable] = str,
-                  on_done: Callable[[object, object], None] | None = None) -> dict:
+                  on_done: Callable[[object, object], None] | None = None,
+                  pool: list | None = None) -> dict:
     """Run `call(actor, part)` for every part on a pool of `n_actors` actors, each part on
     whichever actor is free. An actor that dies (its worker killed, its node removed) gives
     its part back to the queue and is replaced; the replacement joins once it answers
     `ready()`, so a node that is gone for good only shrinks the pool. Returns {key: result},
-    plus the number of actors lost under the key None."""
+    plus the number of actors lost under the key None. `pool`: ready actors to use instead
+    of starting `n_actors` (a benchmark times the work without the start-up)."""
     queue, attempts, results, deaths = list(parts), {key(p): 0 for p in parts}, {}, 0
-    idle, joining, busy = [], {}, {}
-    for _ in range(min(n_actors, len(parts)) or 1):
+    idle, joining, busy = list(pool or []), {}, {}
+    for _ in range(0 if pool else min(n_actors, len(parts)) or 1):
         actor = make_actor()
         joining[actor.ready.remote()] = actor
     deadline = time.monotonic() + ACTOR_START_S
@@ -124,7 +126,8 @@ def run_on_actors(ray, make_actor: Callable[[], object], n_actors: int, parts: l
             if on_done is not None:
                 on_done(part, results[key(part)])
     for actor in idle + list(joining.values()):
-        ray.kill(actor)
+        if actor not in (pool or []):  # a pool handed in stays the caller's
+            ray.kill(actor)
     if deaths:
         logger.warning("%d worker(s) lost during the job; every part completed", deaths)
     results[None] = deaths

@@ -233,10 +233,11 @@ def _merge_lists(trained: faiss.Index, part_dirs: list[Path], offsets: list[int]
     `<m>.ivfdata` on disk (parts memory-mapped, codes never all in memory), then each part's
     local ids shifted by its first global id; other indexes are merged in memory."""
     ivf = fx.ivf_of(trained)
-    if ivf is None:
-        for d in part_dirs:  # no ids stored: rows are numbered in merge order = id order
-            trained.merge_from(faiss.read_index(str(d / f"{m}.faiss")))
-        return trained
+    if ivf is None:  # no ids stored: rows are numbered in merge order = id order
+        merged = faiss.read_index(str(part_dirs[0] / f"{m}.faiss"))  # as read: same C++ type
+        for d in part_dirs[1:]:
+            merged.merge_from(faiss.read_index(str(d / f"{m}.faiss")))
+        return merged
     opened = [faiss.read_index(str(d / f"{m}.faiss"), faiss.IO_FLAG_MMAP) for d in part_dirs]
     lists = faiss.InvertedListsPtrVector()
     for index in opened:

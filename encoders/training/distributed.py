@@ -92,8 +92,9 @@ class PartEncoder:
 
 def encode_distributed(checkpoint: str, data: str, root: str, split: str, out: str,
                        device: str = "auto", part_rows: int | None = None,
-                       workers: int | None = None) -> tuple[Path, dict]:
-    """Encode on the connected Ray cluster; returns (shard dir, job facts)."""
+                       workers: int | None = None, pool: list | None = None) -> tuple[Path, dict]:
+    """Encode on the connected Ray cluster; returns (shard dir, job facts). `pool`: ready
+    PartEncoder actors (from encoder_actors) to use instead of starting `workers` new ones."""
     ray = import_ray()
     from encoders.training.pipeline import producer_of  # torch-free callers never load it
 
@@ -106,14 +107,22 @@ def encode_distributed(checkpoint: str, data: str, root: str, split: str, out: s
     stage.mkdir(parents=True, exist_ok=True)
     todo = [p for p in parts if not (stage / p.file).is_file()]
     logger.info("%d parts, %d already encoded in %s", len(parts), len(parts) - len(todo), stage)
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and device != "cpu" else 0
-    actor_cls = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=0)(PartEncoder)
-    args = (str(Path(checkpoint).resolve()), data, str(Path(root).resolve()), split, device)
-    done = run_on_actors(ray, lambda: actor_cls.remote(*args), workers or worker_count(ray), todo,
-                         lambda actor, p: actor.encode.remote(p, str(stage)), key=lambda p: p.file)
+    make = encoder_actors(checkpoint, data, root, split, device)
+    done = run_on_actors(ray, make, workers or worker_count(ray), todo,
+                         lambda actor, p: actor.encode.remote(p, str(stage)), key=lambda p: p.file,
+                         pool=pool)
     facts = {"parts": len(parts), "encoded": len(todo), "skipped": len(parts) - len(todo),
              "workers_lost": done[None]}
     return commit_parts(stage, out_dir, parts, model.cfg.embed_dim, producer), facts
+
+
+def encoder_actors(checkpoint: str, data: str, root: str, split: str, device: str):
+    """A factory of PartEncoder actors: one CPU each, and a GPU where the cluster has them."""
+    ray = import_ray()
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and device != "cpu" else 0
+    actor_cls = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=0)(PartEncoder)
+    args = (str(Path(checkpoint).resolve()), data, str(Path(root).resolve()), split, device)
+    return lambda: actor_cls.remote(*args)
 
 
 def commit_parts(stage: Path, out_dir: Path, parts: list[Part], dim: int, producer: dict) -> Path:
