@@ -8,9 +8,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Hashable, Iterator
+from typing import Callable, Hashable
 
 from core.errors import PcmeError
 
@@ -41,20 +40,34 @@ def ray_runtime_env() -> dict:
     return {"env_vars": env}
 
 
-@contextmanager
-def ray_cluster(address: str) -> Iterator[object]:
-    """`local:N` starts a Ray instance with N worker CPUs on this machine and shuts it down
-    after; anything else is the address of a running cluster (`ray start --head` prints it;
-    "auto" finds the local one), which stays up. Already connected (tests): used as is."""
+class RayConnection:
+    """What ray_cluster returns: `with` it to get the ray module; leaving the block shuts
+    down the Ray instance this process started (never a cluster it only joined)."""
+
+    def __init__(self, ray, owned: bool):
+        self.ray, self.owned = ray, owned
+
+    def __enter__(self):
+        return self.ray
+
+    def __exit__(self, *exc) -> None:
+        if self.owned:
+            self.ray.shutdown()
+
+
+def ray_cluster(address: str) -> RayConnection:
+    """Connect now (errors are PcmeError). `local:N` starts a Ray instance with N worker CPUs
+    on this machine, shut down after the `with` block; anything else is the address of a
+    running cluster (`ray start --head` prints it; "auto" finds the local one), which stays
+    up. Already connected (tests): used as is."""
+    n = address.removeprefix("local:") if address.startswith("local:") else None
+    if n is not None and (not n.isdigit() or int(n) < 1):
+        raise PcmeError(f"--ray {address!r}: expected local:N with N >= 1 worker processes")
     ray = import_ray()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
-        yield ray
-        return
-    if address.startswith("local:"):
-        n = address.removeprefix("local:")
-        if not n.isdigit() or int(n) < 1:
-            raise PcmeError(f"--ray {address!r}: expected local:N with N >= 1 worker processes")
+        return RayConnection(ray, owned=False)
+    if n is not None:
         ray.init(num_cpus=int(n), include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
                  runtime_env=ray_runtime_env(), logging_level=logging.WARNING)
     else:
@@ -63,10 +76,7 @@ def ray_cluster(address: str) -> Iterator[object]:
                      logging_level=logging.WARNING)
         except (ConnectionError, ValueError, RuntimeError) as e:
             raise PcmeError(f"--ray {address!r}: cannot connect ({str(e).splitlines()[0]})") from None
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+    return RayConnection(ray, owned=True)
 
 
 def worker_count(ray) -> int:

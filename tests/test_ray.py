@@ -19,7 +19,6 @@ from indexer.build import build_index  # noqa: E402
 from indexer.shards import load_shards, validate_shards  # noqa: E402
 from tests.helpers import write_shards  # noqa: E402
 
-pytestmark = pytest.mark.slow
 SCORES = ("mu", "elk", "csd", "w2", "bhattacharyya", "mc")
 N, DIM, PART_ROWS = 6000, 16, 4096   # two index parts per modality, the second one partial
 
@@ -87,6 +86,7 @@ def assert_same_shards(reference: Path, got: Path):
         np.testing.assert_allclose(b.log_var, a.log_var, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_distributed_encode_equals_single_process(cluster, trained, tmp_path):
     from encoders.training.distributed import encode_distributed
 
@@ -96,6 +96,7 @@ def test_a_distributed_encode_equals_single_process(cluster, trained, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out"]  # staging folder gone
 
 
+@pytest.mark.slow
 def test_b_killed_worker_and_removed_node_leave_every_id_once(cluster, trained, tmp_path):
     from encoders.training.distributed import encode_distributed
 
@@ -125,6 +126,7 @@ def test_b_killed_worker_and_removed_node_leave_every_id_once(cluster, trained, 
     workers[lost] = c.add_node(num_cpus=1, object_store_memory=OBJECT_STORE_BYTES)  # for later tests
 
 
+@pytest.mark.slow
 def test_c_distributed_index_gives_the_same_top_k(indexes):
     mu, lv = queries()
     with SearchEngine(indexes / "single") as a, SearchEngine(indexes / "merged") as b:
@@ -140,6 +142,7 @@ def test_c_distributed_index_gives_the_same_top_k(indexes):
         np.testing.assert_array_equal(a.reader.fetch("text", ids)[1], b.reader.fetch("text", ids)[1])
 
 
+@pytest.mark.slow
 def test_d_sharded_search_equals_the_single_index(engines):
     """Exhaustive scoring (exact=True) at k = 1, 10, 100 checks the merge itself; the served
     path (ANN shortlist with the same quantizer and nprobe) is checked at k = 1 and 10. At
@@ -161,6 +164,7 @@ def test_d_sharded_search_equals_the_single_index(engines):
     assert [(h.id, h.rank, h.item) for h in hits] == [(h.id, h.rank, h.item) for h in single]
 
 
+@pytest.mark.slow
 def test_e_killed_shard_actor_is_restarted_or_reported(indexes, engines, cluster):
     (a, b), faults = engines, cluster[2]
     mu, lv = queries(4, seed=5)
@@ -176,3 +180,41 @@ def test_e_killed_shard_actor_is_restarted_or_reported(indexes, engines, cluster
     with SearchEngine(indexes / "sharded" / "image-000000004096") as rest:
         local = rest.search_batch("image", mu, lv, 10, "elk")
     assert np.array_equal(got.ids, local.ids + PART_ROWS)
+
+
+@pytest.mark.slow
+def test_f_cli_builds_and_queries_a_sharded_index(cluster, trained, tmp_path):
+    """The CLI wiring: index --ray --sharded, then query --ray answers as the ordinary index
+    built from the same shards (Flat parts here: the scenes test split is small)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["index", "--shards", str(trained / "out"), "--out", str(tmp_path / "s"),
+                              "--ray", "auto", "--sharded", "--part-rows", "4096"])
+    assert res.exit_code == 0, res.output
+    answers = []
+    for index, extra in ((trained / "index", []), (tmp_path / "s", ["--ray", "auto"])):
+        res = runner.invoke(app, ["query", "a street scene", "--index", str(index), "--json",
+                                  "--k", "20", *extra])
+        assert res.exit_code == 0, res.output
+        answers.append(json.loads(res.stdout))
+    assert answers[1]["partial"] is False and answers[1]["missing_shards"] == []
+    assert [(h["id"], h["item"]) for h in answers[1]["results"]] == \
+        [(h["id"], h["item"]) for h in answers[0]["results"]]
+
+
+def test_bad_ray_address_is_one_line(tmp_path, record_property):
+    from typer.testing import CliRunner
+
+    from cli import app
+    from tests.helpers import one_error_line
+
+    write_shards(tmp_path / "shards", 10)
+    res = CliRunner().invoke(app, ["index", "--shards", str(tmp_path / "shards"), "--out",
+                                   str(tmp_path / "i"), "--ray", "local:0"])
+    one_error_line(res, record_property, "--ray", "local:N")
+    assert not (tmp_path / "i").exists()
