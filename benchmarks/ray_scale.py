@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from core.process import configure_process
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_S = 0.02   # how often a phase samples its own anonymous memory
 
@@ -169,6 +171,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--phase", default=None)
     a, rest = ap.parse_known_args()
+    configure_process()  # as the CLI does: OpenMP threads wait passively (core/process.py)
     if a.phase:
         print(json.dumps(phase(a.phase, rest)))
         return

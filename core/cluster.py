@@ -35,8 +35,9 @@ def ray_runtime_env() -> dict:
     """Workers import this project's code: from the same path as the driver (a shared
     filesystem, or the same install on every node), and they see the fault hook folder."""
     env = {"PYTHONPATH": str(PROJECT_ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
-    if os.environ.get(FAULT_ENV):
-        env[FAULT_ENV] = os.environ[FAULT_ENV]
+    for name in (FAULT_ENV, "OMP_WAIT_POLICY"):  # the process settings made at the edge
+        if os.environ.get(name):
+            env[name] = os.environ[name]
     return {"env_vars": env}
 
 
