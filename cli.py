@@ -44,8 +44,10 @@ def open_engine(index: str | Path, device: str = "cpu"):
 
     from encoders.model.query import QueryEncoder
     from engine.search import SearchEngine
+    from engine.sharded import ShardedEngine, is_sharded
 
-    return SearchEngine(index, make_encoder=partial(QueryEncoder.for_index, device=device))
+    engine = ShardedEngine if is_sharded(index) else SearchEngine  # sharded: Ray is connected
+    return engine(index, make_encoder=partial(QueryEncoder.for_index, device=device))
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -84,6 +86,9 @@ def _artefact(what: str, write, *args) -> None:
 
 
 Verbose = typer.Option(False, "--verbose", "-v", help="Debug logging.")
+RayOption = typer.Option(None, "--ray", help="Run on Ray: a running cluster's address (ray start "
+                         "--head prints it; 'auto') or local:N to start N local workers. "
+                         "[default: none: one process]")
 
 
 def _default(name: str, help: str):
@@ -163,6 +168,9 @@ def encode(
                                            show_default="none"),
     out: str = typer.Option(DEFAULTS.shards, help="Shard directory to write."),
     device: str = typer.Option(DEFAULTS.device, help="auto, cpu or cuda."),
+    ray: Optional[str] = RayOption,
+    part_rows: Optional[int] = typer.Option(None, help="With --ray: rows per part, a multiple "
+                                            "of 512. [default: 16384]"),
     verbose: bool = Verbose,
 ):
     """Encode a dataset split, or a folder of images and/or a caption file, into μ/log σ² shards."""
@@ -175,6 +183,16 @@ def encode(
         typer.echo(f"encoded {done['images']} images and {done['captions']} captions"
                    f"{skipped if done['skipped'] else ''}")
         typer.echo(f"shards: {out}   (next: python cli.py index --shards {out})")
+        return
+    if ray:
+        from core.cluster import ray_cluster
+        from encoders.training.distributed import encode_distributed
+
+        with _run(ray_cluster, ray):
+            path, facts = _run(encode_distributed, checkpoint, data, root, split, out, device,
+                               part_rows)
+        typer.echo(f"shards: {path}  ({facts['encoded']} parts encoded, {facts['skipped']} "
+                   f"resumed, {facts['workers_lost']} workers lost)")
         return
     from encoders.training.pipeline import encode_to_shards
 
@@ -191,15 +209,34 @@ def index(
     nprobe: Optional[int] = typer.Option(None, help="IVF lists probed per query; default: tuned for --recall-target."),
     recall_target: float = typer.Option(0.95, help="μ recall@10 the tuned nprobe must reach on held-out probes."),
     augmented: str = typer.Option("", help="Also build exact augmented indexes for these scores, e.g. csd,w2."),
+    ray: Optional[str] = RayOption,
+    part_rows: Optional[int] = typer.Option(None, help="With --ray: rows per part, a multiple "
+                                            "of 4096. [default: 1048576]"),
+    sharded: bool = typer.Option(False, help="With --ray: keep the parts as a sharded index "
+                                 "(searched by one Ray actor per shard) instead of merging."),
     verbose: bool = Verbose,
 ):
     """Build FAISS indexes on μ and an LMDB store of log σ² from shards."""
     _setup_logging(verbose)
     from core.progress import StageBars
-    from indexer.build import build_index
 
     names = tuple(s.strip() for s in augmented.split(",") if s.strip())
     _run(check_writable, out, "--out")
+    if ray:
+        from core.cluster import ray_cluster
+        from indexer.distributed import build_index_distributed
+
+        if names:
+            err("error: --augmented is not built by --ray (build it without --ray)", err=True)
+            raise typer.Exit(2)
+        with _run(ray_cluster, ray), StageBars("index") as bars:
+            manifest = _run(build_index_distributed, Path(shards), Path(out), factory, nprobe,
+                            bars, recall_target=recall_target, part_rows=part_rows, sharded=sharded)
+        typer.echo(f"indexed {manifest['counts']} on Ray in {manifest['build_s']:.2f} s -> {out}/ "
+                   f"({len(manifest['build']['ray']['parts'])} parts, {'sharded' if sharded else 'merged'})")
+        return
+    from indexer.build import build_index
+
     with StageBars("index") as bars:
         manifest = _run(build_index, Path(shards), Path(out), factory, nprobe, progress=bars,
                         augmented=names, recall_target=recall_target)
@@ -222,6 +259,7 @@ def query(
     exact: bool = typer.Option(False, "--exact", help="Score every item (no ANN): the reference."),
     show: Optional[str] = typer.Option(None, help="Also write a PNG contact sheet of the hits "
                                        "(rank, score, σ² under each). [default: none]"),
+    ray: Optional[str] = RayOption,
     verbose: bool = Verbose,
 ):
     """Search the index with a text (or --image) query and print ranked hits with uncertainty."""
@@ -236,7 +274,16 @@ def query(
     if show:
         _run(check_png_path, show, "--show")
         _run(check_writable, show, "--show")
-    with _run(open_engine, index, device) as engine:
+    from contextlib import nullcontext
+
+    from engine.sharded import is_sharded
+
+    if is_sharded(index) and not ray:
+        err(f"error: {index} is a sharded index: give --ray ADDRESS (or local:N) to search it", err=True)
+        raise typer.Exit(2)
+    if ray:
+        from core.cluster import ray_cluster
+    with (_run(ray_cluster, ray) if ray else nullcontext()), _run(open_engine, index, device) as engine:
         if image is not None:
             result = _run(engine.query_image, image, k, score, exact)
         else:
@@ -433,6 +480,8 @@ def _print_result(result) -> None:
     typer.echo(f"score {result.score}: {SCORE_MEANING[result.score]}; p_match: Monte-Carlo "
                f"match probability of each hit")
     typer.echo(f"rank  {result.score + ' (higher is better)':>26}  p_match  Σσ²     id       item")
+    if getattr(result, "partial", False):
+        typer.echo(f"partial: shards {', '.join(result.missing_shards)} did not answer")
     for h in result.results:
         typer.echo(f"{h.rank:4d}  {h.score:26.4f}  {h.p_match:7.3f}  {h.uncertainty:.4f}  "
                    f"#{h.id:<7d} {h.item}")

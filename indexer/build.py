@@ -94,23 +94,29 @@ def build_index(shard_dir: Path, out_dir: Path, factory: str = "auto", nprobe: i
             faiss.write_index(p.index, str(tmp / f"{m}.faiss"))
             for score, index in p.augmented.items():
                 faiss.write_index(index, str(tmp / aug.file_name(m, score)))
-        manifest = {
-            "schema_version": SCHEMA_VERSION, "kind": "index", "dim": dim, "counts": counts,
-            "factory": {m: p.factory for m, p in plans.items()},
-            "nprobe": {m: c[0] for m, c in chosen.items()},
-            "nprobe_recall": {m: c[1] for m, c in chosen.items()}, "recall_target": recall_target,
-            "metric": "inner_product", "mc_samples": MC_SAMPLES,
-            "variance_stats": {m: p.stats.to_json() for m, p in plans.items()},
-            "augmented": {m: sorted(p.augmented) for m, p in plans.items()},
-            "store": {"file": STORE_FILE, "format": STORE_FORMAT,
-                      "row": "mu float32[dim] + log_var float16[dim]"},
-            "shards": {"dir": str(shard_dir), "manifest_sha256": shard_sha},
-            "producer": shard_manifest.get("producer", {}), "created": utc_now(),
-            "calibration": read_calibration(shard_manifest.get("producer", {})),
-            "build_s": round(time.perf_counter() - start, 3)}
+        manifest = index_manifest(plans, chosen, counts, dim, recall_target, shard_dir,
+                                  shard_sha, shard_manifest.get("producer", {}), start)
         write_json(tmp / "manifest.json", manifest)  # last: its presence marks a complete build
     logger.info("index built in %.1f s: %s", manifest["build_s"], manifest["factory"])
     return manifest
+
+
+def index_manifest(plans: dict, chosen: dict, counts: dict, dim: int, recall_target: float,
+                   shard_dir: Path, shard_sha: str, producer: dict, start: float) -> dict:
+    """The manifest of an index directory (DESIGN.md "Formats"), written last by a build."""
+    return {
+        "schema_version": SCHEMA_VERSION, "kind": "index", "dim": dim, "counts": counts,
+        "factory": {m: p.factory for m, p in plans.items()},
+        "nprobe": {m: c[0] for m, c in chosen.items()},
+        "nprobe_recall": {m: c[1] for m, c in chosen.items()}, "recall_target": recall_target,
+        "metric": "inner_product", "mc_samples": MC_SAMPLES,
+        "variance_stats": {m: p.stats.to_json() for m, p in plans.items()},
+        "augmented": {m: sorted(p.augmented or {}) for m, p in plans.items()},
+        "store": {"file": STORE_FILE, "format": STORE_FORMAT,
+                  "row": "mu float32[dim] + log_var float16[dim]"},
+        "shards": {"dir": str(shard_dir), "manifest_sha256": shard_sha},
+        "producer": producer, "created": utc_now(), "calibration": read_calibration(producer),
+        "build_s": round(time.perf_counter() - start, 3)}
 
 
 def _plan(m: str, counts: dict, dim: int, factory: str, measure: bool, rng) -> _Plan:

@@ -214,8 +214,12 @@ class ExactTopK:
         k = min(self.k, len(ids))
         batch_scores, rows = faiss.knn(self.queries, np.ascontiguousarray(mu, dtype=np.float32),
                                        k, metric=faiss.METRIC_INNER_PRODUCT)
+        self.merge(batch_scores, np.asarray(ids)[rows])
+
+    def merge(self, batch_scores: np.ndarray, batch_ids: np.ndarray) -> None:
+        """Fold in candidates [Q, k'] found elsewhere (another batch, or a distributed part)."""
         scores = np.concatenate([self.scores, batch_scores], axis=1)
-        cand = np.concatenate([self.ids, np.asarray(ids)[rows]], axis=1)
+        cand = np.concatenate([self.ids, batch_ids], axis=1)
         if scores.shape[1] > self.k:
             keep = np.argpartition(-scores, self.k - 1, axis=1)[:, :self.k]
             scores = np.take_along_axis(scores, keep, 1)

@@ -9,6 +9,9 @@ copy stays for range search and for k beyond what the GPU kernels select.
 from __future__ import annotations
 
 import logging
+import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import faiss
@@ -156,13 +159,33 @@ def _read_faiss(path: Path, dim: int, count: int) -> faiss.Index:
     if not path.is_file():
         raise PcmeError(f"{path}: FAISS index file is missing")
     try:
-        index = faiss.read_index(str(path))
+        # SAME_DIR: a distributed build's inverted lists live in `<modality>.ivfdata` beside
+        # the index file (merged on disk), found there wherever the directory has moved
+        with _stdout_to_stderr(path.with_suffix(".ivfdata").exists()):
+            index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
     except RuntimeError as e:
         raise PcmeError(f"{path}: unreadable FAISS index ({str(e).splitlines()[-1][:200]})") from None
     if index.d != dim or index.ntotal != count:
         raise PcmeError(f"{path}: holds {index.ntotal} vectors of dim {index.d}, manifest says "
                         f"{count} of dim {dim}")
     return index
+
+
+@contextmanager
+def _stdout_to_stderr(active: bool):
+    """FAISS prints a note on C stdout when it relocates on-disk lists; `query --json` owns
+    stdout, so while such an index is read, fd 1 points at stderr."""
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _trim_missing(ids: np.ndarray, ip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

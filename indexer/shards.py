@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.errors import PcmeError
-from core.atomic import AtomicDir, sha256_file, utc_now, write_json
+from core.atomic import AtomicDir, atomic_write, sha256_file, utc_now, write_json
 from indexer.manifest import MODALITIES, SCHEMA_VERSION, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -86,46 +86,16 @@ class ShardWriter:
         """Append rows of one modality; returns the global ids they were given."""
         if self._atomic.done:
             raise PcmeError("ShardWriter.add: writer is already closed")
-        mu, log_var, groups, item_arr = self._check_add(modality, mu, log_var, items, groups)
+        mu, log_var, groups, item_arr = check_rows("ShardWriter.add", self.dim, modality, mu,
+                                                    log_var, items, groups)
         n = len(mu)
         ids = np.arange(self.counts[modality], self.counts[modality] + n, dtype=np.int64)
         self.counts[modality] += n
-        columns = [pa.array(ids), pa.array(np.full(n, modality, dtype=object), pa.string()),
-                   _vectors(mu), _vectors(log_var), item_arr, pa.array(groups)]
-        self._pending.append(pa.Table.from_arrays(columns, schema=shard_schema(self.dim)))
+        self._pending.append(rows_table(self.dim, modality, ids, mu, log_var, item_arr, groups))
         self._pending_rows += n
         while self._pending_rows >= self.rows_per_shard:
             self._flush(self.rows_per_shard)
         return ids
-
-    def _check_add(self, modality, mu, log_var, items, groups):
-        where = f"ShardWriter.add({modality!r})"
-        if modality not in MODALITIES:
-            raise PcmeError(f"{where}: unknown modality, expected one of {MODALITIES}")
-        mu, log_var = np.asarray(mu), np.asarray(log_var)
-        for name, a in (("mu", mu), ("log_var", log_var)):
-            if not np.issubdtype(a.dtype, np.floating):
-                raise PcmeError(f"{where}: {name} has dtype {a.dtype}, expected a float dtype")
-            if a.ndim != 2 or a.shape[1] != self.dim or a.shape[0] != len(mu):
-                raise PcmeError(f"{where}: {name} has shape {a.shape}, expected "
-                                f"({len(mu)}, {self.dim})")
-        mu, log_var = mu.astype(np.float32), log_var.astype(np.float32)  # f64 overflow -> inf, caught
-        for name, a in (("mu", mu), ("log_var", log_var)):
-            if not np.isfinite(a).all():
-                raise PcmeError(f"{where}: {name} has NaN or inf values")
-        groups = np.asarray(groups)
-        if not np.issubdtype(groups.dtype, np.integer) or groups.shape != (len(mu),):
-            raise PcmeError(f"{where}: groups has dtype {groups.dtype} and shape {groups.shape}, "
-                            f"expected integers of shape ({len(mu)},)")
-        if len(items) != len(mu):
-            raise PcmeError(f"{where}: {len(items)} items for {len(mu)} rows")
-        try:
-            item_arr = pa.array(items, pa.string())
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            raise PcmeError(f"{where}: items must be a list of str") from None
-        if item_arr.null_count:
-            raise PcmeError(f"{where}: items must not contain None")
-        return mu, log_var, groups.astype(np.int64), item_arr
 
     def _flush(self, rows: int) -> None:
         table = pa.concat_tables(self._pending)
@@ -157,6 +127,64 @@ class ShardWriter:
             self._atomic.abort()
         elif not self._atomic.done:
             self.close()
+
+
+def check_rows(caller: str, dim: int, modality: str, mu, log_var, items: list[str], groups):
+    """Rows of one modality checked and converted: (μ, log_var float32, groups int64, items)."""
+    where = f"{caller}({modality!r})"
+    if modality not in MODALITIES:
+        raise PcmeError(f"{where}: unknown modality, expected one of {MODALITIES}")
+    mu, log_var = np.asarray(mu), np.asarray(log_var)
+    for name, a in (("mu", mu), ("log_var", log_var)):
+        if not np.issubdtype(a.dtype, np.floating):
+            raise PcmeError(f"{where}: {name} has dtype {a.dtype}, expected a float dtype")
+        if a.ndim != 2 or a.shape[1] != dim or a.shape[0] != len(mu):
+            raise PcmeError(f"{where}: {name} has shape {a.shape}, expected "
+                            f"({len(mu)}, {dim})")
+    mu, log_var = mu.astype(np.float32), log_var.astype(np.float32)  # f64 overflow -> inf, caught
+    for name, a in (("mu", mu), ("log_var", log_var)):
+        if not np.isfinite(a).all():
+            raise PcmeError(f"{where}: {name} has NaN or inf values")
+    groups = np.asarray(groups)
+    if not np.issubdtype(groups.dtype, np.integer) or groups.shape != (len(mu),):
+        raise PcmeError(f"{where}: groups has dtype {groups.dtype} and shape {groups.shape}, "
+                        f"expected integers of shape ({len(mu)},)")
+    if len(items) != len(mu):
+        raise PcmeError(f"{where}: {len(items)} items for {len(mu)} rows")
+    try:
+        item_arr = pa.array(items, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        raise PcmeError(f"{where}: items must be a list of str") from None
+    if item_arr.null_count:
+        raise PcmeError(f"{where}: items must not contain None")
+    return mu, log_var, groups.astype(np.int64), item_arr
+
+
+def rows_table(dim: int, modality: str, ids: np.ndarray, mu: np.ndarray, log_var: np.ndarray,
+               item_arr: pa.Array, groups: np.ndarray) -> pa.Table:
+    n = len(ids)
+    columns = [pa.array(ids), pa.array(np.full(n, modality, dtype=object), pa.string()),
+               _vectors(mu), _vectors(log_var), item_arr, pa.array(groups)]
+    return pa.Table.from_arrays(columns, schema=shard_schema(dim))
+
+
+def write_shard_file(path: Path, modality: str, first_id: int, mu, log_var, items: list[str],
+                     groups) -> dict:
+    """One shard file of one modality whose ids run from `first_id`, written under a temp
+    name and renamed into place (a rewrite replaces it whole). Returns its manifest entry."""
+    dim = np.asarray(mu).shape[-1]
+    mu, log_var, groups, item_arr = check_rows(str(path), dim, modality, mu, log_var, items, groups)
+    ids = np.arange(first_id, first_id + len(mu), dtype=np.int64)
+    table = rows_table(dim, modality, ids, mu, log_var, item_arr, groups)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    return {"file": Path(path).name, "rows": len(mu), "sha256": sha256_file(path)}
+
+
+def read_files(shard_dir: Path, names: list[str], dim: int,
+               batch_size: int = READ_BATCH) -> Iterator[ShardBatch]:
+    """Stream some of a directory's shard files, in the order given."""
+    for name in names:
+        yield from _read_file(Path(shard_dir) / name, dim, batch_size)
 
 
 def _vectors(a: np.ndarray) -> pa.FixedSizeListArray:

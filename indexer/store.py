@@ -80,6 +80,9 @@ class StoreWriter:
         g = np.ascontiguousarray(groups, dtype="<i8").tobytes()
         meta = [g[8 * i:8 * i + 8] + s.encode("utf-8") for i, s in enumerate(items)]
         columns = [("vec", _rows(vec)), ("meta", meta)]
+        self._write_growing(modality, keys, columns)
+
+    def _write_growing(self, modality: str, keys: list[bytes], columns: list) -> None:
         while True:
             try:
                 return self._write(modality, keys, columns)
@@ -94,6 +97,36 @@ class StoreWriter:
                 added = txn.cursor(db).putmulti(zip(keys, values), append=True)[1]
                 if added != len(keys):
                     raise ValueError(f"{self.path}: {modality}.{name}: ids not increasing")
+
+    def copy_from(self, src: Path, modality: str, id_offset: int, names: tuple[str, ...],
+                  batch: int = 65_536) -> int:
+        """Append every row of another store's `modality` sub-databases (a distributed part
+        whose ids start at 0), with `id_offset` added to each id; streams `batch` rows per
+        transaction. Returns the rows copied."""
+        env = lmdb.open(str(src), readonly=True, lock=False, max_dbs=8, subdir=True)
+        try:
+            counts = [self._copy_db(env, f"{modality}.{name}", id_offset, batch) for name in names]
+        finally:
+            env.close()
+        if len(set(counts)) > 1:
+            raise ValueError(f"{src}: {modality} sub-databases hold different row counts {counts}")
+        return counts[0] if counts else 0
+
+    def _copy_db(self, env, name: str, id_offset: int, batch: int) -> int:
+        src_db, n = env.open_db(name.encode(), create=False), 0
+        with env.begin() as txn:
+            cursor = txn.cursor(src_db)
+            more = cursor.first()
+            while more:
+                chunk = []
+                while more and len(chunk) < batch:
+                    chunk.append((int.from_bytes(cursor.key(), "big") + id_offset, cursor.value()))
+                    more = cursor.next()
+                keys = encode_ids(np.array([k for k, _ in chunk], np.int64))
+                modality, column = name.split(".", 1)
+                self._write_growing(modality, keys, [(column, [v for _, v in chunk])])
+                n += len(chunk)
+        return n
 
     def close(self) -> None:
         if self.clipped:

@@ -91,6 +91,16 @@ class VarianceStats:
             self.count[s] += int(rows.sum())
         self.sq_norm_min = min(self.sq_norm_min, float(np.einsum("ij,ij->i", mu, mu).min()))
 
+    def merge(self, other: "VarianceStats") -> None:
+        """Fold in the stats of other rows gathered with the same edges (a distributed part)."""
+        if not np.array_equal(self.edges, other.edges):
+            raise ValueError("VarianceStats.merge: strata edges differ")
+        self.lv_min, self.lv_max = np.minimum(self.lv_min, other.lv_min), np.maximum(self.lv_max, other.lv_max)
+        self.sum_lv_min = np.minimum(self.sum_lv_min, other.sum_lv_min)
+        self.sum_v_min = np.minimum(self.sum_v_min, other.sum_v_min)
+        self.count = self.count + other.count
+        self.sq_norm_min = min(self.sq_norm_min, other.sq_norm_min)
+
     def to_json(self) -> dict:
         used = np.flatnonzero(self.count)
         return {"sq_norm_min": self.sq_norm_min, "edges": self.edges.tolist(),
