@@ -25,7 +25,7 @@ import numpy as np
 from core.atomic import manifest_kind
 from core.cluster import fault_point, import_ray
 from core.errors import PcmeError
-from core.scores import score_name
+from core.scores import DEFAULT_SCORE, score_name
 from indexer.manifest import read_manifest
 from indexer.shards import MODALITIES
 
@@ -160,7 +160,7 @@ class ShardedEngine:
         if not answers:
             raise PcmeError(f"{self.index_dir}: no shard of {modality} answered")
         hits = []
-        for shard, (shard_hits, _) in answers:
+        for shard, (shard_hits, *_) in answers:  # (hits, timings, shortlist size)
             for h in shard_hits:
                 h.id += shard["id_offset"]
                 hits.append(h)
@@ -179,15 +179,16 @@ class ShardedEngine:
                                   timings_ms=timings, unknown_words=list(unknown),
                                   partial=bool(missing), missing_shards=missing)
 
-    def query_text(self, text: str, k: int = 10, score: str = "elk",
+    def query_text(self, text: str, k: int = 10, score: str | None = None,
                    exact: bool = False) -> ShardedQueryResult:
         mu, lv, unknown = self._encoder().encode_text(text)
-        return self._query(text, "image", mu, lv, k, score, exact, unknown)
+        return self._query(text, "image", mu, lv, k, score or DEFAULT_SCORE["text"], exact,
+                           unknown)
 
-    def query_image(self, path: str | Path, k: int = 10, score: str = "elk",
+    def query_image(self, path: str | Path, k: int = 10, score: str | None = None,
                     exact: bool = False) -> ShardedQueryResult:
         mu, lv = self._encoder().encode_image(path)
-        return self._query(str(path), "text", mu, lv, k, score, exact)
+        return self._query(str(path), "text", mu, lv, k, score or DEFAULT_SCORE["image"], exact)
 
     def _encoder(self):
         if self.encoder is None:
