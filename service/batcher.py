@@ -180,7 +180,7 @@ class MicroBatcher:
                 for q, _ in members:
                     q.future.set_exception(e)
                 continue
-            for (q, (mu_q, lv_q, unknown)), (hits, timings) in zip(members, answers):
+            for (q, (mu_q, lv_q, unknown)), (hits, timings, shortlist) in zip(members, answers):
                 timings = {"queue_ms": round((t - q.queued) * 1000, 3), "encode_ms": encode_ms,
                            **timings, "batch": len(batch),
                            "total_ms": _ms(q.queued)}
@@ -188,7 +188,7 @@ class MicroBatcher:
                 q.future.set_result(QueryResult(
                     q.label, modality, score, float(uncertainty(lv_q)), hits,
                     confidence=confidence, low_confidence=low, timings_ms=timings,
-                    unknown_words=unknown))
+                    unknown_words=unknown, shortlist_size=shortlist))
 
     def _encode(self, batch: list[Query]) -> list:
         """(μ, log_var, unknown words) or the PcmeError, per query; texts in one forward pass."""

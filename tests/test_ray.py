@@ -160,7 +160,7 @@ def test_d_sharded_search_equals_the_single_index(engines):
             np.testing.assert_allclose(rb.keys, ra.keys, rtol=1e-6)
     hits, _, missing = b.search("text", mu[0], lv[0], 10, "elk")
     assert not missing
-    single, _ = a.search("text", mu[0], lv[0], 10, "elk")
+    single, _, _ = a.search("text", mu[0], lv[0], 10, "elk")
     assert [(h.id, h.rank, h.item) for h in hits] == [(h.id, h.rank, h.item) for h in single]
 
 

@@ -87,7 +87,7 @@ def test_post_and_exact_equal_engine(client, engine):
 
 def test_item_query_equals_its_stored_gaussian(client, engine):
     mu, lv = engine.reader.fetch("image", np.array([3]))
-    want, _ = engine.search("text", mu[0], lv[0], 6, "elk")
+    want, _, _ = engine.search("text", mu[0], lv[0], 6, "elk")
     got = client.post("/api/v1/search", json={"item": {"modality": "image", "id": 3}, "k": 6}).json()
     assert got["modality"] == "text"
     assert [h["id"] for h in got["results"]] == [h.id for h in want]

@@ -40,7 +40,7 @@ class FakeEngine:
         self.calls.append(len(mu))
         from engine.search import Hit
         return [([Hit(rank=1, id=int(round(m[0] * 100)), score=1.0, p_match=0.5, uncertainty=0.0,
-                      item="x", group=0)], {}) for m in mu]
+                      item="x", group=0)], {}, 1) for m in mu]
 
     def confidence(self, query_modality, lv):
         return None, None
