@@ -115,12 +115,14 @@ def test_kill_9_mid_training_then_resume_finishes(tmp_path):
 
 
 def _logged_step(log):
-    """The first complete row of a training log.jsonl, or None while there is none."""
+    """The first complete training-step row of a log.jsonl (the run's start event comes
+    before it), or None while there is none."""
     try:
-        first = log.read_text().split("\n", 1)
+        lines = log.read_text().split("\n")[:-1]   # the last piece may be half-written
     except FileNotFoundError:
         return None
-    return json.loads(first[0]) if len(first) == 2 else None
+    rows = [json.loads(line) for line in lines]
+    return next((r for r in rows if "step" in r), None)
 
 
 @pytest.mark.slow

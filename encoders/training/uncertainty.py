@@ -119,7 +119,7 @@ def uncertainty_report(query_log_var: np.ndarray, scores: np.ndarray, gt: np.nda
     total_var = np.exp(query_log_var.astype(np.float64)).sum(axis=1)
     matches, hits = gt.sum(axis=1), top1_hits(scores, gt)
     report = {spearman_key: spearman(total_var, matches),
-              "bins": recall_by_uncertainty(total_var, hits, n_bins),
+              "bins": recall_by_uncertainty(total_var, hits, min(n_bins, len(total_var))),
               "auroc_failure": auroc(total_var, ~hits),
               "risk_coverage": risk_coverage(total_var, hits)}
     if groups is not None:
