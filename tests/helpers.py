@@ -101,3 +101,22 @@ class StderrLines:
         assert isinstance(found, str), (f"no stderr line with {needle!r} within {timeout} s "
                                         f"(stream closed: {self.closed}); last lines: {self.lines[-5:]}")
         return found
+
+
+def kill_9_when(proc, event):
+    """Wait for `event()` (it returns what the test needs, and raises when the event does not
+    come), then kill -9 `proc` while it still runs; the process never outlives the call."""
+    import os
+    import signal
+
+    try:
+        found = event()
+        assert proc.poll() is None, "the process finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == -signal.SIGKILL
+    return found

@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from cli import app
 from indexer.info import format_info, index_info
 from core.atomic import sha256_file
 from indexer.reader import IndexReader
-from tests.helpers import D, StderrLines, one_error_line, unit, write_shards
+from tests.helpers import D, StderrLines, kill_9_when, one_error_line, unit, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -80,17 +79,8 @@ def test_kill_during_index_keeps_the_previous_index(good, tmp_path):
     sha = sha256_file(out / "manifest.json")
     proc = subprocess.Popen([sys.executable, "cli.py", "index", "--shards", str(big), "--out", str(out)],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        # the add stage's first progress line: rows are being written into the temp dir
-        StderrLines(proc).wait_for("index add ", timeout=120)
-        assert proc.poll() is None, "index finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    assert proc.returncode == -signal.SIGKILL
+    # the add stage's first progress line: rows are being written into the temp dir
+    kill_9_when(proc, lambda: StderrLines(proc).wait_for("index add ", timeout=120))
     assert sha256_file(out / "manifest.json") == sha
     with IndexReader.open(out) as reader:  # usable: opens, searches, fetches
         assert reader.count("image") == 300

@@ -1,7 +1,5 @@
 """Training loop behaviour: resume is exact, kill -9 then --resume finishes, two stages, accumulation."""
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +10,7 @@ import torch
 from encoders.model.config import ModelConfig
 from encoders.training.config import TrainConfig
 from encoders.training.train import Trainer
-from tests.helpers import wait_for
+from tests.helpers import kill_9_when, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = dict(embed_dim=16, resnet_width=8, gru_hidden=16, attn_hidden=8)
@@ -90,19 +88,10 @@ def test_kill_9_mid_training_then_resume_finishes(tmp_path):
     args = [sys.executable, "cli.py", "train", "--config", str(cfg), "--root", str(tmp_path / "data"),
             "--out", str(tmp_path / "run"), "--device", "cpu"]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        # log.jsonl gets a row every 10 optimiser steps: step 10 is in epoch 3 of 12, and
-        # last.pt (saved every step, atomically) is at least at step 9
-        row = wait_for(lambda: _logged_step(tmp_path / "run" / "log.jsonl"), proc, 120,
-                       "a training log row")
-        assert proc.poll() is None, "training finished before it could be interrupted"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    assert proc.returncode == -signal.SIGKILL
+    # log.jsonl gets a row every 10 optimiser steps: step 10 is in epoch 3 of 12, and
+    # last.pt (saved every step, atomically) is at least at step 9
+    row = kill_9_when(proc, lambda: wait_for(lambda: _logged_step(tmp_path / "run" / "log.jsonl"),
+                                             proc, 120, "a training log row"))
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
     last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert row["step"] - 1 <= last["step"] < 12 * 4
