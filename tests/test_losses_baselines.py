@@ -273,3 +273,22 @@ def test_anchor_mean_by_hand():
     mask = torch.tensor([[True, True, False], [False, False, True]])
     # rows: mean(1, 2) = 1.5, mean(6) = 6 -> 3.75; columns: 1, 2, 6 -> 3; both: 3.375
     assert anchor_mean(values, mask).item() == pytest.approx(3.375)
+
+
+@pytest.mark.parametrize("pcme_weight", [0.0, 0.5])
+def test_prob_nce_registry_calibrates_with_calib_samples_and_trains_with_n_samples(pcme_weight):
+    """a, b alone (pcme_weight 0) are fitted with calib_samples per item; PCME's likelihood as
+    a loss term (pcme_weight > 0) keeps n_samples."""
+    from encoders.training.losses_nce import prob_nce_loss
+
+    (im, iv), (tm, tv) = _gauss(3, 4, 40), _gauss(6, 4, 41)
+    matched = _two_captions_each(3)
+    a, b = torch.tensor(3.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    cfg = TrainConfig(n_samples=5, calib_samples=2, pcme_weight=pcme_weight)
+    got = LOSSES["prob-nce"](im, iv, tm, tv, matched, a, b, cfg,
+                             generator=torch.Generator().manual_seed(3))["match_nll"]
+    for j, expected in ((2, pcme_weight == 0), (5, pcme_weight > 0)):
+        ref = prob_nce_loss(im, iv, tm, tv, matched, a, b, scale=cfg.nce_scale, n_samples=j,
+                            pcme_weight=pcme_weight,
+                            generator=torch.Generator().manual_seed(3))["match_nll"]
+        assert (got.item() == pytest.approx(ref.item(), rel=1e-12)) == expected

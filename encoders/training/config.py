@@ -43,6 +43,8 @@ class TrainConfig:
     pcme_weight: float = 0.0        # prob-nce: weight of PCME's likelihood; 0 = train only a, b
                                     # on it (embeddings detached), so p_match stays calibrated
     n_samples: int = 7              # J: samples per item in the loss
+    calib_samples: int = 2          # prob-nce with pcme_weight 0: J of the a, b calibration (only
+                                    # two scalars learn; 2x2 sample pairs cost 1/12 of 7x7)
     kl_weight: float = 1e-4         # weight of KL(N(μ,σ²) ‖ N(0,I))
     uniformity_weight: float = 0.0  # weight of the uniformity loss on samples (0 = off)
     balanced_pairs: bool = True     # pcme, pcmepp: mean(pos) + mean(neg); false = mean over all
@@ -70,7 +72,7 @@ class TrainConfig:
 # Lower bounds checked when a config is built: a 0 batch size or a negative epoch count would
 # otherwise fail deep inside training with a traceback instead of naming the key.
 MINIMUM = {"epochs": 0, "batch_size": 1, "captions_per_image": 1, "accum_steps": 1, "ckpt_every": 1,
-           "n_samples": 1, "train_images": 1, "warmup_steps": 0, "freeze_backbone_epochs": 0,
+           "n_samples": 1, "calib_samples": 1, "train_images": 1, "warmup_steps": 0, "freeze_backbone_epochs": 0,
            "min_word_count": 1, "embed_dim": 2, "resnet_width": 1, "image_size": 8, "word_dim": 1,
            "gru_hidden": 1, "attn_hidden": 1}
 

@@ -45,7 +45,10 @@ def _check_log_var(mu, log_var, where: str) -> None:
 def pairwise_csd(img_mu, img_log_var, txt_mu, txt_log_var) -> torch.Tensor:
     """[B_img, B_txt] closed-form sampled distance ‖μ_i−μ_t‖² + Σv_i + Σv_t, v = exp(log_var):
     the expected squared distance between a sample of each, in closed form."""
-    mu_sq = ((img_mu[:, None, :] - txt_mu[None, :, :]) ** 2).sum(-1)
+    # ‖x−y‖² = ‖x‖² + ‖y‖² − 2⟨x, y⟩: one matmul instead of a [B_img, B_txt, D] difference
+    # tensor (a third of a training step's time at 128 × 640 × 128, forward and backward)
+    mu_sq = ((img_mu ** 2).sum(-1)[:, None] + (txt_mu ** 2).sum(-1)[None, :]
+             - 2.0 * img_mu @ txt_mu.T).clamp_min(0.0)
     return mu_sq + img_log_var.exp().sum(-1)[:, None] + txt_log_var.exp().sum(-1)[None, :]
 
 
@@ -194,7 +197,8 @@ def _prob_nce(img_mu, img_lv, txt_mu, txt_lv, matched, a, b, cfg, generator=None
     from encoders.training.losses_nce import prob_nce_loss  # it builds on this module
 
     return prob_nce_loss(img_mu, img_lv, txt_mu, txt_lv, matched, a, b, scale=cfg.nce_scale,
-                         score=cfg.nce_score, kl_weight=cfg.kl_weight, n_samples=cfg.n_samples,
+                         score=cfg.nce_score, kl_weight=cfg.kl_weight,
+                         n_samples=cfg.n_samples if cfg.pcme_weight else cfg.calib_samples,
                          pcme_weight=cfg.pcme_weight, generator=generator,
                          balanced=cfg.balanced_pairs)
 
