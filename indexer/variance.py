@@ -19,7 +19,8 @@ could reach (as a rank key, higher is better); the bound is the max over strata:
   elk    Σ Δμ_d²/(v_q,d+v_d,d) ≥ δ / max_d(v_q,d + vmax_d)   (weights differ per dimension)
          Σ log(v_q,d+v_d,d) ≥ max(Σ log(v_q,d + vmin_d),  min Σlog v_d + Σ log(1 + v_q,d/vmax_d))
   bhattacharyya  ⅛ΣΔμ²/v̄ ≥ ⅛δ / max_d(½(v_q,d+vmax_d)), and its log-det part is
-         Σ log cosh(½ log(v_d/v_q)), smallest at the v_d in [vmin, vmax] closest to v_q.
+         ½Σ log v̄ − ¼Σ log(v_q v_d) = ½ Σ log cosh(½ log(v_d/v_q)), smallest at the v_d in
+         [vmin, vmax] closest to v_q.
 
 Every bound has the form C − F(δ) with F increasing (below), so instead of doubling the shortlist blindly the engine
 solves for the inner product t* at which the bound falls below the current k-th best key
@@ -202,7 +203,7 @@ def bound_terms(score: str, mu_q: np.ndarray, lv_q: np.ndarray,
         c, w = -0.5 * (log_det + len(lv_q) * LOG_2PI), 0.5 / (v_q + v_max)
     elif score == "bhattacharyya":
         log_ratio = np.clip(0.0, b.lv_min - lv_q, b.lv_max - lv_q)   # log(v_d/v_q) nearest 0
-        c, w = -np.log(np.cosh(0.5 * log_ratio)).sum(axis=1), 0.25 / (v_q + v_max)
+        c, w = -0.5 * np.log(np.cosh(0.5 * log_ratio)).sum(axis=1), 0.25 / (v_q + v_max)
     else:
         return np.full(len(v_max), math.inf), None
     return c, Knapsack(w, b.caps(mu_q))
