@@ -141,10 +141,14 @@ class VarianceBounds:
         return cls(col("lv_min"), col("lv_max"), col("sum_lv_min"), col("sum_v_min"),
                    float(d["sq_norm_min"]), *mu_range)
 
-    def caps(self, mu_q: np.ndarray) -> np.ndarray:
-        """[D] largest Δμ_d² any stored item can have with the query (inf: range unknown)."""
+    def __post_init__(self):   # per query only the query's terms are computed (hot path)
+        self.v_min, self.v_max = np.exp(self.lv_min), np.exp(self.lv_max)
+        self.s_min, self.s_max = np.exp(0.5 * self.lv_min), np.exp(0.5 * self.lv_max)
+
+    def caps(self, mu_q: np.ndarray) -> np.ndarray | None:
+        """[D] largest Δμ_d² any stored item can have with the query (None: range unknown)."""
         if self.mu_min is None:
-            return np.full(len(mu_q), np.inf)
+            return None
         q = mu_q.astype(np.float64)
         far = np.maximum((q - self.mu_min) ** 2, (q - self.mu_max) ** 2)
         return far * (1.0 + 1e-6) + 1e-12   # the stored float32 μ rounds the other way
@@ -154,59 +158,65 @@ class Knapsack:
     """F_s(δ) = min Σ_d W_s,d·x_d subject to Σ_d x_d ≥ δ, 0 ≤ x_d ≤ c_d, for each stratum s:
     the least weighted ‖Δμ‖² an item at squared distance ≥ δ can have. Filling the smallest
     weights first solves it, so F_s is piecewise linear with breakpoints at the caps' partial
-    sums; δ beyond Σ c_d is unreachable (F = inf)."""
+    sums; δ beyond Σ c_d is unreachable (F = inf). Without caps (None) F_s is the line
+    δ·min_d W_s,d."""
 
-    def __init__(self, weights: np.ndarray, caps: np.ndarray):
+    def __init__(self, weights: np.ndarray, caps: np.ndarray | None):
+        self.caps = caps
+        if caps is None:
+            self.slope = weights.min(axis=1)
+            return
         order = np.argsort(weights, axis=1)
         self.w = np.take_along_axis(weights, order, axis=1)          # [S, D] ascending
         c = caps[order]
-        zero = np.zeros((len(weights), 1))
-        with np.errstate(over="ignore", invalid="ignore"):           # infinite caps: no range
-            self.mass = np.hstack([zero, np.cumsum(c, axis=1)])      # [S, D+1] Σ x at breaks
-            self.cost = np.hstack([zero, np.cumsum(np.nan_to_num(c * self.w, nan=np.inf, posinf=np.inf),
-                                                   axis=1)])
-        self.cost[:, 1:][np.isinf(self.mass[:, 1:])] = np.inf
+        self.mass = np.cumsum(c, axis=1)                             # Σ x after each fill
+        self.cost = np.cumsum(c * self.w, axis=1)                    # Σ w·x after each fill
+
+    def _before(self, table: np.ndarray, j: np.ndarray) -> np.ndarray:
+        rows = np.arange(len(table))
+        return np.where(j > 0, table[rows, np.maximum(j - 1, 0)], 0.0)
 
     def value(self, delta: float) -> np.ndarray:
         """[S] F_s(δ)."""
-        rows = np.arange(len(self.w))
-        j = np.clip((self.mass[:, 1:] < delta).sum(axis=1), 0, self.w.shape[1] - 1)
-        out = self.cost[rows, j] + (delta - self.mass[rows, j]) * self.w[rows, j]
+        if self.caps is None:
+            return self.slope * delta
+        j = np.minimum((self.mass < delta).sum(axis=1), self.w.shape[1] - 1)  # dims filled
+        out = self._before(self.cost, j) + (delta - self._before(self.mass, j)) \
+            * self.w[np.arange(len(j)), j]
         return np.where(delta > self.mass[:, -1], np.inf, out)
 
     def inverse(self, y: np.ndarray) -> np.ndarray:
         """[S] the largest δ with F_s(δ) ≤ y_s (0 where y_s ≤ 0; Σ c_d where all of it fits)."""
-        rows = np.arange(len(self.w))
-        j = np.clip((self.cost[:, 1:] < y[:, None]).sum(axis=1), 0, self.w.shape[1] - 1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            step = np.where(self.w[rows, j] > 0, (y - self.cost[rows, j]) / self.w[rows, j], np.inf)
-        out = np.minimum(self.mass[rows, j] + step, self.mass[rows, j + 1])
+        if self.caps is None:
+            return np.maximum(0.0, y) / self.slope
+        j = np.minimum((self.cost < y[:, None]).sum(axis=1), self.w.shape[1] - 1)
+        lo = self._before(self.mass, j)
+        out = lo + (y - self._before(self.cost, j)) / self.w[np.arange(len(j)), j]
+        out = np.minimum(out, self.mass[np.arange(len(j)), j])
         return np.where(y <= 0, 0.0, out)
 
 
 def bound_terms(score: str, mu_q: np.ndarray, lv_q: np.ndarray,
-                b: VarianceBounds) -> tuple[np.ndarray, Knapsack | None]:
-    """(C [S], F): an unseen item of stratum s with ‖Δμ‖² ≥ δ has rank key ≤ C_s − F_s(δ)
-    (the module's bounds, per stratum). F None means no bound (mc)."""
+                b: VarianceBounds) -> tuple[np.ndarray, np.ndarray | None]:
+    """(C [S], W [S, D]): an unseen item of stratum s with ‖Δμ‖² ≥ δ has rank key
+    ≤ C_s − F_s(δ), F_s the knapsack of weights W_s under the caps b.caps(μ_q) (the module's
+    bounds, per stratum). W None means no bound (mc)."""
     lv_q = lv_q.astype(np.float64)
-    v_q, v_min, v_max = np.exp(lv_q), np.exp(b.lv_min), np.exp(b.lv_max)
-    ones = np.ones_like(v_max)
+    v_q = np.exp(lv_q)
     if score == "csd":
-        c, w = -(v_q.sum() + b.sum_v_min), ones
-    elif score == "w2":
+        return -(v_q.sum() + b.sum_v_min), np.ones_like(b.v_max)
+    if score == "w2":
         s_q = np.exp(0.5 * lv_q)
-        gap = s_q - np.clip(s_q, np.exp(0.5 * b.lv_min), np.exp(0.5 * b.lv_max))
-        c, w = -(gap ** 2).sum(axis=1), ones
-    elif score == "elk":
-        log_det = np.maximum(np.log(v_q + v_min).sum(axis=1),
-                             b.sum_lv_min + np.log1p(v_q / v_max).sum(axis=1))
-        c, w = -0.5 * (log_det + len(lv_q) * LOG_2PI), 0.5 / (v_q + v_max)
-    elif score == "bhattacharyya":
+        gap = s_q - np.clip(s_q, b.s_min, b.s_max)
+        return -(gap ** 2).sum(axis=1), np.ones_like(b.v_max)
+    if score == "elk":
+        log_det = np.maximum(np.log(v_q + b.v_min).sum(axis=1),
+                             b.sum_lv_min + np.log1p(v_q / b.v_max).sum(axis=1))
+        return -0.5 * (log_det + len(lv_q) * LOG_2PI), 0.5 / (v_q + b.v_max)
+    if score == "bhattacharyya":
         log_ratio = np.clip(0.0, b.lv_min - lv_q, b.lv_max - lv_q)   # log(v_d/v_q) nearest 0
-        c, w = -0.5 * np.log(np.cosh(0.5 * log_ratio)).sum(axis=1), 0.25 / (v_q + v_max)
-    else:
-        return np.full(len(v_max), math.inf), None
-    return c, Knapsack(w, b.caps(mu_q))
+        return -0.5 * np.log(np.cosh(0.5 * log_ratio)).sum(axis=1), 0.25 / (v_q + b.v_max)
+    return np.full(len(b.v_max), math.inf), None
 
 
 def _delta(ip_max: float, mu_q: np.ndarray, b: VarianceBounds) -> float:
@@ -220,10 +230,10 @@ def unseen_best(score: str, ip_max: float, mu_q: np.ndarray, lv_q: np.ndarray,
     -inf: no stored item can be that far)."""
     if score == "mu":
         return ip_max
-    c, f = bound_terms(score, mu_q, lv_q, b)
-    if f is None:
+    c, w = bound_terms(score, mu_q, lv_q, b)
+    if w is None:
         return math.inf
-    return float((c - f.value(_delta(ip_max, mu_q, b))).max())
+    return float((c - Knapsack(w, b.caps(mu_q)).value(_delta(ip_max, mu_q, b))).max())
 
 
 def required_ip(score: str, kth: float, mu_q: np.ndarray, lv_q: np.ndarray,
@@ -232,10 +242,25 @@ def required_ip(score: str, kth: float, mu_q: np.ndarray, lv_q: np.ndarray,
     (with the rounding margin): the shortlist must hold every item above t."""
     if score == "mu":
         return kth
-    c, f = bound_terms(score, mu_q, lv_q, b)
-    if f is None:
+    c, w = bound_terms(score, mu_q, lv_q, b)
+    if w is None:
         return -math.inf
-    delta = float(f.inverse(c - margin(kth)).max())
+    y, caps = c - margin(kth), b.caps(mu_q)
+    if caps is None:
+        return _ip_at(Knapsack(w, None).inverse(y).max(), mu_q, b)
+    # A stratum's capped δ is at most its line's: solve the stratum of the longest line first,
+    # then only the strata whose line still reaches past it (few: keeps the sorts off the path).
+    line = np.maximum(0.0, y) / w.min(axis=1)
+    top = int(line.argmax())
+    delta = float(Knapsack(w[top:top + 1], caps).inverse(y[top:top + 1])[0])
+    rest = np.flatnonzero((line > delta) & (np.arange(len(line)) != top))
+    if len(rest):
+        delta = max(delta, float(Knapsack(w[rest], caps).inverse(y[rest]).max()))
+    return _ip_at(delta, mu_q, b)
+
+
+def _ip_at(delta: float, mu_q: np.ndarray, b: VarianceBounds) -> float:
+    """The inner product at which ‖Δμ‖² ≥ δ is guaranteed (the inverse of _delta)."""
     return 0.5 * (float(mu_q.astype(np.float64) @ mu_q) + b.sq_norm_min - delta)
 
 
