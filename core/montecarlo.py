@@ -101,11 +101,13 @@ def _noise_table(n_samples: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _noise_rows(rows: np.ndarray, n_samples: int, dim: int) -> torch.Tensor:
     """Rows `rows` (any shape S) of the fixed noise table: [*S, J, D]. Row r is the standard
-    normal stream seeded (MC_SEED, r), whichever rows were drawn before it."""
+    normal stream of torch's generator seeded MC_SEED·2³² + r, whichever rows were drawn
+    before it (torch's, not numpy's: numpy.random is not imported otherwise on a query)."""
     table, drawn = _noise_table(n_samples, dim)
+    gen = torch.Generator()
     for r in np.unique(rows[~drawn[rows]]):
-        rng = np.random.default_rng((MC_SEED, int(r)))
-        table[r] = rng.standard_normal((n_samples, dim), dtype=np.float32)
+        gen.manual_seed(MC_SEED * 2**32 + int(r))
+        table[r] = torch.randn(n_samples, dim, generator=gen).numpy()
         drawn[r] = True   # after the row is written: a concurrent reader never sees it early
     return torch.from_numpy(table)[torch.from_numpy(rows)]
 
