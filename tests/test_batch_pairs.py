@@ -47,3 +47,25 @@ def test_batch_equals_single_queries(reader, score):
         one = s.search("image", mu_q[i:i + 1], lv_q[i:i + 1], K, score)
         np.testing.assert_array_equal(one.ids[0], res.ids[i])
         np.testing.assert_allclose(one.keys[0], res.keys[i], rtol=1e-6)
+
+
+def test_manifest_without_mu_range_keeps_the_guarantee(good, tmp_path):
+    """An index built before the μ range was recorded opens and still equals exhaustive
+    search (the bound falls back to the line)."""
+    import json
+    import shutil
+
+    old = tmp_path / "index"
+    shutil.copytree(good / "index", old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    for stats in manifest["variance_stats"].values():
+        del stats["mu_min"], stats["mu_max"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with IndexReader.open(old) as r:
+        _, mu_q, lv_q = r.all_vectors("text")
+        s = BatchSearcher(r, 5.0, 5.0)
+        assert s._bounds("image").mu_min is None
+        for score in ("elk", "bhattacharyya"):
+            got = s.search("image", mu_q[:20], lv_q[:20], K, score)
+            want = s.search("image", mu_q[:20], lv_q[:20], K, score, exact=True)
+            np.testing.assert_array_equal(np.sort(got.ids, axis=1), np.sort(want.ids, axis=1))
