@@ -22,8 +22,8 @@ could reach (as a rank key, higher is better); the bound is the max over strata:
          ½Σ log v̄ − ¼Σ log(v_q v_d) = ½ Σ log cosh(½ log(v_d/v_q)), smallest at the v_d in
          [vmin, vmax] closest to v_q.
 
-Every bound has the form C − F(δ) with F increasing (below), so instead of doubling the shortlist blindly the engine
-solves for the inner product t* at which the bound falls below the current k-th best key
+Every bound has the form C − F(δ) with F increasing (the line α·δ, or the knapsack below),
+so instead of doubling the shortlist blindly the engine solves for the inner product t* at which the bound falls below the current k-th best key
 (with a small rounding margin) and rescores every item with ⟨μ_q, μ_d⟩ > t*: a prefix of the
 ANN list it already holds (200·k deep), or one FAISS range search when the list ends above t*.
 Rescoring them can only raise the k-th best key, so t* only gets safer: one round suffices
@@ -40,7 +40,7 @@ per-dimension range [μmin_d, μmax_d] of the stored μ, so an unseen item's Δ�
 c_d = max((μ_q,d − μmin_d)², (μ_q,d − μmax_d)²): the mass δ cannot sit in one dimension. The
 least Σ_d w_d Δμ_d² with Σ Δμ_d² ≥ δ and 0 ≤ Δμ_d² ≤ c_d is a continuous knapsack (fill the
 smallest weights first): F(δ), convex and piecewise linear, which replaces α·δ (`Knapsack`).
-Without the μ range (manifests written before it) every cap is infinite and F is the old line.
+Without the μ range (manifests written before it) there are no caps and F is the old line.
 The caps help only as far as one dimension's range is small next to δ; on the synthetic
 1M × 256 data the shortlist stays about the query's whole cluster (README: measured).
 
