@@ -24,8 +24,9 @@ could reach (as a rank key, higher is better); the bound is the max over strata:
 
 Every bound has the form C − F(δ) with F increasing (the line α·δ, or the knapsack below),
 so instead of doubling the shortlist blindly the engine solves for the inner product t* at
-which the bound falls below the current k-th best key (with a small rounding margin) and rescores every item with ⟨μ_q, μ_d⟩ > t*: a prefix of the
-ANN list it already holds (200·k deep), or one FAISS range search when the list ends above t*.
+which the bound falls below the current k-th best key (with a small rounding margin) and
+rescores every item with ⟨μ_q, μ_d⟩ > t*: a prefix of the ANN list it already holds (200·k
+deep), or one FAISS range search when the list ends above t*.
 Rescoring them can only raise the k-th best key, so t* only gets safer: one round suffices
 (engine/batch.py). If the first shortlist already proves itself, nothing is added.
 So for these scores the result equals exhaustive search whenever the ANN stage finds every
