@@ -90,20 +90,35 @@ def match_prob(mu_q, log_var_q, mu_d, log_var_d, a, b, n_samples: int, generator
 
 
 @lru_cache(maxsize=4)
-def _noise_table(n_samples: int, dim: int) -> torch.Tensor:
-    """[NOISE_ROWS + 1, J, D] fixed standard-normal noise; row NOISE_ROWS is the query's."""
-    gen = torch.Generator().manual_seed(MC_SEED)
-    return torch.randn(NOISE_ROWS + 1, n_samples, dim, generator=gen)
+def _noise_table(n_samples: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """([NOISE_ROWS + 1, J, D] fixed standard-normal noise, which rows are drawn yet); row
+    NOISE_ROWS is the query's. Rows are drawn on first use, each from its own stream: a
+    one-shot query needs the rows of its ten hits, and drawing the whole table (16.8M
+    normals at D = 256) cost more than the search."""
+    return (np.empty((NOISE_ROWS + 1, n_samples, dim), np.float32),
+            np.zeros(NOISE_ROWS + 1, bool))
+
+
+def _noise_rows(rows: np.ndarray, n_samples: int, dim: int) -> torch.Tensor:
+    """Rows `rows` (any shape S) of the fixed noise table: [*S, J, D]. Row r is the standard
+    normal stream of torch's generator seeded MC_SEED·2³² + r, whichever rows were drawn
+    before it (torch's, not numpy's: numpy.random is not imported otherwise on a query)."""
+    table, drawn = _noise_table(n_samples, dim)
+    gen = torch.Generator()
+    for r in np.unique(rows[~drawn[rows]]):
+        gen.manual_seed(MC_SEED * 2**32 + int(r))
+        table[r] = torch.randn(n_samples, dim, generator=gen).numpy()
+        drawn[r] = True   # after the row is written: a concurrent reader never sees it early
+    return torch.from_numpy(table)[torch.from_numpy(rows)]
 
 
 def item_noise(ids: np.ndarray, n_samples: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed noise keyed by item id. For ids of shape S returns (eps_q [J, 1…, D] broadcastable
     to S, eps_d [J, *S, D]); every query uses the same row."""
-    table = _noise_table(n_samples, dim)
     ids = np.asarray(ids, dtype=np.int64)
-    eps_d = table[torch.from_numpy(ids % NOISE_ROWS)].movedim(-2, 0)   # (*S, J, D) -> (J, *S, D)
-    eps_q = table[NOISE_ROWS].reshape(n_samples, *([1] * ids.ndim), dim)
-    return eps_q, eps_d
+    eps_d = _noise_rows(ids % NOISE_ROWS, n_samples, dim).movedim(-2, 0)  # (*S, J, D) -> (J, *S, D)
+    eps_q = _noise_rows(np.asarray([NOISE_ROWS]), n_samples, dim)[0]
+    return eps_q.reshape(n_samples, *([1] * ids.ndim), dim), eps_d
 
 
 def fixed_match_prob(mu_q, lv_q, mu_d, lv_d, item_ids, a, b, n_samples: int = MC_SAMPLES

@@ -24,6 +24,8 @@ from indexer.variance import VarianceBounds, required_ip
 
 logger = logging.getLogger(__name__)
 
+PAIR_CHUNK = 2048  # (query, item) pairs per rescoring call: 2 MB per operand at D = 256
+
 
 @dataclass
 class BatchResult:
@@ -80,6 +82,9 @@ class BatchSearcher:
         that same list could still enter the top-k (one more fetch and rescore for the batch).
         Only a query whose threshold lies beyond the list needs a FAISS range search."""
         timings = {"ann_ms": 0.0, "fetch_ms": 0.0, "rescore_ms": 0.0}
+        if not len(mu_q):
+            return BatchResult(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32),
+                               np.zeros(0, np.int64), timings)
         bounds = self._bounds(modality) if self.guarantee and score in BOUNDED else None
         first = k if score == "mu" else max(k, self.initial or shortlist_size(k, n, score))
         depth = prefetch_depth(k, n, first) if bounds is not None and score != "mu" else first
@@ -123,29 +128,49 @@ class BatchSearcher:
         extra_q, extra_ids = np.concatenate(extra_q), np.concatenate(extra_ids)
         if not len(extra_ids):
             return lists
-        keys = self._rescore(modality, score, mu_q[extra_q], lv_q[extra_q], extra_ids[:, None],
-                             timings)[:, 0]
+        keys = self._rescore_pairs(modality, score, mu_q, lv_q, extra_q, extra_ids, timings)
         bounds_at = np.searchsorted(extra_q, np.arange(len(lists) + 1))
         return [(np.concatenate([c_ids, extra_ids[a:b]]), np.concatenate([c_keys, keys[a:b]]))
                 for (c_ids, c_keys), a, b in zip(lists, bounds_at[:-1], bounds_at[1:])]
 
     def _rescore(self, modality, score, mu_q, lv_q, ids, timings) -> np.ndarray:
-        """Rank keys [Q, M] of ids [Q, M]: one store read, one rescoring call."""
-        mu_d, lv_d = self._fetch(modality, ids, timings)
+        """Rank keys [Q, M] of each query's own ids [Q, M]. `mc` draws per query: it keeps one
+        gathered [Q, M, D] call; the closed forms go pair by pair (_rescore_pairs)."""
+        if score != "mc":
+            query_of = np.repeat(np.arange(len(mu_q)), ids.shape[1])
+            return self._rescore_pairs(modality, score, mu_q, lv_q, query_of, ids.reshape(-1),
+                                       timings).reshape(ids.shape)
+        mu, lv, rows = self._fetch(modality, ids, timings)
         t = time.perf_counter()
-        keys = rescore_gathered(score, mu_q, lv_q, mu_d, lv_d, ids, self.a, self.b,
+        keys = rescore_gathered(score, mu_q, lv_q, mu[rows], lv[rows], ids, self.a, self.b,
                                 self.mc_samples)
         timings["rescore_ms"] += _ms(t)
         return keys
 
-    def _fetch(self, modality, ids: np.ndarray, timings) -> tuple[np.ndarray, np.ndarray]:
-        """[Q, M, D] μ and log_var for ids [Q, M]: the union is read in one store transaction."""
+    def _rescore_pairs(self, modality, score, mu_q, lv_q, query_of, ids, timings) -> np.ndarray:
+        """Keys [P] of the pairs (query query_of[p], item ids[p]): one store read for the
+        union, then PAIR_CHUNK pairs per kernel call. Gathering a batch into one [Q, M, D]
+        array first costs more than the math (64 queries × 800 items × 256 dims is 50 MB per
+        operand, and every kernel step makes another); chunks stay in cache."""
+        mu, lv, rows = self._fetch(modality, ids, timings)
+        t = time.perf_counter()
+        keys = np.empty(len(ids), np.float32)
+        for s in range(0, len(ids), PAIR_CHUNK):
+            part, q, r = slice(s, s + PAIR_CHUNK), query_of[s:s + PAIR_CHUNK], rows[s:s + PAIR_CHUNK]
+            keys[part] = rescore_gathered(score, mu_q[q], lv_q[q], mu[r][:, None],
+                                          lv[r][:, None], ids[part][:, None], self.a, self.b,
+                                          self.mc_samples)[:, 0]
+        timings["rescore_ms"] += _ms(t)
+        return keys
+
+    def _fetch(self, modality, ids: np.ndarray, timings):
+        """(μ [U, D], log_var [U, D], rows: ids' positions in them) for the U distinct ids,
+        read in one store transaction."""
         t = time.perf_counter()
         uniq, inverse = np.unique(ids, return_inverse=True)
         mu, lv = self.reader.fetch(modality, uniq)
         timings["fetch_ms"] += _ms(t)
-        inverse = inverse.reshape(ids.shape)
-        return mu[inverse], lv[inverse]
+        return mu, lv, inverse.reshape(ids.shape)
 
     def _bounds(self, modality) -> VarianceBounds | None:
         if modality not in self._bound_cache:

@@ -26,8 +26,7 @@ from core.atomic import manifest_kind
 from core.cluster import fault_point, import_ray
 from core.errors import PcmeError
 from core.scores import DEFAULT_SCORE, score_name
-from indexer.manifest import read_manifest
-from indexer.shards import MODALITIES
+from indexer.manifest import MODALITIES, read_manifest  # not shards.py: no pyarrow to query
 
 from engine.search import QueryResult, SearchEngine, uncertainty
 
