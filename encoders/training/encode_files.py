@@ -23,6 +23,7 @@ from indexer.shards import ShardWriter
 from encoders.model.checkpoint import load_model, resolve_device
 from encoders.model.encode import encode_image_files, encode_texts
 from encoders.model.images import list_images
+from encoders.model.inference import fuse_for_encoding
 from encoders.model.open_vocab import OpenVocab
 from encoders.training.pipeline import producer_of
 
@@ -77,6 +78,7 @@ def encode_files_to_shards(checkpoint: str, out: str, images: str | None = None,
     texts = read_caption_file(captions) if captions else []
     dev = resolve_device(device)
     model, vocab, _ = load_model(checkpoint, dev)
+    fuse_for_encoding(model)  # this model only encodes: BatchNorm folded, ~2x less CPU per image
     producer = {**producer_of(checkpoint, model), "dataset": "files",
                 "images": str(Path(images).resolve()) if images else None,
                 "captions": str(Path(captions).resolve()) if captions else None}
