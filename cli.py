@@ -325,6 +325,8 @@ def eval_cmd(
     scores: str = typer.Option("mu,csd,elk,mc", help="Comma-separated scores: mu, elk, csd, w2, bhattacharyya, mc."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     plot: Optional[str] = typer.Option(None, help="Write a PNG of R@1 per caption-uncertainty bin. [default: none]"),
+    open_vocab: bool = typer.Option(False, "--open-vocab", help="Read captions as query does: "
+                                    "words unseen in training through GloVe (default: <unk>)."),
     device: str = typer.Option(DEFAULTS.device, help="auto, cpu or cuda."),
     verbose: bool = Verbose,
 ):
@@ -339,7 +341,7 @@ def eval_cmd(
     if plot:
         _run(check_png_path, plot)
         _run(check_writable, plot, "--plot")
-    report = _run(evaluate_checkpoint, checkpoint, data, root, split, names, device)
+    report = _run(evaluate_checkpoint, checkpoint, data, root, split, names, device, open_vocab)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:

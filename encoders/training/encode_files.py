@@ -68,8 +68,9 @@ def _caption_line(line: str, path: Path, lineno: int) -> tuple[str, str | None]:
 
 def encode_files_to_shards(checkpoint: str, out: str, images: str | None = None,
                            captions: str | None = None, device: str = "auto",
-                           batch_size: int = 64) -> dict:
-    """Write the shards of a folder of images and/or a caption file; returns a summary."""
+                           batch_size: int = 64, fuse: bool = True) -> dict:
+    """Write the shards of a folder of images and/or a caption file; returns a summary.
+    `fuse=False` keeps the trained image tower as it is (the benchmark's reference)."""
     if not images and not captions:
         raise PcmeError("encode: give --images DIR and/or --captions FILE (or --data)")
     paths = list_images(images) if images else []
@@ -78,7 +79,8 @@ def encode_files_to_shards(checkpoint: str, out: str, images: str | None = None,
     texts = read_caption_file(captions) if captions else []
     dev = resolve_device(device)
     model, vocab, _ = load_model(checkpoint, dev)
-    fuse_for_encoding(model)  # this model only encodes: BatchNorm folded, ~2x less CPU per image
+    if fuse:
+        fuse_for_encoding(model)  # this model only encodes: BatchNorm folded, ~2x less CPU/image
     producer = {**producer_of(checkpoint, model), "dataset": "files",
                 "images": str(Path(images).resolve()) if images else None,
                 "captions": str(Path(captions).resolve()) if captions else None}
