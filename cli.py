@@ -125,6 +125,10 @@ def train(
                                                   "after the frozen epochs."),
     glove: Optional[str] = typer.Option(None, help="GloVe text file.",
                                         show_default="offline GloVe 6B 50-d"),
+    freeze_word_vectors: Optional[bool] = typer.Option(
+        None, "--freeze-word-vectors/--train-word-vectors", help="Keep word vectors at GloVe "
+        "(words unseen in training then enter queries in the same input space).",
+        show_default=str(DEFAULTS.model.freeze_word_vectors).lower()),
     seed: Optional[int] = _default("seed", "Random seed."),
     device: Optional[str] = _default("device", "auto, cpu or cuda."),
     config: Optional[str] = typer.Option(None, help="TOML or JSON file of train options; flags "
@@ -145,7 +149,8 @@ def train(
                      train_images=train_images, glove=glove, seed=seed, device=device,
                      freeze_backbone_epochs=freeze_backbone_epochs,
                      backbone_lr_scale=backbone_lr_scale,
-                     model={"backbone": backbone, "image_size": image_size})
+                     model={"backbone": backbone, "image_size": image_size,
+                            "freeze_word_vectors": freeze_word_vectors})
     cfg = _run(load_train_config, config, overrides)
     result = _run(run_training, cfg, resume, force)
     typer.echo(f"trained in {result['train_s']} s -> {result['checkpoint']}")
