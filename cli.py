@@ -125,6 +125,10 @@ def train(
                                                   "after the frozen epochs."),
     glove: Optional[str] = typer.Option(None, help="GloVe text file.",
                                         show_default="offline GloVe 6B 50-d"),
+    freeze_word_vectors: Optional[bool] = typer.Option(
+        None, "--freeze-word-vectors/--train-word-vectors", help="Keep word vectors at GloVe "
+        "(words unseen in training then enter queries in the same input space).",
+        show_default=str(DEFAULTS.model.freeze_word_vectors).lower()),
     seed: Optional[int] = _default("seed", "Random seed."),
     device: Optional[str] = _default("device", "auto, cpu or cuda."),
     config: Optional[str] = typer.Option(None, help="TOML or JSON file of train options; flags "
@@ -145,7 +149,8 @@ def train(
                      train_images=train_images, glove=glove, seed=seed, device=device,
                      freeze_backbone_epochs=freeze_backbone_epochs,
                      backbone_lr_scale=backbone_lr_scale,
-                     model={"backbone": backbone, "image_size": image_size})
+                     model={"backbone": backbone, "image_size": image_size,
+                            "freeze_word_vectors": freeze_word_vectors})
     cfg = _run(load_train_config, config, overrides)
     result = _run(run_training, cfg, resume, force)
     typer.echo(f"trained in {result['train_s']} s -> {result['checkpoint']}")
@@ -325,6 +330,8 @@ def eval_cmd(
     scores: str = typer.Option("mu,csd,elk,mc", help="Comma-separated scores: mu, elk, csd, w2, bhattacharyya, mc."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     plot: Optional[str] = typer.Option(None, help="Write a PNG of R@1 per caption-uncertainty bin. [default: none]"),
+    open_vocab: bool = typer.Option(False, "--open-vocab", help="Read captions as query does: "
+                                    "words unseen in training through GloVe (default: <unk>)."),
     device: str = typer.Option(DEFAULTS.device, help="auto, cpu or cuda."),
     verbose: bool = Verbose,
 ):
@@ -339,7 +346,7 @@ def eval_cmd(
     if plot:
         _run(check_png_path, plot)
         _run(check_writable, plot, "--plot")
-    report = _run(evaluate_checkpoint, checkpoint, data, root, split, names, device)
+    report = _run(evaluate_checkpoint, checkpoint, data, root, split, names, device, open_vocab)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:

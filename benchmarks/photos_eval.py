@@ -2,8 +2,10 @@
 R@1/5/10 both ways with the closed vocabulary (what `train`'s eval reports: unseen words are
 <unk>) and with the open one (unseen words through GloVe, what `query` serves), and the
 held-out-word test: each word that appears in test captions but never in training captions
-(and that GloVe knows; all such words, and only the captions' subjects) is queried alone through the real engine on the test split's index; a
-hit is a top-5 photo whose caption contains the word.
+(and that GloVe knows; all such words, and only the captions' subjects) is queried alone through
+the real engine on the test split's index; a hit is a top-5 photo whose caption contains the word.
+The same words are also queried in the captions' form, "a <word>" ("a gnu" for "A sitting gnu."):
+every training caption starts with an article, and a lone word is a sequence the bi-GRU never saw.
 
     python benchmarks/photos_eval.py --root data/tuxpaint RUN_DIR[:INDEX_DIR] ... [--json]
 
@@ -57,15 +59,20 @@ def held_out_words(train, test, subjects_only: bool) -> list[str]:
     return [w for w in new if len(w) > 2 and not w.isdigit() and w in GloveTable().vectors(new)]
 
 
-def word_queries(index: Path, test, words: list[str], device, k: int = 5) -> dict:
-    """{word: True when a top-k photo's caption contains it} through SearchEngine.query_text."""
+QUERY_FORMS = {"": "{}", "_with_article": "a {}"}  # report key suffix -> query text
+
+
+def word_queries(index: Path, test, words: list[str], device, k: int = 5,
+                 form: str = "{}") -> dict:
+    """{word: True when a top-k photo's caption contains it} through SearchEngine.query_text
+    of form.format(word)."""
     caps_of: dict[str, set[str]] = {}
     for c, i in zip(test.captions, test.caption_image):
         caps_of.setdefault(str((test.root / test.image_paths[i]).resolve()), set()).update(tokenize(c))
     out = {}
     with SearchEngine(index, make_encoder=lambda m, d: QueryEncoder.for_index(m, d, device)) as eng:
         for w in words:
-            hits = eng.query_text(w, k=k).results
+            hits = eng.query_text(form.format(w), k=k).results
             out[w] = any(w in caps_of.get(h.item, ()) for h in hits)
     return out
 
@@ -78,12 +85,13 @@ def evaluate_run(root: Path, run: str, device: str) -> dict:
     report = {"run": run_dir, "backbone": model.cfg.backbone, "image_size": model.cfg.image_size,
               "closed": recalls(model, vocab, test, dev),
               "open": recalls(model, OpenVocab.for_model(model, vocab), test, dev)}
-    if index:
-        for name, only in (("held_out_words", False), ("held_out_subjects", True)):
-            hits = word_queries(Path(index), test, held_out_words(train, test, only), device)
-            report[name] = {"n": len(hits), "top5_hit": sum(hits.values()),
-                            "hit": sorted(w for w, ok in hits.items() if ok),
-                            "miss": sorted(w for w, ok in hits.items() if not ok)}
+    for name, only in (("held_out_words", False), ("held_out_subjects", True)) if index else ():
+        words = held_out_words(train, test, only)
+        for suffix, form in QUERY_FORMS.items():
+            hits = word_queries(Path(index), test, words, device, form=form)
+            report[name + suffix] = {"n": len(hits), "top5_hit": sum(hits.values()),
+                                     "hit": sorted(w for w, ok in hits.items() if ok),
+                                     "miss": sorted(w for w, ok in hits.items() if not ok)}
     return report
 
 
@@ -106,7 +114,7 @@ def main(argv=None) -> int:
             row = r[kind]
             print(f"{r['run'][-34:]:<34} {kind:<7} " + " ".join(f"{row['t2i'][k]:9.3f}" for k in KS)
                   + " " + " ".join(f"{row['i2t'][k]:9.3f}" for k in KS))
-        for name in ("held_out_words", "held_out_subjects"):
+        for name in (n + s for n in ("held_out_words", "held_out_subjects") for s in QUERY_FORMS):
             if name in r:
                 h = r[name]
                 print(f"  {name.replace('_', ' ')} with a correct top-5 photo: "

@@ -12,10 +12,11 @@ import logging
 import textwrap
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from core.charts import check_png_path, save_png
 from core.errors import PcmeError
+from core.pixels import to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +56,14 @@ def fit(img: Image.Image, size: int) -> Image.Image:
 
 
 def _tile(item: str, size: int) -> Image.Image:
-    """The hit image scaled to fit `size`x`size`, or a grey tile when it cannot be opened."""
+    """The hit image scaled to fit `size`x`size`, or a grey tile when it cannot be opened.
+    Upright and with transparency on white, as the model saw it (core.pixels)."""
     tile = Image.new("RGB", (size, size), (200, 200, 200))
     try:
         with Image.open(item) as img:
-            img = fit(img.convert("RGB"), size)
+            img = fit(to_rgb(ImageOps.exif_transpose(img)), size)
             tile.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
         logger.warning("contact sheet: cannot open %s", item)
         ImageDraw.Draw(tile).text((4, size // 2 - 6), "unreadable", fill=INK, font=_font())
     return tile

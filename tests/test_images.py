@@ -100,3 +100,20 @@ def test_list_images_is_recursive_sorted_and_by_suffix(tmp_path):
         (tmp_path / rel).write_bytes(b"")
     got = [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)]
     assert got == ["a.png", "b/2.JPG", "b/c/3.webp", "d.tiff"]
+
+
+def test_contact_sheet_tile_shows_cutouts_as_the_model_sees_them(tmp_path):
+    """The --show tile of a cut-out photo is its loaded image: transparent pixels white (not
+    the green garbage they hold), a 90° EXIF tag applied."""
+    from engine.contact_sheet import _tile
+
+    a = np.zeros((4, 8, 4), np.uint8)
+    a[..., :3] = (0, 255, 0)                     # garbage colour under full transparency
+    a[:, :4] = (255, 0, 0, 255)                  # opaque left half red
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(a, "RGBA").save(tmp_path / "cutout.png", exif=exif)
+    tile = np.asarray(_tile(str(tmp_path / "cutout.png"), 16))
+    want = np.asarray(load_image(tmp_path / "cutout.png").resize((8, 16), Image.NEAREST))
+    assert np.array_equal(tile[:, 4:12], want)  # 4x8 -> 8x4 upright -> x2 -> centred in 16x16
+    assert tuple(tile[0, 4]) == RED and tuple(tile[15, 4]) == WHITE

@@ -55,3 +55,54 @@ def test_only_words_glove_does_not_know_are_unknown(encoder):
 def test_model_without_glove_width_falls_back_to_the_closed_vocabulary(encoder):
     narrow = SimpleNamespace(text=SimpleNamespace(embed=torch.nn.Embedding(10, 8)))  # 8-d words
     assert OpenVocab.for_model(narrow, encoder.vocab.vocab) is encoder.vocab.vocab
+
+
+def test_eval_open_vocab_reads_captions_as_query_does(trained, monkeypatch):
+    """`eval --open-vocab` hands evaluation the query encoder's vocabulary: a held-out word is
+    its GloVe vector through the map, not <unk>; without the flag it stays <unk>."""
+    from encoders.model.open_vocab import OpenVocab
+    from encoders.training import pipeline
+
+    seen = {}
+
+    def fake_evaluate_split(model, vocab, split, device, scores):
+        seen["ids"], seen["extra"], _ = vocab.encode_batch(["a puppy"])
+        return {"split": split.name}
+
+    monkeypatch.setattr(pipeline, "evaluate_split", fake_evaluate_split)
+    ckpt = str(trained / "run" / "checkpoint.pt")
+    args = (ckpt, "scenes", str(trained / "data"), "test", ("elk",), "cpu")
+    report = pipeline.evaluate_checkpoint(*args, open_vocab=True)
+    query = QueryEncoder.from_checkpoint(ckpt, "cpu").vocab
+    assert isinstance(query, OpenVocab) and report["vocabulary"] == "open"
+    want_ids, want_extra, _ = query.encode_batch(["a puppy"])
+    assert seen["ids"] == want_ids and torch.allclose(seen["extra"], want_extra)
+    report = pipeline.evaluate_checkpoint(*args)
+    assert report["vocabulary"] == "closed" and seen["extra"] is None
+    assert seen["ids"][0][2] == query.vocab.index[UNK]
+
+
+def test_frozen_word_vectors_stay_glove_while_the_gru_learns():
+    """freeze_word_vectors: an optimiser step moves the GRU but not one word vector, so the
+    open-vocabulary map fitted on them is the identity (unseen words enter as they are)."""
+    from encoders.model.config import ModelConfig
+    from encoders.model.networks import PCME
+    from encoders.training.config import TrainConfig
+    from encoders.training.schedule import make_optimizer
+
+    words = ["<pad>", "<start>", "<end>", "<unk>", "dog", "cat", "car", "bus", "tree", "boat"]
+    cfg = ModelConfig(image_size=16, embed_dim=8, resnet_width=4, gru_hidden=8, attn_hidden=4,
+                      vocab=words, freeze_word_vectors=True)
+    torch.manual_seed(0)
+    model = PCME(cfg)
+    glove = torch.randn(len(words), cfg.word_dim)
+    model.set_word_vectors(glove)
+    gru_before = model.text.gru.weight_ih_l0.detach().clone()
+    opt, _ = make_optimizer(model, TrainConfig(), steps_per_epoch=1)
+    mu, _ = model.text(torch.tensor([[1, 4, 2], [1, 5, 2]]), torch.tensor([3, 3]))
+    (mu[0] - mu[1]).pow(2).sum().neg().backward()
+    opt.step()
+    assert torch.equal(model.text.embed.weight, glove)
+    assert not torch.equal(model.text.gru.weight_ih_l0, gru_before)
+    g = glove[4:].double().numpy()
+    assert np.allclose(fit_glove_map(g, g), np.eye(cfg.word_dim), atol=1e-6)

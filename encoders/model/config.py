@@ -22,6 +22,9 @@ class ModelConfig:
     # text encoder
     vocab: list[str] = field(default_factory=list)  # index -> word; filled from training captions
     word_dim: int = 50              # word-vector dimension (GloVe 6B 50-d by default)
+    freeze_word_vectors: bool = False  # keep the word vectors at GloVe: a word training never
+                                    # saw then lives in the same input space as the trained ones
+                                    # (open vocabulary); the GRU and heads still learn
     gru_hidden: int = 128           # hidden size of each direction of the bi-GRU
     # heads
     attn_hidden: int = 64           # hidden size of the local-attention scorer

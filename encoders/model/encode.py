@@ -115,7 +115,7 @@ def _decode(path: Path, size: int) -> torch.Tensor | ImageError:
         return e
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def encode_image_files(model: PCME, paths: Sequence[Path], device: torch.device,
                        batch_size: int = 64, workers: int = 2):
     """Yield (paths encoded, μ, log_var, [(path, why) skipped]) per batch of files. Files that

@@ -1,7 +1,8 @@
 """The one way an image file becomes pixels: training readers, `encode --images` and query
 images all call `load_image`, so a photo looks the same to the model wherever it comes from.
 
-Real photo folders hold more than clean 8-bit RGB JPEGs; each quirk is handled here once:
+Real photo folders hold more than clean 8-bit RGB JPEGs; each quirk is handled once, here or
+(colour modes, which the contact sheet shares) in core/pixels.py:
   EXIF orientation   rotated/flipped upright (phones store portrait shots sideways + a tag)
   alpha (RGBA, LA, palette with transparency)   flattened on white, not on black: cut-out
                      photos and logos have black (0, 0, 0) in their transparent pixels
@@ -17,10 +18,10 @@ import logging
 import warnings
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from core.errors import PcmeError
+from core.pixels import to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def load_image(path: str | Path, size_hint: int | None = None) -> Image.Image:
                 if size_hint and img.format == "JPEG":
                     img.draft("RGB", (size_hint, size_hint))  # never below size_hint
                 img.load()
-                return _to_rgb(ImageOps.exif_transpose(img))
+                return to_rgb(ImageOps.exif_transpose(img))
     except FileNotFoundError:
         raise ImageError(f"{path}: file not found") from None
     except UnidentifiedImageError:
@@ -52,26 +53,6 @@ def load_image(path: str | Path, size_hint: int | None = None) -> Image.Image:
         raise ImageError(f"{path}: image larger than {Image.MAX_IMAGE_PIXELS} pixels") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # truncated or corrupt data
         raise ImageError(f"{path}: cannot decode ({e})") from None
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        return _wide_grey_to_rgb(img)
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def _wide_grey_to_rgb(img: Image.Image) -> Image.Image:
-    """16-bit (or 32-bit integer) greyscale -> 8 bits by the type's range, not by clipping."""
-    a = np.asarray(img)
-    top = 65535.0 if img.mode.startswith("I;16") or a.max(initial=0) <= 65535 else float(a.max())
-    grey = np.clip(a.astype(np.float64) * (255.0 / top), 0, 255).round().astype(np.uint8)
-    return Image.fromarray(grey, "L").convert("RGB")
 
 
 def list_images(root: str | Path) -> list[Path]:

@@ -179,6 +179,7 @@ class TextEncoder(nn.Module):
         if not cfg.vocab:
             raise PcmeError("model config has an empty vocabulary")
         self.embed = nn.Embedding(len(cfg.vocab), cfg.word_dim, padding_idx=0)
+        self.embed.weight.requires_grad_(not cfg.freeze_word_vectors)
         self.gru = nn.GRU(cfg.word_dim, cfg.gru_hidden, batch_first=True, bidirectional=True)
         self.head = ProbHead(cfg.gru_hidden, cfg.embed_dim, cfg.attn_hidden, cfg.dropout, cfg.init_log_var)
 

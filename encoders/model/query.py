@@ -19,6 +19,7 @@ from encoders.model.checkpoint import load_model, resolve_device
 from encoders.model.encode import (check_query_text, encode_images, encode_query_text,
                                    encode_texts)
 from encoders.model.images import ImageError, load_image
+from encoders.model.inference import fuse_for_encoding
 from encoders.model.open_vocab import OpenVocab
 from encoders.model.text import tokenize
 
@@ -94,6 +95,7 @@ class QueryEncoder:
         img = open_image(path)
         if self.model.image is None:
             self.model, _, _ = load_model(self.path, self.device, self.expected_sha256)
+            fuse_for_encoding(self.model)
         mu, lv = encode_images(self.model, lambda i: img, 1, self.device)
         return mu[0], lv[0]
 

@@ -23,6 +23,7 @@ from indexer.shards import ShardWriter
 from encoders.model.checkpoint import load_model, resolve_device
 from encoders.model.encode import encode_image_files, encode_texts
 from encoders.model.images import list_images
+from encoders.model.inference import fuse_for_encoding
 from encoders.model.open_vocab import OpenVocab
 from encoders.training.pipeline import producer_of
 
@@ -67,8 +68,9 @@ def _caption_line(line: str, path: Path, lineno: int) -> tuple[str, str | None]:
 
 def encode_files_to_shards(checkpoint: str, out: str, images: str | None = None,
                            captions: str | None = None, device: str = "auto",
-                           batch_size: int = 64) -> dict:
-    """Write the shards of a folder of images and/or a caption file; returns a summary."""
+                           batch_size: int = 64, fuse: bool = True) -> dict:
+    """Write the shards of a folder of images and/or a caption file; returns a summary.
+    `fuse=False` keeps the trained image tower as it is (the benchmark's reference)."""
     if not images and not captions:
         raise PcmeError("encode: give --images DIR and/or --captions FILE (or --data)")
     paths = list_images(images) if images else []
@@ -77,6 +79,8 @@ def encode_files_to_shards(checkpoint: str, out: str, images: str | None = None,
     texts = read_caption_file(captions) if captions else []
     dev = resolve_device(device)
     model, vocab, _ = load_model(checkpoint, dev)
+    if fuse:
+        fuse_for_encoding(model)  # encode-only model: BatchNorm folded, ~1.5x less CPU per image
     producer = {**producer_of(checkpoint, model), "dataset": "files",
                 "images": str(Path(images).resolve()) if images else None,
                 "captions": str(Path(captions).resolve()) if captions else None}

@@ -7,6 +7,7 @@ from pathlib import Path
 from core.atomic import sha256_file
 
 from encoders.model.checkpoint import load_model, resolve_device
+from encoders.model.open_vocab import OpenVocab
 from encoders.training.data import load_split
 from encoders.training.evaluate import encode_split, evaluate_split
 from encoders.training.export import export_shards
@@ -49,16 +50,20 @@ def mean_reports(reports: list):
 
 
 def evaluate_checkpoint(checkpoint: str, data: str, root: str, split: str, scores,
-                        device: str = "auto") -> dict:
+                        device: str = "auto", open_vocab: bool = False) -> dict:
     """The eval report of `split`; for an averaged protocol (coco test1k), the mean of the
-    reports of its splits, with "folds" naming them."""
+    reports of its splits, with "folds" naming them. `open_vocab`: captions read as `query`
+    reads them (words unseen in training through GloVe), not with unseen words as <unk>."""
     dev = resolve_device(device)
     model, vocab, _ = load_model(checkpoint, dev)
+    if open_vocab:
+        vocab = OpenVocab.for_model(model, vocab)
     sha = {"checkpoint_sha256": sha256_file(checkpoint)}
     folds = AVERAGED_SPLITS.get((data, split))
     if folds is None:
         report = evaluate_split(model, vocab, load_split(data, Path(root), split), dev, scores=scores)
-        return {**report, **sha}
+        return {**report, **sha, "vocabulary": "open" if open_vocab else "closed"}
     reports = [evaluate_split(model, vocab, load_split(data, Path(root), f), dev, scores=scores)
                for f in folds]
-    return {**mean_reports(reports), "split": split, "folds": folds, **sha}
+    return {**mean_reports(reports), "split": split, "folds": folds, **sha,
+            "vocabulary": "open" if open_vocab else "closed"}
