@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 
 READ_BATCH = 65_536  # rows per streamed batch: bounds memory at ~READ_BATCH·D·8 bytes
 READ_BUFFER = 1 << 20  # bytes: pages are streamed through this buffer, not a whole column chunk
-ROW_GROUP = READ_BATCH  # rows per parquet row group written: a reader decodes one group at a time
+ROW_GROUP = 16_384  # rows per parquet row group written: a reader decodes one group at a time,
+                    # ~3x its vectors' bytes (repetition levels, then the fixed-size lists)
 
 
 def shard_schema(dim: int) -> pa.Schema:
@@ -225,8 +226,10 @@ def _read_file(path: Path, dim: int, batch_size: int) -> Iterator[ShardBatch]:
     try:
         pf = pq.ParquetFile(path, buffer_size=READ_BUFFER)  # without it a row group is read whole
         _check_schema(path, pf.schema_arrow, dim)
-        for rb in pf.iter_batches(batch_size=batch_size, columns=list(shard_schema(dim).names)):
-            yield _to_batch(path, rb, dim)
+        columns = list(shard_schema(dim).names)
+        for group in range(pf.num_row_groups):  # one at a time: a file-wide iterator reads ahead
+            for rb in pf.iter_batches(batch_size=batch_size, columns=columns, row_groups=[group]):
+                yield _to_batch(path, rb, dim)
     except (pa.ArrowException, OSError) as e:
         raise PcmeError(f"{path}: unreadable parquet ({e})") from None
 
