@@ -155,7 +155,8 @@ def query_p50(single: Path, sharded: Path, workers: int, n_queries: int = 100) -
                         times[name].append((time.perf_counter() - t) * 1000)
     out = {name: round(statistics.median(v), 2) for name, v in times.items()}
     out["ratio"] = round(out["sharded"] / out["single"], 2)
-    out["shards"] = len(json.loads((sharded / "manifest.json").read_text())["shards"])
+    out["image_shards"] = sum(s["modality"] == "image"
+                              for s in json.loads((sharded / "manifest.json").read_text())["shards"])
     return out
 
 
