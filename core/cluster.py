@@ -69,7 +69,10 @@ def ray_cluster(address: str) -> RayConnection:
     if ray.is_initialized():
         return RayConnection(ray, owned=False)
     if n is not None:
-        ray.init(num_cpus=int(n), include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
+        # address="local": a new instance even where another cluster on this machine is
+        # findable (a plain init would join it, and refuse num_cpus)
+        ray.init(address="local", num_cpus=int(n), include_dashboard=False,
+                 object_store_memory=OBJECT_STORE_BYTES,
                  runtime_env=ray_runtime_env(), logging_level=logging.WARNING)
     else:
         try:

@@ -16,11 +16,9 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from core.constants import MC_SAMPLES, MC_SEED, NOISE_ROWS  # noqa: F401  (re-exported)
 from core.errors import PcmeError
 
-MC_SAMPLES = 16        # J used by eval and serving (recorded in the index manifest)
-MC_SEED = 0            # seed of the fixed noise table
-NOISE_ROWS = 4096      # items share a noise row when their ids agree modulo this
 DIST_EPS = 1e-12       # inside the sqrt: keeps the gradient of ‖·‖ finite when samples coincide
 
 

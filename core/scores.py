@@ -14,12 +14,11 @@ import math
 
 import torch
 
+from core.constants import LOG_2PI  # noqa: F401  (re-exported)
 from core.errors import PcmeError
 from core.montecarlo import match_prob
 
 logger = logging.getLogger(__name__)
-
-LOG_2PI = math.log(2.0 * math.pi)
 
 
 # ---------------------------------------------------------------------------- shape checks

@@ -66,6 +66,36 @@ def uncertainty(log_var: np.ndarray) -> np.ndarray:
     return np.exp(log_var.astype(np.float64)).sum(axis=-1)
 
 
+def match_params(manifest: dict) -> tuple[float, float, int]:
+    """(a, b, J) of an index's match probability: the learned a, b its producer recorded, and
+    the Monte-Carlo samples it was built for."""
+    p = manifest.get("producer", {})
+    return (float(p.get("match_a", 5.0)), float(p.get("match_b", 5.0)),
+            int(manifest.get("mc_samples", MC_SAMPLES)))
+
+
+def match_probability(mu_q, lv_q, mu_d, lv_d, ids, a: float, b: float,
+                      mc_samples: int) -> np.ndarray:
+    """[M] p(match) of one query ([D]) with M items ([M, D], ids [M]) under a, b: the
+    Monte-Carlo estimate with the fixed serving noise (the `mc` score, whatever score ranked
+    them; the noise is keyed by id modulo its period, so a shard's local ids give the same)."""
+    import torch
+
+    if not len(ids):
+        return np.zeros(0)
+    p = fixed_match_prob(*(torch.from_numpy(np.array(x, np.float32)) for x in
+                           (mu_q[None], lv_q[None], mu_d, lv_d)),
+                         np.asarray(ids), a, b, mc_samples)
+    return p[0].numpy()
+
+
+def make_hits(ids, keys, p_match, lv_hits, meta) -> list[Hit]:
+    """Hits ranked as given: ids, keys, p_match [k], lv_hits [k, D], meta [(group, item)]."""
+    return [Hit(rank=r + 1, id=int(i), score=float(key), p_match=float(p),
+                uncertainty=float(uncertainty(lv)), item=item, group=int(group))
+            for r, (i, key, p, lv, (group, item)) in enumerate(zip(ids, keys, p_match, lv_hits, meta))]
+
+
 class SearchEngine:
     """Search one index directory. `encoder` turns text or an image file into a Gaussian
     (encode_text(text) -> (μ, log_var, unknown words), encode_image(path) -> (μ, log_var));
@@ -83,10 +113,10 @@ class SearchEngine:
             except BaseException:
                 self.reader.close()
                 raise
-        mc_samples = int(self.reader.manifest.get("mc_samples", MC_SAMPLES))
         self._calibration = {m: Calibration.from_manifest(self.reader.manifest, m)
                              for m in ("text", "image")}
-        self.batch = BatchSearcher(self.reader, *self._match_params(), mc_samples=mc_samples)
+        a, b, mc_samples = match_params(self.reader.manifest)
+        self.batch = BatchSearcher(self.reader, a, b, mc_samples=mc_samples)
 
     def close(self) -> None:
         self.reader.close()
@@ -128,25 +158,14 @@ class SearchEngine:
         for q, (ids, keys) in enumerate(zip(res.ids, res.keys)):
             rows = slice(q * width, (q + 1) * width)
             p_match = self.match_probability(mu_q[q], lv_q[q], mu_hits[rows], lv_hits[rows], ids)
-            hits = [Hit(rank=r + 1, id=int(i), score=float(key), p_match=float(p),
-                        uncertainty=float(uncertainty(lv)), item=item, group=int(group))
-                    for r, (i, key, p, lv, (group, item))
-                    in enumerate(zip(ids, keys, p_match, lv_hits[rows], meta[rows]))]
-            out.append((hits, dict(timings), int(res.shortlist[q])))
+            out.append((make_hits(ids, keys, p_match, lv_hits[rows], meta[rows]), dict(timings),
+                        int(res.shortlist[q])))
         return out
 
     def match_probability(self, mu_q, lv_q, mu_d, lv_d, ids) -> np.ndarray:
-        """[M] p(match) of one query with M items under the index's a, b: the Monte-Carlo
-        estimate with the fixed serving noise (the `mc` score, whatever score ranked them)."""
-        import torch
-
-        if not len(ids):
-            return np.zeros(0)
+        """[M] p(match) of one query with M items under the index's a, b (see the function)."""
         b = self.batch
-        p = fixed_match_prob(*(torch.from_numpy(np.asarray(x, np.float32)) for x in
-                               (mu_q[None], lv_q[None], mu_d, lv_d)),
-                             np.asarray(ids), b.a, b.b, b.mc_samples)
-        return p[0].numpy()
+        return match_probability(mu_q, lv_q, mu_d, lv_d, ids, b.a, b.b, b.mc_samples)
 
     def confidence(self, query_modality: str, lv: np.ndarray) -> tuple[float | None, bool | None]:
         """(expected R@1 at the query's Σσ², whether it is below LOW_CONFIDENCE), or (None, None)
@@ -156,10 +175,6 @@ class SearchEngine:
             return None, None
         expected = calibration.expected_r1(float(uncertainty(lv)))
         return expected, expected < LOW_CONFIDENCE
-
-    def _match_params(self) -> tuple[float, float]:
-        p = self.reader.manifest.get("producer", {})
-        return float(p.get("match_a", 5.0)), float(p.get("match_b", 5.0))
 
     def query_text(self, text: str, k: int = 10, score: str | None = None,
                    exact: bool = False) -> QueryResult:

@@ -3,7 +3,9 @@ actor per shard, merged exactly.
 
 Each shard is an ordinary index directory over one id range of one modality, all shards of a
 modality sharing one trained quantizer. An actor holds the ordinary engine (SearchEngine) on
-its shard and answers with its local top-k; every score of the contract depends only on the
+its shard and answers with its local top-k as numpy arrays (ids, rank keys and, for served
+queries, what each hit shows); the driver merges them and computes p(match) for the k winners
+only, so the per-shard cost is the engine's search and nothing per hit beyond a store read; every score of the contract depends only on the
 query–item pair (mc included: shard offsets are multiples of the noise period), so the top-k
 of the union of the shards' top-k lists is the top-k of the whole index. Ties are broken by
 score, then by global id.
@@ -28,7 +30,8 @@ from core.errors import PcmeError
 from core.scores import DEFAULT_SCORE, score_name
 from indexer.manifest import MODALITIES, read_manifest  # not shards.py: no pyarrow to query
 
-from engine.search import QueryResult, SearchEngine, uncertainty
+from engine.search import (QueryResult, SearchEngine, make_hits, match_params,
+                           match_probability, uncertainty)
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +55,8 @@ class ShardedBatch:
 
 
 class ShardServer:
-    """The actor: the ordinary engine over one shard directory."""
+    """The actor: the ordinary engine over one shard directory. Answers are plain numpy
+    arrays (cheap to serialise); the driver ranks, merges and builds the hits."""
 
     def __init__(self, index_dir: str, name: str):
         self.engine, self.name = SearchEngine(index_dir), name
@@ -60,14 +64,21 @@ class ShardServer:
     def ready(self) -> int:
         return os.getpid()
 
-    def search_batch(self, modality, mu_q, lv_q, k, score, exact):
+    def top(self, modality, mu_q, lv_q, k, score, exact, details=False) -> dict:
+        """The shard's top-k ([Q, k] local ids and rank keys, [Q] shortlist sizes); with
+        `details`, also what a hit shows (μ, log σ², group, item of each of them), so the
+        driver needs no second round trip for the winners."""
         fault_point(f"search-{self.name}")
         res = self.engine.search_batch(modality, mu_q, lv_q, k, score, exact)
-        return res.ids, res.keys
-
-    def search(self, modality, mu_q, lv_q, k, score, exact):
-        fault_point(f"search-{self.name}")
-        return self.engine.search(modality, mu_q, lv_q, k, score, exact)
+        out = {"ids": res.ids, "keys": res.keys, "shortlist": res.shortlist}
+        if details:
+            flat, shape = res.ids.reshape(-1), res.ids.shape
+            mu, lv = self.engine.reader.fetch(modality, flat)
+            meta = self.engine.reader.meta(modality, flat)
+            out.update(mu=mu.reshape(*shape, -1), lv=lv.reshape(*shape, -1),
+                       groups=np.array([g for g, _ in meta], np.int64).reshape(shape),
+                       items=np.array([i for _, i in meta], object).reshape(shape))
+        return out
 
 
 def is_sharded(index_dir: str | Path) -> bool:
@@ -88,6 +99,7 @@ class ShardedEngine:
         server = self.ray.remote(num_cpus=0, max_restarts=ACTOR_RESTARTS)(ShardServer)
         self.actors = [server.remote(str(self.index_dir / s["dir"]), s["dir"]) for s in self.shards]
         self.ray.get([a.ready.remote() for a in self.actors])
+        self.match = match_params(self.manifest)   # (a, b, J) for the winners' p(match)
         self.encoder = encoder
         if encoder is None and make_encoder is not None and self.manifest.get("producer", {}).get("checkpoint"):
             self.encoder = make_encoder(self.manifest, self.index_dir)
@@ -103,15 +115,21 @@ class ShardedEngine:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _fan_out(self, modality: str, method: str, *args) -> tuple[list, list[str]]:
-        """[(shard entry, answer)] of every shard of `modality`, and the names of the missing."""
+    def _fan_out(self, modality: str, *args) -> tuple[list, list[str]]:
+        """[(shard entry, answer of `top`)] of every shard of `modality`, and the names of the
+        missing. One `ray.get` for all shards; only when that fails is each looked at alone."""
         if modality not in MODALITIES:
             raise PcmeError(f"modality {modality!r}: expected one of {MODALITIES}")
         mine = [(s, a) for s, a in zip(self.shards, self.actors) if s["modality"] == modality]
-        refs = [getattr(a, method).remote(modality, *args) for _, a in mine]
+        refs = [a.top.remote(modality, *args) for _, a in mine]
+        deadline = time.monotonic() + SHARD_TIMEOUT_S
+        try:
+            return list(zip([s for s, _ in mine], self.ray.get(refs, timeout=SHARD_TIMEOUT_S))), []
+        except self.ray.exceptions.RayError:  # a shard lost its actor (or timed out)
+            pass
         answers, missing = [], []
         for (shard, actor), ref in zip(mine, refs):
-            answer = self._answer(ref, lambda a=actor: getattr(a, method).remote(modality, *args))
+            answer = self._answer(ref, lambda a=actor: a.top.remote(modality, *args), deadline)
             if answer is None:
                 missing.append(shard["dir"])
             else:
@@ -121,11 +139,11 @@ class ShardedEngine:
                            self.index_dir, ", ".join(missing))
         return answers, missing
 
-    def _answer(self, ref, resend):
+    def _answer(self, ref, resend, deadline: float):
         """The shard's answer to `ref`; if its actor was lost, the query again once Ray has
         restarted it (calls fail fast while it restarts); None when it is gone for good
-        (restarts used up, killed) or does not answer within SHARD_TIMEOUT_S."""
-        errors, deadline = self.ray.exceptions, time.monotonic() + SHARD_TIMEOUT_S
+        (restarts used up, killed) or does not answer by `deadline`."""
+        errors = self.ray.exceptions
         while True:
             try:
                 return self.ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
@@ -138,45 +156,67 @@ class ShardedEngine:
                 return None
             ref = resend()
 
-    def search_batch(self, modality: str, mu_q: np.ndarray, lv_q: np.ndarray, k: int = 10,
-                     score: str = "elk", exact: bool = False) -> ShardedBatch:
-        score = score_name(score)
-        answers, missing = self._fan_out(modality, "search_batch", mu_q, lv_q, k, score, exact)
+    def _merged(self, modality, mu_q, lv_q, k, score, exact, details) -> tuple[dict, list[str]]:
+        """The shards' answers merged exactly: the best k of the union by rank key, then by
+        global id; every array of the answers [Q, ...] taken in that order."""
+        answers, missing = self._fan_out(modality, mu_q, lv_q, k, score, exact, details)
         if not answers:
             raise PcmeError(f"{self.index_dir}: no shard of {modality} answered")
-        ids = np.concatenate([local + s["id_offset"] for s, (local, _) in answers], axis=1)
-        keys = np.concatenate([keys for _, (_, keys) in answers], axis=1)
-        order = np.lexsort((ids, -keys), axis=1)[:, :k]  # last key first: score, then id
-        return ShardedBatch(np.take_along_axis(ids, order, 1), np.take_along_axis(keys, order, 1),
-                            missing)
+        merged = {name: np.concatenate([a[name] for _, a in answers], axis=1)
+                  for name in answers[0][1] if name != "shortlist"}
+        merged["ids"] = np.concatenate([a["ids"] + s["id_offset"] for s, a in answers], axis=1)
+        order = np.lexsort((merged["ids"], -merged["keys"]), axis=1)[:, :k]  # score, then id
+        for name, v in merged.items():
+            merged[name] = np.take_along_axis(v, order.reshape(*order.shape, *[1] * (v.ndim - 2)), 1)
+        merged["shortlist"] = sum(a["shortlist"] for _, a in answers)
+        return merged, missing
+
+    def search_batch(self, modality: str, mu_q: np.ndarray, lv_q: np.ndarray, k: int = 10,
+                     score: str = "elk", exact: bool = False) -> ShardedBatch:
+        merged, missing = self._merged(modality, mu_q, lv_q, k, score_name(score), exact, False)
+        return ShardedBatch(merged["ids"], merged["keys"], missing)
 
     def search(self, modality: str, mu: np.ndarray, lv: np.ndarray, k: int = 10,
                score: str = "elk", exact: bool = False) -> tuple[list, dict, list[str]]:
-        """(hits with global ids, timings, missing shards) for one query. The hits are the
-        shards' own (whatever fields the engine gives them), re-ranked."""
+        """(hits with global ids, timings, missing shards) for one query."""
+        answers, missing = self.answers(modality, mu[None], lv[None], k, score, exact)
+        hits, timings, _ = answers[0]
+        return hits, timings, missing
+
+    def search_many(self, modality: str, mu_q: np.ndarray, lv_q: np.ndarray, k: int = 10,
+                    score: str = "elk", exact: bool = False) -> list[tuple[list, dict, int]]:
+        """As SearchEngine.search_many (the service's micro-batches); missing shards are logged."""
+        return self.answers(modality, mu_q, lv_q, k, score, exact)[0]
+
+    def answers(self, modality: str, mu_q: np.ndarray, lv_q: np.ndarray, k: int = 10,
+                score: str = "elk", exact: bool = False) -> tuple[list, list[str]]:
+        """([(hits, timings, shortlist size summed over the shards)] per query of a [Q, D]
+        batch, missing shards): one round trip to every shard, then p(match) of the k
+        winners only."""
         t = time.perf_counter()
-        answers, missing = self._fan_out(modality, "search", mu, lv, k, score, exact)
-        if not answers:
-            raise PcmeError(f"{self.index_dir}: no shard of {modality} answered")
-        hits = []
-        for shard, (shard_hits, *_) in answers:  # (hits, timings, shortlist size)
-            for h in shard_hits:
-                h.id += shard["id_offset"]
-                hits.append(h)
-        hits.sort(key=lambda h: (-h.score, h.id))
-        for rank, h in enumerate(hits[:k], 1):
-            h.rank = rank
-        return hits[:k], {"shards_ms": round((time.perf_counter() - t) * 1000, 3)}, missing
+        mu_q, lv_q = np.asarray(mu_q, np.float32), np.asarray(lv_q, np.float32)
+        m, missing = self._merged(modality, mu_q, lv_q, k, score_name(score), exact, True)
+        timings = {"shards_ms": round((time.perf_counter() - t) * 1000, 3)}
+        out = []
+        for q in range(len(mu_q)):
+            p_match = match_probability(mu_q[q], lv_q[q], m["mu"][q], m["lv"][q], m["ids"][q],
+                                        *self.match)
+            hits = make_hits(m["ids"][q], m["keys"][q], p_match, m["lv"][q],
+                             list(zip(m["groups"][q], m["items"][q])))
+            out.append((hits, dict(timings), int(m["shortlist"][q])))
+        return out, missing
 
     def _query(self, query: str, modality: str, mu, lv, k, score, exact, unknown=()):
         score = score_name(score)
         t = time.perf_counter()
-        hits, timings, missing = self.search(modality, mu, lv, k, score, exact)
+        answers, missing = self.answers(modality, mu[None], lv[None], k, score, exact)
+        hits, timings, shortlist = answers[0]
         timings["total_ms"] = round((time.perf_counter() - t) * 1000, 3)
         return ShardedQueryResult(query=query, modality=modality, score=score,
                                   query_uncertainty=float(uncertainty(lv)), results=hits,
                                   timings_ms=timings, unknown_words=list(unknown),
-                                  partial=bool(missing), missing_shards=missing)
+                                  shortlist_size=shortlist, partial=bool(missing),
+                                  missing_shards=missing)
 
     def query_text(self, text: str, k: int = 10, score: str | None = None,
                    exact: bool = False) -> ShardedQueryResult:

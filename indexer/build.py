@@ -27,7 +27,7 @@ import numpy as np
 from core.errors import PcmeError
 from indexer import augmented as aug
 from indexer import faiss_index as fx
-from core.montecarlo import MC_SAMPLES
+from core.constants import MC_SAMPLES
 from core.atomic import AtomicDir, sha256_file, utc_now, write_json
 from indexer.manifest import SCHEMA_VERSION
 from indexer.shards import MODALITIES, ShardBatch, read_shard_manifest, read_shards, validate_shards

@@ -31,7 +31,7 @@ import numpy as np
 from core.atomic import AtomicDir, sha256_file, utc_now, write_json
 from core.cluster import fault_point, import_ray
 from core.errors import PcmeError
-from core.montecarlo import NOISE_ROWS
+from core.constants import MC_SAMPLES, NOISE_ROWS
 from indexer import build as B
 from indexer import faiss_index as fx
 from indexer.manifest import SCHEMA_VERSION
@@ -283,7 +283,7 @@ def _write_sharded(tmp, parts, results, plans, chosen, counts, dim, recall_targe
         one["part"] = {"modality": q.modality, "id_offset": q.start}
         write_json(tmp / q.name / "manifest.json", one)
     return {"schema_version": SCHEMA_VERSION, "kind": SHARDED_KIND, "dim": dim, "counts": counts,
-            "factory": {m: p.factory for m, p in plans.items()},
+            "factory": {m: p.factory for m, p in plans.items()}, "mc_samples": MC_SAMPLES,
             "nprobe": {m: c[0] for m, c in chosen.items()},
             "shards": [{"dir": q.name, "modality": q.modality, "id_offset": q.start,
                         "count": q.stop - q.start} for q in parts],

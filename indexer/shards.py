@@ -23,6 +23,9 @@ from indexer.manifest import MODALITIES, SCHEMA_VERSION, read_manifest
 logger = logging.getLogger(__name__)
 
 READ_BATCH = 65_536  # rows per streamed batch: bounds memory at ~READ_BATCH·D·8 bytes
+READ_BUFFER = 1 << 20  # bytes: pages are streamed through this buffer, not a whole column chunk
+ROW_GROUP = 16_384  # rows per parquet row group written: a reader decodes one group at a time,
+                    # ~3x its vectors' bytes (repetition levels, then the fixed-size lists)
 
 
 def shard_schema(dim: int) -> pa.Schema:
@@ -101,7 +104,7 @@ class ShardWriter:
         table = pa.concat_tables(self._pending)
         name = f"shard-{len(self._shards):05d}.parquet"
         path = self._atomic.tmp / name
-        pq.write_table(table.slice(0, rows), path)
+        pq.write_table(table.slice(0, rows), path, row_group_size=ROW_GROUP)
         self._shards.append({"file": name, "rows": rows, "sha256": sha256_file(path)})
         rest = table.slice(rows)
         self._pending, self._pending_rows = ([rest] if len(rest) else []), len(rest)
@@ -176,7 +179,7 @@ def write_shard_file(path: Path, modality: str, first_id: int, mu, log_var, item
     mu, log_var, groups, item_arr = check_rows(str(path), dim, modality, mu, log_var, items, groups)
     ids = np.arange(first_id, first_id + len(mu), dtype=np.int64)
     table = rows_table(dim, modality, ids, mu, log_var, item_arr, groups)
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, row_group_size=ROW_GROUP))
     return {"file": Path(path).name, "rows": len(mu), "sha256": sha256_file(path)}
 
 
@@ -221,10 +224,12 @@ def _read_file(path: Path, dim: int, batch_size: int) -> Iterator[ShardBatch]:
     if not path.is_file():
         raise PcmeError(f"{path}: shard file listed in the manifest is missing")
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(path, buffer_size=READ_BUFFER)  # without it a row group is read whole
         _check_schema(path, pf.schema_arrow, dim)
-        for rb in pf.iter_batches(batch_size=batch_size, columns=list(shard_schema(dim).names)):
-            yield _to_batch(path, rb, dim)
+        columns = list(shard_schema(dim).names)
+        for group in range(pf.num_row_groups):  # one at a time: a file-wide iterator reads ahead
+            for rb in pf.iter_batches(batch_size=batch_size, columns=columns, row_groups=[group]):
+                yield _to_batch(path, rb, dim)
     except (pa.ArrowException, OSError) as e:
         raise PcmeError(f"{path}: unreadable parquet ({e})") from None
 

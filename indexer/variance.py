@@ -55,7 +55,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from core.scores import LOG_2PI
+from core.constants import LOG_2PI
 from indexer.store import stored_log_var
 
 REL_TOL = 1e-4   # float32 rescoring error margin: grow rather than risk a rounding miss

@@ -95,3 +95,15 @@ def test_the_checker_sees_lazy_and_relative_imports(tmp_path, monkeypatch):
     (pkg / "x.py").write_text("def f():\n    from encoders.model import query\nfrom .y import z\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     assert imports_of(pkg / "x.py") == {"encoders.model", "engine.y"}
+
+
+def test_the_indexer_loads_no_torch():
+    """DESIGN: the indexer knows nothing about torch. Importing it must not load torch either
+    (an index build, and the driver of a Ray build, would carry ~260 MB more memory)."""
+    import subprocess
+
+    code = ("import sys, indexer.build, indexer.distributed, indexer.reader, indexer.info; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"

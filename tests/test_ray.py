@@ -158,10 +158,15 @@ def test_d_sharded_search_equals_the_single_index(engines):
             assert not rb.missing
             assert np.array_equal(ra.ids, rb.ids), (k, score, exact)
             np.testing.assert_allclose(rb.keys, ra.keys, rtol=1e-6)
-    hits, _, missing = b.search("text", mu[0], lv[0], 10, "elk")
-    assert not missing
-    single, _, _ = a.search("text", mu[0], lv[0], 10, "elk")
-    assert [(h.id, h.rank, h.item) for h in hits] == [(h.id, h.rank, h.item) for h in single]
+    # served hits: the shards answer arrays, the driver builds the hits and p(match)
+    for q, ((hits, _, _), (single, _, _)) in enumerate(zip(
+            b.search_many("text", mu, lv, 10, "elk"), a.search_many("text", mu, lv, 10, "elk"))):
+        assert [(h.id, h.rank, h.item, h.group) for h in hits] == \
+            [(h.id, h.rank, h.item, h.group) for h in single], q
+        for name in ("score", "p_match", "uncertainty"):
+            np.testing.assert_allclose([getattr(h, name) for h in hits],
+                                       [getattr(h, name) for h in single], rtol=1e-5)
+    assert not b.search("text", mu[0], lv[0], 10, "elk")[2]   # no shard missing
 
 
 @pytest.mark.slow
