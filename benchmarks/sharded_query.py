@@ -82,7 +82,7 @@ def profile(ray, actors, mu, lv, repeats: int = 20) -> dict:
             for m in ("top", "hits")}
     size = {}
     for i in range(repeats):
-        for method, args in (("top", ("image", mu[i][None], lv[i][None], K, SCORE, False, True)),
+        for method, args in (("top", (("image", mu[i][None], lv[i][None], K, SCORE, False, True),)),
                              ("hits", ("image", mu[i][None], lv[i][None], K, SCORE, False))):
             t = time.perf_counter()
             got = ray.get([a.timed.remote(method, *args) for a in actors])
@@ -96,9 +96,33 @@ def profile(ray, actors, mu, lv, repeats: int = 20) -> dict:
             r["put_ms"].append((time.perf_counter() - t) * 1000)
             size[method] = sum(g[3] for g in got)
     out = {m: {k: round(statistics.median(v), 3) for k, v in r.items()} for m, r in rows.items()}
-    out["ping_all_shards_ms"] = round(statistics.median(ping(ray, actors) for _ in range(repeats)), 3)
-    for m in out:
+    for m in rows:
         out[m]["reply_bytes_all_shards"] = size[m]
+    out["ping_all_shards_ms"] = round(statistics.median(ping(ray, actors) for _ in range(repeats)), 3)
+    return out
+
+
+def proc_cpu_s(pids) -> float:
+    """CPU seconds (user + system) the processes `pids` have used so far."""
+    total = 0.0
+    for pid in pids:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def cpu_per_query(engines: dict, pids: list[int], mu, lv) -> dict:
+    """CPU ms per query of each engine, run alone over all queries: the driver's (this
+    process) and the shard actors' (all of them; an idle actor costs next to nothing). On a
+    machine whose cores others keep busy, latency follows this more than parallelism."""
+    out = {}
+    for name, run in engines.items():
+        driver, actors = time.process_time(), proc_cpu_s(pids)
+        for i in range(len(mu)):
+            run(mu[i], lv[i])
+        out[name] = {"driver": round((time.process_time() - driver) * 1000 / len(mu), 2),
+                     "actors": round((proc_cpu_s(pids) - actors) * 1000 / len(mu), 2)}
     return out
 
 
@@ -140,6 +164,9 @@ def main() -> None:
                    "hits": lambda m, v: hits_search(ray, probes, offsets, m, v)}
         report["image_shards"] = len(shards)
         report["p_ms"] = timed_runs(engines, mu, lv)
+        print(json.dumps(report["p_ms"]), flush=True)
+        pids = ray.get([a.ready.remote() for a in probes + many.actors])
+        report["cpu_ms_per_query"] = cpu_per_query(engines, pids, mu, lv)
         report["profile"] = profile(ray, probes, mu, lv)
         for p in probes:
             ray.kill(p)

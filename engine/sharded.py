@@ -64,20 +64,23 @@ class ShardServer:
     def ready(self) -> int:
         return os.getpid()
 
-    def top(self, modality, mu_q, lv_q, k, score, exact, details=False) -> dict:
-        """The shard's top-k ([Q, k] local ids and rank keys, [Q] shortlist sizes); with
-        `details`, also what a hit shows (μ, log σ², group, item of each of them), so the
-        driver needs no second round trip for the winners."""
+    def top(self, request: tuple) -> dict:
+        """The shard's top-k for `request` = (modality, μ [Q, D], log σ² [Q, D], k, score,
+        exact, details): [Q, k] local ids and rank keys, [Q] shortlist sizes; with `details`,
+        also what a hit shows (μ, log σ², group, item of each), so the driver needs no second
+        round trip for the winners. One argument and fixed-dtype arrays only (items as a
+        unicode array, not Python objects): Ray then serialises one object each way."""
+        modality, mu_q, lv_q, k, score, exact, details = request
         fault_point(f"search-{self.name}")
         res = self.engine.search_batch(modality, mu_q, lv_q, k, score, exact)
         out = {"ids": res.ids, "keys": res.keys, "shortlist": res.shortlist}
         if details:
             flat, shape = res.ids.reshape(-1), res.ids.shape
             mu, lv = self.engine.reader.fetch(modality, flat)
-            meta = self.engine.reader.meta(modality, flat)
+            groups, items = zip(*self.engine.reader.meta(modality, flat)) if len(flat) else ((), ())
             out.update(mu=mu.reshape(*shape, -1), lv=lv.reshape(*shape, -1),
-                       groups=np.array([g for g, _ in meta], np.int64).reshape(shape),
-                       items=np.array([i for _, i in meta], object).reshape(shape))
+                       groups=np.array(groups, np.int64).reshape(shape),
+                       items=np.array(items, np.str_).reshape(shape))
         return out
 
 
@@ -115,13 +118,14 @@ class ShardedEngine:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _fan_out(self, modality: str, *args) -> tuple[list, list[str]]:
+    def _fan_out(self, modality: str, *request) -> tuple[list, list[str]]:
         """[(shard entry, answer of `top`)] of every shard of `modality`, and the names of the
         missing. One `ray.get` for all shards; only when that fails is each looked at alone."""
         if modality not in MODALITIES:
             raise PcmeError(f"modality {modality!r}: expected one of {MODALITIES}")
         mine = [(s, a) for s, a in zip(self.shards, self.actors) if s["modality"] == modality]
-        refs = [a.top.remote(modality, *args) for _, a in mine]
+        request = (modality, *request)
+        refs = [a.top.remote(request) for _, a in mine]
         deadline = time.monotonic() + SHARD_TIMEOUT_S
         try:
             return list(zip([s for s, _ in mine], self.ray.get(refs, timeout=SHARD_TIMEOUT_S))), []
@@ -129,7 +133,7 @@ class ShardedEngine:
             pass
         answers, missing = [], []
         for (shard, actor), ref in zip(mine, refs):
-            answer = self._answer(ref, lambda a=actor: a.top.remote(modality, *args), deadline)
+            answer = self._answer(ref, lambda a=actor: a.top.remote(request), deadline)
             if answer is None:
                 missing.append(shard["dir"])
             else:
@@ -202,7 +206,7 @@ class ShardedEngine:
             p_match = match_probability(mu_q[q], lv_q[q], m["mu"][q], m["lv"][q], m["ids"][q],
                                         *self.match)
             hits = make_hits(m["ids"][q], m["keys"][q], p_match, m["lv"][q],
-                             list(zip(m["groups"][q], m["items"][q])))
+                             list(zip(m["groups"][q].tolist(), m["items"][q].tolist())))
             out.append((hits, dict(timings), int(m["shortlist"][q])))
         return out, missing
 
