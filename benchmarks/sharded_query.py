@@ -24,25 +24,30 @@ from pathlib import Path
 import numpy as np
 
 from core.process import configure_process
-from engine.sharded import ShardServer
 
 K, SCORE = 10, "elk"
 
 
-class ProbeServer(ShardServer):
-    """A shard actor that also answers the previous way and times itself."""
+def probe_server():
+    """A shard actor class that also answers the previous way and times itself. Made here,
+    not at import: the engine loads torch, which must come after configure_process (an
+    OpenMP runtime loaded first keeps spinning threads that would bill the driver)."""
+    from engine.sharded import ShardServer
 
-    def hits(self, modality, mu_q, lv_q, k, score, exact):
-        return self.engine.search(modality, mu_q[0], lv_q[0], k, score, exact)
+    class ProbeServer(ShardServer):
+        def hits(self, modality, mu_q, lv_q, k, score, exact):
+            return self.engine.search(modality, mu_q[0], lv_q[0], k, score, exact)
 
-    def timed(self, method, *args):
-        """(reply, ms spent in the method, ms to pickle the reply, its pickled bytes)."""
-        t = time.perf_counter()
-        out = getattr(self, method)(*args)
-        ms = (time.perf_counter() - t) * 1000
-        t = time.perf_counter()
-        size = len(pickle.dumps(out, protocol=5))
-        return out, ms, (time.perf_counter() - t) * 1000, size
+        def timed(self, method, *args):
+            """(reply, ms spent in the method, ms to pickle the reply, its pickled bytes)."""
+            t = time.perf_counter()
+            out = getattr(self, method)(*args)
+            ms = (time.perf_counter() - t) * 1000
+            t = time.perf_counter()
+            size = len(pickle.dumps(out, protocol=5))
+            return out, ms, (time.perf_counter() - t) * 1000, size
+
+    return ProbeServer
 
 
 def hits_search(ray, actors, offsets, mu, lv):
@@ -155,7 +160,7 @@ def main() -> None:
     with ray_cluster(f"local:{a.workers}") as ray, SearchEngine(a.single) as one, \
             ShardedEngine(a.sharded) as many:
         shards = [s for s in many.shards if s["modality"] == "image"]
-        server = ray.remote(num_cpus=0)(ProbeServer)
+        server = ray.remote(num_cpus=0)(probe_server())
         probes = [server.remote(str(Path(a.sharded) / s["dir"]), s["dir"]) for s in shards]
         ray.get([p.ready.remote() for p in probes])
         offsets = [s["id_offset"] for s in shards]
