@@ -68,8 +68,9 @@ class ShardServer:
         """The shard's top-k for `request` = (modality, μ [Q, D], log σ² [Q, D], k, score,
         exact, details): [Q, k] local ids and rank keys, [Q] shortlist sizes; with `details`,
         also what a hit shows (μ, log σ², group, item of each), so the driver needs no second
-        round trip for the winners. One argument and fixed-dtype arrays only (items as a
-        unicode array, not Python objects): Ray then serialises one object each way."""
+        round trip for the winners. One argument, because Ray serialises each argument of a
+        call apart. Items stay Python strings (an object array): a fixed-width unicode array
+        would drop trailing NULs, and pickling it saved nothing measurable."""
         modality, mu_q, lv_q, k, score, exact, details = request
         fault_point(f"search-{self.name}")
         res = self.engine.search_batch(modality, mu_q, lv_q, k, score, exact)
@@ -77,10 +78,10 @@ class ShardServer:
         if details:
             flat, shape = res.ids.reshape(-1), res.ids.shape
             mu, lv = self.engine.reader.fetch(modality, flat)
-            groups, items = zip(*self.engine.reader.meta(modality, flat)) if len(flat) else ((), ())
+            meta = self.engine.reader.meta(modality, flat)
             out.update(mu=mu.reshape(*shape, -1), lv=lv.reshape(*shape, -1),
-                       groups=np.array(groups, np.int64).reshape(shape),
-                       items=np.array(items, np.str_).reshape(shape))
+                       groups=np.array([g for g, _ in meta], np.int64).reshape(shape),
+                       items=np.array([i for _, i in meta], object).reshape(shape))
         return out
 
 
