@@ -89,11 +89,11 @@ def match_probability(mu_q, lv_q, mu_d, lv_d, ids, a: float, b: float,
     return p[0].numpy()
 
 
-def make_hits(ids, keys, p_match, lv_hits, meta) -> list[Hit]:
-    """Hits ranked as given: ids, keys, p_match [k], lv_hits [k, D], meta [(group, item)]."""
+def make_hits(ids, keys, p_match, unc, meta) -> list[Hit]:
+    """Hits ranked as given: ids, keys, p_match, uncertainty [k], meta [(group, item)]."""
     return [Hit(rank=r + 1, id=int(i), score=float(key), p_match=float(p),
-                uncertainty=float(uncertainty(lv)), item=item, group=int(group))
-            for r, (i, key, p, lv, (group, item)) in enumerate(zip(ids, keys, p_match, lv_hits, meta))]
+                uncertainty=float(u), item=item, group=int(group))
+            for r, (i, key, p, u, (group, item)) in enumerate(zip(ids, keys, p_match, unc, meta))]
 
 
 class SearchEngine:
@@ -158,8 +158,8 @@ class SearchEngine:
         for q, (ids, keys) in enumerate(zip(res.ids, res.keys)):
             rows = slice(q * width, (q + 1) * width)
             p_match = self.match_probability(mu_q[q], lv_q[q], mu_hits[rows], lv_hits[rows], ids)
-            out.append((make_hits(ids, keys, p_match, lv_hits[rows], meta[rows]), dict(timings),
-                        int(res.shortlist[q])))
+            out.append((make_hits(ids, keys, p_match, uncertainty(lv_hits[rows]), meta[rows]),
+                        dict(timings), int(res.shortlist[q])))
         return out
 
     def match_probability(self, mu_q, lv_q, mu_d, lv_d, ids) -> np.ndarray:

@@ -3,12 +3,14 @@ actor per shard, merged exactly.
 
 Each shard is an ordinary index directory over one id range of one modality, all shards of a
 modality sharing one trained quantizer. An actor holds the ordinary engine (SearchEngine) on
-its shard and answers with its local top-k as numpy arrays (ids, rank keys and, for served
-queries, what each hit shows); the driver merges them and computes p(match) for the k winners
-only, so the per-shard cost is the engine's search and nothing per hit beyond a store read; every score of the contract depends only on the
-query–item pair (mc included: shard offsets are multiples of the noise period), so the top-k
-of the union of the shards' top-k lists is the top-k of the whole index. Ties are broken by
-score, then by global id.
+its shard and answers with its local top-k as small [Q, k] numpy arrays (ids, rank keys and,
+for served queries, each hit's p(match), uncertainty, group and item); the driver merges them.
+Every score of the contract, and p(match), depends only on the query–item pair (mc included:
+shard offsets are multiples of the noise period), so the top-k of the union of the shards'
+top-k lists is the top-k of the whole index, with the same numbers. Ties are broken by score,
+then by global id. p(match) is computed in the shards, in parallel, rather than on the driver
+after the merge: that keeps the driver's serial part (and the reply) small, which measured
+faster with one shard per core (README, "Scaling out").
 
 A shard actor that dies is restarted by Ray and the query is sent to it once more; if that
 fails too (or times out), the answer is built from the other shards and says
@@ -30,8 +32,7 @@ from core.errors import PcmeError
 from core.scores import DEFAULT_SCORE, score_name
 from indexer.manifest import MODALITIES, read_manifest  # not shards.py: no pyarrow to query
 
-from engine.search import (QueryResult, SearchEngine, make_hits, match_params,
-                           match_probability, uncertainty)
+from engine.search import QueryResult, SearchEngine, make_hits, uncertainty
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +65,14 @@ class ShardServer:
     def ready(self) -> int:
         return os.getpid()
 
-    def top(self, modality, mu_q, lv_q, k, score, exact, details=False) -> dict:
-        """The shard's top-k ([Q, k] local ids and rank keys, [Q] shortlist sizes); with
-        `details`, also what a hit shows (μ, log σ², group, item of each of them), so the
-        driver needs no second round trip for the winners."""
+    def top(self, request: tuple) -> dict:
+        """The shard's top-k for `request` = (modality, μ [Q, D], log σ² [Q, D], k, score,
+        exact, details): [Q, k] local ids and rank keys, [Q] shortlist sizes; with `details`,
+        also what a hit shows ([Q, k] p(match), uncertainty, group, item), so the driver needs
+        no second round trip for the winners. One argument, because Ray serialises each
+        argument of a call apart. Items stay Python strings (an object array): a fixed-width
+        unicode array would drop trailing NULs, and pickling it saved nothing measurable."""
+        modality, mu_q, lv_q, k, score, exact, details = request
         fault_point(f"search-{self.name}")
         res = self.engine.search_batch(modality, mu_q, lv_q, k, score, exact)
         out = {"ids": res.ids, "keys": res.keys, "shortlist": res.shortlist}
@@ -75,7 +80,11 @@ class ShardServer:
             flat, shape = res.ids.reshape(-1), res.ids.shape
             mu, lv = self.engine.reader.fetch(modality, flat)
             meta = self.engine.reader.meta(modality, flat)
-            out.update(mu=mu.reshape(*shape, -1), lv=lv.reshape(*shape, -1),
+            mu, lv = mu.reshape(*shape, -1), lv.reshape(*shape, -1)
+            p_match = [self.engine.match_probability(*query, ids) for query, ids in
+                       zip(zip(mu_q, lv_q, mu, lv), res.ids)]
+            out.update(p_match=np.array(p_match, np.float64).reshape(shape),
+                       uncertainty=uncertainty(lv),
                        groups=np.array([g for g, _ in meta], np.int64).reshape(shape),
                        items=np.array([i for _, i in meta], object).reshape(shape))
         return out
@@ -99,7 +108,6 @@ class ShardedEngine:
         server = self.ray.remote(num_cpus=0, max_restarts=ACTOR_RESTARTS)(ShardServer)
         self.actors = [server.remote(str(self.index_dir / s["dir"]), s["dir"]) for s in self.shards]
         self.ray.get([a.ready.remote() for a in self.actors])
-        self.match = match_params(self.manifest)   # (a, b, J) for the winners' p(match)
         self.encoder = encoder
         if encoder is None and make_encoder is not None and self.manifest.get("producer", {}).get("checkpoint"):
             self.encoder = make_encoder(self.manifest, self.index_dir)
@@ -115,13 +123,14 @@ class ShardedEngine:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _fan_out(self, modality: str, *args) -> tuple[list, list[str]]:
+    def _fan_out(self, modality: str, *request) -> tuple[list, list[str]]:
         """[(shard entry, answer of `top`)] of every shard of `modality`, and the names of the
         missing. One `ray.get` for all shards; only when that fails is each looked at alone."""
         if modality not in MODALITIES:
             raise PcmeError(f"modality {modality!r}: expected one of {MODALITIES}")
         mine = [(s, a) for s, a in zip(self.shards, self.actors) if s["modality"] == modality]
-        refs = [a.top.remote(modality, *args) for _, a in mine]
+        request = (modality, *request)
+        refs = [a.top.remote(request) for _, a in mine]
         deadline = time.monotonic() + SHARD_TIMEOUT_S
         try:
             return list(zip([s for s, _ in mine], self.ray.get(refs, timeout=SHARD_TIMEOUT_S))), []
@@ -129,7 +138,7 @@ class ShardedEngine:
             pass
         answers, missing = [], []
         for (shard, actor), ref in zip(mine, refs):
-            answer = self._answer(ref, lambda a=actor: a.top.remote(modality, *args), deadline)
+            answer = self._answer(ref, lambda a=actor: a.top.remote(request), deadline)
             if answer is None:
                 missing.append(shard["dir"])
             else:
@@ -191,18 +200,15 @@ class ShardedEngine:
     def answers(self, modality: str, mu_q: np.ndarray, lv_q: np.ndarray, k: int = 10,
                 score: str = "elk", exact: bool = False) -> tuple[list, list[str]]:
         """([(hits, timings, shortlist size summed over the shards)] per query of a [Q, D]
-        batch, missing shards): one round trip to every shard, then p(match) of the k
-        winners only."""
+        batch, missing shards): one round trip to every shard, then the merge."""
         t = time.perf_counter()
         mu_q, lv_q = np.asarray(mu_q, np.float32), np.asarray(lv_q, np.float32)
         m, missing = self._merged(modality, mu_q, lv_q, k, score_name(score), exact, True)
         timings = {"shards_ms": round((time.perf_counter() - t) * 1000, 3)}
         out = []
         for q in range(len(mu_q)):
-            p_match = match_probability(mu_q[q], lv_q[q], m["mu"][q], m["lv"][q], m["ids"][q],
-                                        *self.match)
-            hits = make_hits(m["ids"][q], m["keys"][q], p_match, m["lv"][q],
-                             list(zip(m["groups"][q], m["items"][q])))
+            hits = make_hits(m["ids"][q], m["keys"][q], m["p_match"][q], m["uncertainty"][q],
+                             list(zip(m["groups"][q].tolist(), m["items"][q].tolist())))
             out.append((hits, dict(timings), int(m["shortlist"][q])))
         return out, missing
 
