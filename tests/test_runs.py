@@ -101,7 +101,7 @@ def test_two_trains_then_ctrl_c_then_the_printed_command(tmp_path):
     """Real processes: B into A's folder fails at once naming A's pid; SIGINT to A exits 130
     with the resume command; that command, pasted, finishes the run; a plain rerun is refused."""
     cfg = tmp_path / "tiny.toml"
-    cfg.write_text("batch_size = 16\nn_samples = 2\nckpt_every = 1\nepochs = 20\nexport = false\n"
+    cfg.write_text("batch_size = 16\nn_samples = 2\nckpt_every = 1\nepochs = 100\nexport = false\n"
                    "eval_split = \"val\"\ntrain_images = 64\n[model]\nembed_dim = 16\n"
                    "resnet_width = 8\ngru_hidden = 16\nattn_hidden = 8\n")
     out = tmp_path / "my run"
