@@ -101,13 +101,17 @@ def test_two_trains_then_ctrl_c_then_the_printed_command(tmp_path):
     """Real processes: B into A's folder fails at once naming A's pid; SIGINT to A exits 130
     with the resume command; that command, pasted, finishes the run; a plain rerun is refused."""
     cfg = tmp_path / "tiny.toml"
-    cfg.write_text("batch_size = 16\nn_samples = 2\nckpt_every = 1\nepochs = 100\nexport = false\n"
+    cfg.write_text("batch_size = 16\nn_samples = 2\nckpt_every = 1\nepochs = 20\nexport = false\n"
                    "eval_split = \"val\"\ntrain_images = 64\n[model]\nembed_dim = 16\n"
                    "resnet_width = 8\ngru_hidden = 16\nattn_hidden = 8\n")
     out = tmp_path / "my run"
     args = [sys.executable, "cli.py", "train", "--config", str(cfg), "--root",
             str(tmp_path / "data"), "--out", str(out), "--device", "cpu"]
-    first = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A Ctrl-C in a terminal: SIGINT at its default even when this test runs where it is ignored
+    # (a shell's background job), since a child inherits an ignored signal and Python then
+    # installs no KeyboardInterrupt handler.
+    first = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 180
     while not (out / "last.pt").exists() and time.time() < deadline and first.poll() is None:
         time.sleep(0.2)
