@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from core.errors import PcmeError
 from core.process import configure_process
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,6 +181,11 @@ def main() -> None:
     if a.phase:
         print(json.dumps(phase(a.phase, rest)))
         return
+    from indexer.distributed import plan_parts
+    try:
+        plan_parts({}, a.part_rows)  # a bad --part-rows fails now, not after the single build
+    except PcmeError as e:
+        raise SystemExit(str(e))
     work = Path(a.workdir).absolute()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
