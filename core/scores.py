@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
 import torch
 
 from core.constants import LOG_2PI  # noqa: F401  (re-exported)
@@ -71,15 +72,17 @@ def spread_kernel(mu_q, var_q, mu_d, var_d, c: float = 1.0) -> torch.Tensor:
     """Σ_d [c·Δμ²/s + log s] with s = var_q + var_d (var = exp(log_var); broadcast): the
     non-separable part shared by elk (c = 1) and bhattacharyya (c = ½). The one kernel of
     both scores, used alike by the contract functions, core/pairwise.py and the engine's
-    rescoring. One op per line, rebinding x, so few (..., D) temporaries live. Works in v, not
-    log v: exact wherever v does not underflow (log_var above about −80)."""
+    rescoring (which hands it numpy arrays: on a few hundred rows numpy's float32 exp/log beat
+    torch's, and no intra-op thread pool waits on a busy core). One op per line, rebinding x,
+    so few (..., D) temporaries live. Works in v, not log v: exact wherever v does not
+    underflow (log_var above about −80)."""
     spread = var_q + var_d
     x = mu_q - mu_d
     x = x * x
     x = x / spread
     if c != 1.0:
         x = x * c
-    x = x + spread.log()
+    x = x + (np.log(spread) if isinstance(spread, np.ndarray) else spread.log())
     return x.sum(-1)
 
 

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from indexer import augmented as aug
 
@@ -18,13 +19,12 @@ from core.errors import PcmeError
 from engine.exact import ExactSearcher
 from core.montecarlo import MC_SAMPLES
 from core.scores import score_name
-from engine.rescore import rescore_gathered
+from engine.rescore import CHUNK_FLOATS, rescore_gathered
 from engine.shortlist import BOUNDED, kth_key, prefetch_depth, shortlist_size
 from indexer.variance import VarianceBounds, required_ip
 
 logger = logging.getLogger(__name__)
 
-PAIR_CHUNK = 2048  # (query, item) pairs per rescoring call: 2 MB per operand at D = 256
 
 
 @dataclass
@@ -39,11 +39,13 @@ class BatchSearcher:
     """Shortlist search with the recall guarantee, exact search and augmented search for one
     index; `a`, `b` are the match-probability parameters of the `mc` score. `initial` sets
     the first shortlist's length; `guarantee=False` keeps it fixed (no bound, no growth):
-    the calibrated mode, whose recall `bench --shortlist N` measures."""
+    the calibrated mode, whose recall `bench --shortlist N` measures. `lists=False` reads a
+    shortlist id by id even where the store has list blocks (the format-2 path)."""
 
     def __init__(self, reader, a: float, b: float, initial: int | None = None,
-                 guarantee: bool = True, mc_samples: int = MC_SAMPLES):
+                 guarantee: bool = True, mc_samples: int = MC_SAMPLES, lists: bool = True):
         self.reader, self.a, self.b, self.initial = reader, a, b, initial
+        self.lists = lists
         self.mc_samples = mc_samples
         self.guarantee = guarantee
         self._exact: dict[str, ExactSearcher] = {}
@@ -87,6 +89,9 @@ class BatchSearcher:
                                np.zeros(0, np.int64), timings)
         bounds = self._bounds(modality) if self.guarantee and score in BOUNDED else None
         first = k if score == "mu" else max(k, self.initial or shortlist_size(k, n, score))
+        blocks = self.reader.list_blocks(modality) if score != "mu" and self.lists else None
+        if blocks is not None:
+            return self._from_lists(blocks, mu_q, lv_q, k, score, min(first, n), bounds)
         depth = prefetch_depth(k, n, first) if bounds is not None and score != "mu" else first
         t = time.perf_counter()
         ids, ip = self.reader.search(modality, mu_q, min(depth, n), min_fill=first)
@@ -104,6 +109,68 @@ class BatchSearcher:
             top = np.argsort(-c_keys, kind="stable")[:k]
             out_ids.append(c_ids[top]), out_keys.append(c_keys[top]), sizes.append(len(c_ids))
         return BatchResult(np.stack(out_ids), np.stack(out_keys), np.asarray(sizes), timings)
+
+    def _from_lists(self, blocks, mu_q, lv_q, k, score, first, bounds) -> BatchResult:
+        """The same shortlist as below, read from whole inverted lists (indexer/lists.py):
+        per query, the exact inner product with every item of its probed lists (the set the
+        ANN stage ranks), the `first` best rescored, then every item the bound cannot rule
+        out. No FAISS range search is needed: the probed lists are all there."""
+        timings = {"ann_ms": 0.0, "fetch_ms": 0.0, "rescore_ms": 0.0}
+        t = time.perf_counter()
+        lists = list(blocks.probe(mu_q))
+        short = [i for i, row in enumerate(lists) if blocks.sizes(row).sum() < first]
+        while short and len(lists[short[0]]) < blocks.ivf.nlist:  # too few rows: more lists
+            wider = blocks.probe(mu_q[short], 2 * len(lists[short[0]]))
+            for i, row in zip(short, wider):
+                lists[i] = row
+            short = [i for i in short if blocks.sizes(lists[i]).sum() < first]
+        timings["ann_ms"] += _ms(t)
+        out_ids, out_keys, sizes = [], [], []
+        with blocks.reading() as read:
+            for i in range(len(mu_q)):
+                t = time.perf_counter()
+                parts = [read(int(n)) for n in lists[i] if n >= 0]
+                timings["fetch_ms"] += _ms(t)
+                t = time.perf_counter()
+                ids = np.concatenate([p.ids for p in parts])
+                ip = np.concatenate([p.mu @ mu_q[i] for p in parts])
+                timings["ann_ms"] += _ms(t)
+                pick = np.argpartition(-ip, first - 1)[:first] if first < len(ip) \
+                    else np.arange(len(ip))
+                keys = self._rescore_rows(score, mu_q[i], lv_q[i], parts, pick, ids, timings)
+                if bounds is not None:
+                    t_req = required_ip(score, kth_key(keys, k), mu_q[i], lv_q[i], bounds)
+                    more = np.flatnonzero(ip > t_req)
+                    more = more[~np.isin(more, pick)]
+                    if len(more):
+                        keys = np.concatenate([keys, self._rescore_rows(
+                            score, mu_q[i], lv_q[i], parts, more, ids, timings)])
+                        pick = np.concatenate([pick, more])
+                top = np.argsort(-keys, kind="stable")[:k]
+                out_ids.append(ids[pick[top]]), out_keys.append(keys[top])
+                sizes.append(len(pick))
+        return BatchResult(np.stack(out_ids), np.stack(out_keys), np.asarray(sizes), timings)
+
+    def _rescore_rows(self, score, mu_q, lv_q, parts, rows, ids, timings) -> np.ndarray:
+        """Keys of the items at positions `rows` of the concatenated list blocks `parts`,
+        gathered and scored a cache-sized piece at a time (engine/rescore.py)."""
+        t = time.perf_counter()
+        keys = np.empty(len(rows), np.float32)
+        ends = np.cumsum([len(p.ids) for p in parts])
+        which = np.searchsorted(ends, rows, side="right")
+        step = max(1, CHUNK_FLOATS // len(mu_q))
+        for j in np.unique(which):
+            at = np.flatnonzero(which == j)
+            local = rows[at] - (ends[j - 1] if j else 0)
+            for s in range(0, len(at), step):
+                piece, sel = at[s:s + step], local[s:s + step]
+                lv = torch.from_numpy(parts[j].log_var[sel]).float().numpy()  # 10x numpy's
+                keys[piece] = rescore_gathered(score, mu_q[None], lv_q[None],
+                                               parts[j].mu[sel][None], lv[None],
+                                               ids[rows[piece]][None], self.a, self.b,
+                                               self.mc_samples)[0]
+        timings["rescore_ms"] += _ms(t)  # gather and math together: they interleave
+        return keys
 
     def _complete(self, modality, mu_q, lv_q, k, score, n, ids, ip, lists, bounds, timings):
         """Add to each query's shortlist every item the bound cannot rule out.
@@ -149,14 +216,15 @@ class BatchSearcher:
 
     def _rescore_pairs(self, modality, score, mu_q, lv_q, query_of, ids, timings) -> np.ndarray:
         """Keys [P] of the pairs (query query_of[p], item ids[p]): one store read for the
-        union, then PAIR_CHUNK pairs per kernel call. Gathering a batch into one [Q, M, D]
-        array first costs more than the math (64 queries × 800 items × 256 dims is 50 MB per
-        operand, and every kernel step makes another); chunks stay in cache."""
+        union, then cache-sized pieces of pairs per kernel call (engine/rescore.py).
+        Gathering a batch into one [Q, M, D] array first costs more than the math (64 queries
+        × 800 items × 256 dims is 50 MB per operand, and every kernel step makes another)."""
         mu, lv, rows = self._fetch(modality, ids, timings)
         t = time.perf_counter()
         keys = np.empty(len(ids), np.float32)
-        for s in range(0, len(ids), PAIR_CHUNK):
-            part, q, r = slice(s, s + PAIR_CHUNK), query_of[s:s + PAIR_CHUNK], rows[s:s + PAIR_CHUNK]
+        step = max(1, CHUNK_FLOATS // mu_q.shape[1])
+        for s in range(0, len(ids), step):
+            part, q, r = slice(s, s + step), query_of[s:s + step], rows[s:s + step]
             keys[part] = rescore_gathered(score, mu_q[q], lv_q[q], mu[r][:, None],
                                           lv[r][:, None], ids[part][:, None], self.a, self.b,
                                           self.mc_samples)[:, 0]

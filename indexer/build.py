@@ -32,6 +32,7 @@ from core.atomic import AtomicDir, sha256_file, utc_now, write_json
 from indexer.manifest import SCHEMA_VERSION
 from indexer.shards import MODALITIES, ShardBatch, read_shard_manifest, read_shards, validate_shards
 from indexer.store import STORE_FORMAT, StoreWriter, estimate_map_size, stored_log_var
+from indexer.lists import write_list_blocks
 from indexer.variance import VarianceStats
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ def build_index(shard_dir: Path, out_dir: Path, factory: str = "auto", nprobe: i
         shard_sha = sha256_file(shard_dir / "manifest.json")
         _train(plans)
         _add_all(shard_dir, tmp / STORE_FILE, plans, dim, progress)
+        write_all_list_blocks(tmp / STORE_FILE, {m: p.index for m, p in plans.items()}, dim)
         chosen = {m: _nprobe(p, nprobe, recall_target) for m, p in plans.items()}
         for m, p in plans.items():
             faiss.write_index(p.index, str(tmp / f"{m}.faiss"))
@@ -113,7 +115,8 @@ def index_manifest(plans: dict, chosen: dict, counts: dict, dim: int, recall_tar
         "variance_stats": {m: p.stats.to_json() for m, p in plans.items()},
         "augmented": {m: sorted(p.augmented or {}) for m, p in plans.items()},
         "store": {"file": STORE_FILE, "format": STORE_FORMAT,
-                  "row": "mu float32[dim] + log_var float16[dim]"},
+                  "row": "mu float32[dim] + log_var float16[dim]",
+                  "lists": sorted(m for m, p in plans.items() if fx.ivf_of(p.index) is not None)},
         "shards": {"dir": str(shard_dir), "manifest_sha256": shard_sha},
         "producer": producer, "created": utc_now(), "calibration": read_calibration(producer),
         "build_s": round(time.perf_counter() - start, 3)}
@@ -202,6 +205,15 @@ def _add_all(shard_dir: Path, store_path: Path, plans: dict[str, _Plan], dim: in
     if worst_norm > 1e-3:  # inner product equals cosine only for unit vectors
         logger.warning("μ is not L2-normalised (max |‖μ‖²-1| = %.3g)", worst_norm)
     logger.info("added %d vectors in %.1f s", done, time.perf_counter() - t)
+
+
+def write_all_list_blocks(store_path: Path, indexes: dict, dim: int) -> None:
+    """The store's rows grouped by inverted list, for every modality with an IVF index."""
+    for m, index in indexes.items():
+        if fx.ivf_of(index) is not None:
+            t = time.perf_counter()
+            write_list_blocks(store_path, m, index, dim)
+            logger.info("%s: list blocks written in %.1f s", m, time.perf_counter() - t)
 
 
 def _nprobe(p: _Plan, override: int | None, target: float) -> tuple[int | None, float | None]:

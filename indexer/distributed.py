@@ -87,8 +87,9 @@ class FileLayout:
 
 def build_part(index_bytes: np.ndarray, shard_dir: str, files: list[str], dim: int,
                part: IndexPart, out_dir: str, edges: np.ndarray,
-               probes: np.ndarray | None, k: int) -> dict:
-    """The worker's task: one part as an ordinary index directory with local ids."""
+               probes: np.ndarray | None, k: int, list_blocks: bool = True) -> dict:
+    """The worker's task: one part as an ordinary index directory with local ids (with its
+    own list blocks when it is to be served as a shard, `list_blocks`)."""
     fault_point(f"index-{part.name}")
     index, m, n = faiss.deserialize_index(index_bytes), part.modality, part.stop - part.start
     stats, exact = VarianceStats(dim, edges), (fx.ExactTopK(probes, k) if probes is not None else None)
@@ -114,6 +115,8 @@ def build_part(index_bytes: np.ndarray, shard_dir: str, files: list[str], dim: i
             store.close()
         if added != n:
             raise PcmeError(f"{shard_dir}: part {part.name} found {added} rows, expected {n}")
+        if list_blocks:
+            B.write_all_list_blocks(tmp / B.STORE_FILE, {m: index}, dim)
         faiss.write_index(index, str(tmp / f"{m}.faiss"))
         write_json(tmp / "manifest.json", {"schema_version": SCHEMA_VERSION, "kind": "index-part",
                                            "part": vars(part), "created": utc_now()})
@@ -148,7 +151,8 @@ def build_index_distributed(shard_dir: Path, out_dir: Path, factory: str = "auto
         B._train(plans)
         part_root = tmp if sharded else tmp / "parts"
         part_root.mkdir(exist_ok=True)
-        results = _run_parts(ray, shard_dir, plans, parts, layout, part_root, dim, progress)
+        results = _run_parts(ray, shard_dir, plans, parts, layout, part_root, dim, progress,
+                             list_blocks=sharded)  # a merged store gets its blocks after
         _collect(parts, plans, results)  # the plans' stats are empty until now
         tune = tmp / ".tune" if sharded else tmp
         tune.mkdir(exist_ok=True)
@@ -167,6 +171,8 @@ def build_index_distributed(shard_dir: Path, out_dir: Path, factory: str = "auto
                                       recall_target, shard_dir, shard_sha, producer, start)
         else:
             _merge_stores(tmp, parts, plans, dim)
+            B.write_all_list_blocks(tmp / B.STORE_FILE, {m: p.index for m, p in plans.items()},
+                                    dim)
             for m, p in plans.items():
                 faiss.write_index(p.index, str(tmp / f"{m}.faiss"))
             shutil.rmtree(part_root)
@@ -189,7 +195,8 @@ def _workers(ray) -> int:
     return int(ray.cluster_resources().get("CPU", 0))
 
 
-def _run_parts(ray, shard_dir, plans, parts, layout, part_root, dim, progress) -> dict:
+def _run_parts(ray, shard_dir, plans, parts, layout, part_root, dim, progress,
+               list_blocks: bool) -> dict:
     task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(build_part)
     shipped = {m: ray.put(faiss.serialize_index(p.index)) for m, p in plans.items()}
     refs = {}
@@ -198,7 +205,7 @@ def _run_parts(ray, shard_dir, plans, parts, layout, part_root, dim, progress) -
         probes = p.probes if p.exact is not None else None
         refs[task.remote(shipped[q.modality], str(shard_dir), layout.files_for(q), dim, q,
                          str(part_root / q.name), p.stats.edges, probes,
-                         p.exact.k if p.exact is not None else 0)] = q
+                         p.exact.k if p.exact is not None else 0, list_blocks)] = q
     total, done, results = sum(q.stop - q.start for q in parts), 0, {}
     pending = list(refs)
     while pending:

@@ -12,7 +12,7 @@ from pathlib import Path
 from core.atomic import MANIFEST
 from core.commands import cli_command
 from core.errors import PcmeError
-from indexer.store import STORE_FORMAT
+from indexer.store import READABLE_FORMATS
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +79,8 @@ def read_index_manifest(index_dir: Path) -> dict:
     except (KeyError, TypeError) as e:
         raise PcmeError(f"{where}: malformed index manifest (missing or bad field {e})") from None
     found = manifest["store"].get("format", 1)
-    if found != STORE_FORMAT:  # format 1: σ only, μ from FAISS; see indexer/store.py
-        raise PcmeError(f"{where}: store format {found!r}, this version reads format "
-                        f"{STORE_FORMAT}; rebuild the index (pcme index --shards DIR --out "
+    if found not in READABLE_FORMATS:  # format 1: σ only, μ from FAISS; see indexer/store.py
+        raise PcmeError(f"{where}: store format {found!r}, this version reads formats "
+                        f"{', '.join(map(str, READABLE_FORMATS))}; rebuild the index (pcme index --shards DIR --out "
                         f"{index_dir})")
     return manifest

@@ -1,7 +1,8 @@
 """Open an index directory for the engine: FAISS search on μ, exact μ and log σ² from LMDB.
 
-Exact μ and log_var of a shortlist come from one LMDB row per id (indexer/store.py), read with
-one `getmulti` call; FAISS only ranks. When faiss reports GPUs, each modality's μ index is
+Exact μ and log_var come from one LMDB row per id (indexer/store.py), read with one `getmulti`
+call, or, for a guaranteed shortlist, from whole inverted lists (indexer/lists.py); FAISS only
+ranks. When faiss reports GPUs, each modality's μ index is
 also copied to all of them at open time and serves `search` (faiss_index.GpuSearch); the CPU
 copy stays for range search and for k beyond what the GPU kernels select.
 """
@@ -20,6 +21,7 @@ import numpy as np
 from core.errors import PcmeError
 from indexer import augmented as aug
 from indexer import faiss_index as fx
+from indexer.lists import ListBlocks
 from indexer.manifest import MODALITIES, read_index_manifest
 from indexer.store import StoreReader
 
@@ -33,10 +35,23 @@ class IndexReader:
         self._gpu = {m: g for m, g in ((m, fx.GpuSearch.create(i)) for m, i in indexes.items())
                      if g is not None}
         self._augmented: dict[tuple[str, str], faiss.Index] = {}
+        self._lists: dict[str, ListBlocks | None] = {}
 
     def augmented(self, modality: str, score: str) -> faiss.Index | None:
         """The exact augmented-vector index for (modality, score) if the build made one."""
         return self._augmented.get((modality, score))
+
+    def list_blocks(self, modality: str) -> ListBlocks | None:
+        """The modality's rows grouped by inverted list (indexer/lists.py), or None: no IVF
+        index, or a store written before format 3."""
+        if modality not in self._lists:
+            store = self.manifest["store"]
+            has = store.get("format") >= 3 and modality in store.get("lists", ()) \
+                and self.count(modality) > 0
+            self._lists[modality] = ListBlocks(
+                self._store.env, modality, self._indexes[modality], self.dim,
+                self.manifest["nprobe"][modality]) if has else None
+        return self._lists[modality]
 
     def variance_stats(self, modality: str) -> dict | None:
         """Global σ ranges recorded at build time (None for indexes built before them)."""
@@ -122,7 +137,7 @@ class IndexReader:
 
     def close(self) -> None:
         self._store.close()
-        self._indexes, self._augmented, self._gpu = {}, {}, {}
+        self._indexes, self._augmented, self._gpu, self._lists = {}, {}, {}, {}
 
     def __enter__(self) -> "IndexReader":
         return self

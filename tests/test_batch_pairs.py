@@ -20,8 +20,8 @@ def reader(good):
 
 @pytest.mark.parametrize("score", ("elk", "bhattacharyya", "csd", "w2"))
 def test_chunked_pairs_equal_one_gathered_call(reader, score, monkeypatch):
-    monkeypatch.setattr(batch_mod, "PAIR_CHUNK", 7)   # many chunks, a ragged last one
     _, mu, lv = reader.all_vectors("image")
+    monkeypatch.setattr(batch_mod, "CHUNK_FLOATS", 7 * mu.shape[1])  # many chunks, a ragged last
     _, mu_q, lv_q = reader.all_vectors("text")
     rng = np.random.default_rng(3)
     ids = rng.choice(len(mu), size=(4, 30), replace=True)   # repeats across queries: one union

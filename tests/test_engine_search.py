@@ -249,8 +249,8 @@ def test_short_prefetch_rows_equal_the_range_search_path(shards, tmp_path_factor
     with IndexReader.open(ivf) as r:
         ids, _ = r.search("image", mu_q, 2000, min_fill=50)
         assert ((ids >= 0).sum(axis=1) < 2000).all() and (ids[:, :50] >= 0).all()
-        got = BatchSearcher(r, 5.0, 5.0).search("image", mu_q, lv_q, K, "elk")
+        got = BatchSearcher(r, 5.0, 5.0, lists=False).search("image", mu_q, lv_q, K, "elk")
         monkeypatch.setattr(batch, "prefetch_depth", lambda k, n, first: first)
-        ref = BatchSearcher(r, 5.0, 5.0).search("image", mu_q, lv_q, K, "elk")
+        ref = BatchSearcher(r, 5.0, 5.0, lists=False).search("image", mu_q, lv_q, K, "elk")
     np.testing.assert_array_equal(got.ids, ref.ids)
     np.testing.assert_allclose(got.keys, ref.keys, rtol=1e-6)

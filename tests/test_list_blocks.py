@@ -1,0 +1,133 @@
+"""Store format 3: rows grouped by IVF inverted list (indexer/lists.py) and the engine path that
+reads them. References: the store's by-id rows, nearest-centroid assignment recomputed in numpy,
+a float64 brute force over the probed lists, and the id-by-id (format-2) path."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from core.montecarlo import fixed_match_prob
+from benchmarks.synthetic import SyntheticSpec, write_synthetic_shards
+from engine.batch import BatchSearcher
+from engine.search import SearchEngine
+from indexer.build import build_index
+from indexer.lists import decode_block
+from indexer.reader import IndexReader
+from tests.test_engine_search import brute, check_topk
+
+D, N, K, NLIST, NPROBE = 16, 3000, 10, 16, 2
+SCORES = ("elk", "bhattacharyya", "csd", "w2", "mc")
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory):
+    spec = SyntheticSpec(N, D, n_queries=40, n_centres=30, lv_spread=1.0, lv_mean=-3.0)
+    shards = write_synthetic_shards(spec, tmp_path_factory.mktemp("syn") / "shards")
+    out = tmp_path_factory.mktemp("i") / "index"
+    build_index(shards, out, factory=f"IVF{NLIST},Flat", nprobe=NPROBE)
+    return out
+
+
+@pytest.fixture(scope="module")
+def queries(index):
+    with IndexReader.open(index) as r:
+        _, mu, lv = r.all_vectors("text")
+    return mu[:24], lv[:24]
+
+
+def _centroids(reader):
+    ivf = reader.list_blocks("image").ivf
+    return ivf.quantizer.reconstruct_n(0, ivf.nlist)
+
+
+def test_blocks_hold_every_row_once_in_its_nearest_list(index):
+    with IndexReader.open(index) as r:
+        ids, mu, lv = r.all_vectors("image")
+        centroids = _centroids(r)
+        blocks = r.list_blocks("image")
+        seen = []
+        with blocks.reading() as read:
+            for number in range(NLIST):
+                b = read(number)
+                assert np.all(np.diff(b.ids) > 0)
+                np.testing.assert_array_equal(b.mu, mu[b.ids])
+                np.testing.assert_array_equal(b.log_var.astype(np.float32), lv[b.ids])
+                # IVF assigns each row to its nearest centroid by inner product
+                np.testing.assert_array_equal(np.argmax(b.mu @ centroids.T, axis=1),
+                                              np.full(len(b.ids), number))
+                seen.append(b.ids.copy())
+    np.testing.assert_array_equal(np.sort(np.concatenate(seen)), ids)
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_list_path_equals_brute_force_over_the_probed_lists_and_the_id_path(index, queries,
+                                                                            score):
+    mu_q, lv_q = queries
+    with IndexReader.open(index) as r:
+        _, mu, lv = r.all_vectors("image")
+        centroids = _centroids(r)
+        got = BatchSearcher(r, 5.0, 5.0).search("image", mu_q, lv_q, K, score)
+        by_id = BatchSearcher(r, 5.0, 5.0, lists=False).search("image", mu_q, lv_q, K, score)
+    home = np.argmax(mu @ centroids.T, axis=1)
+    for i in range(len(mu_q)):
+        probed = np.argsort(-(centroids @ mu_q[i]))[:NPROBE]
+        inside = np.flatnonzero(np.isin(home, probed))
+        ref = np.full(N, -np.inf)
+        if score == "mc":  # a fixed shortlist: the μ top of the probed lists, rescored
+            inside = inside[np.argsort(-(mu[inside] @ mu_q[i]), kind="stable")[:200]]
+        if score == "mc":  # the serving noise is keyed by id
+            q = [torch.from_numpy(x.astype(np.float64))[None] for x in (mu_q[i], lv_q[i])]
+            d = [torch.from_numpy(x[inside].astype(np.float64)) for x in (mu, lv)]
+            ref[inside] = fixed_match_prob(*q, *d, inside, 5.0, 5.0).numpy()[0]
+        else:
+            ref[inside] = brute(score, mu_q[i], lv_q[i], mu[inside], lv[inside])
+        check_topk(got.ids[i], got.keys[i], ref)
+    np.testing.assert_array_equal(got.ids, by_id.ids)
+    np.testing.assert_allclose(got.keys, by_id.keys, rtol=1e-5)
+    if score == "elk":  # the bound grew some shortlists past the first 5·k
+        assert got.shortlist.max() > 5 * K
+
+
+def test_too_few_probed_rows_widen_the_probe(index, queries):
+    """nprobe 2 of 16 lists (~375 rows) cannot fill a first shortlist of 5·k = 1,000 at k = 200:
+    the probe doubles until it can, like the ANN path's min_fill."""
+    mu_q, lv_q = queries[0][:6], queries[1][:6]
+    with IndexReader.open(index) as r:
+        got = BatchSearcher(r, 5.0, 5.0).search("image", mu_q, lv_q, 200, "elk")
+        by_id = BatchSearcher(r, 5.0, 5.0, lists=False).search("image", mu_q, lv_q, 200, "elk")
+    assert got.shortlist.min() >= 1000
+    np.testing.assert_array_equal(got.ids, by_id.ids)
+
+
+def test_format_2_index_opens_and_searches_id_by_id(index, queries, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(index, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["store"] = {k: v for k, v in manifest["store"].items() if k != "lists"}
+    manifest["store"]["format"] = 2
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    mu_q, lv_q = queries
+    with SearchEngine(old) as a, SearchEngine(index) as b:
+        assert a.reader.list_blocks("image") is None
+        ra = a.search_batch("image", mu_q, lv_q, K, "elk")
+        rb = b.search_batch("image", mu_q, lv_q, K, "elk")
+    np.testing.assert_array_equal(ra.ids, rb.ids)
+
+
+def test_decode_block_refuses_partial_rows():
+    with pytest.raises(ValueError, match="not whole rows"):
+        decode_block(b"\0" * 13, D)
+
+
+def test_rows_scored_in_small_pieces_equal_one_piece(index, queries, monkeypatch):
+    import engine.batch as batch_mod
+    mu_q, lv_q = queries
+    with IndexReader.open(index) as r:
+        whole = BatchSearcher(r, 5.0, 5.0).search("image", mu_q, lv_q, K, "bhattacharyya")
+        monkeypatch.setattr(batch_mod, "CHUNK_FLOATS", 5 * D)   # 5 rows a piece, ragged ends
+        pieces = BatchSearcher(r, 5.0, 5.0).search("image", mu_q, lv_q, K, "bhattacharyya")
+    np.testing.assert_array_equal(whole.ids, pieces.ids)
+    np.testing.assert_allclose(whole.keys, pieces.keys, rtol=1e-6)
+    assert whole.shortlist.max() > 5 * K
