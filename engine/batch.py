@@ -33,6 +33,7 @@ class BatchResult:
     keys: np.ndarray               # [Q, k] rank keys (higher is better; distances negated)
     shortlist: np.ndarray          # [Q] candidates rescored per query (N for exact search)
     timings_ms: dict               # per stage, summed over the batch
+    vectors: tuple | None = None   # (μ, log_var) [Q, k, D] of the hits when already read
 
 
 class BatchSearcher:
@@ -82,7 +83,8 @@ class BatchSearcher:
         """One ANN call returns `prefetch_depth` candidates by ⟨μ_q, μ_d⟩; the first `first`
         are fetched and rescored; the bound then says, per query, which further prefix of
         that same list could still enter the top-k (one more fetch and rescore for the batch).
-        Only a query whose threshold lies beyond the list needs a FAISS range search."""
+        Only a query whose threshold lies beyond the list needs a FAISS range search. A store
+        with list blocks (format 3) serves the same shortlist from whole lists (_from_lists)."""
         timings = {"ann_ms": 0.0, "fetch_ms": 0.0, "rescore_ms": 0.0}
         if not len(mu_q):
             return BatchResult(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32),
@@ -125,7 +127,7 @@ class BatchSearcher:
                 lists[i] = row
             short = [i for i in short if blocks.sizes(lists[i]).sum() < first]
         timings["ann_ms"] += _ms(t)
-        out_ids, out_keys, sizes = [], [], []
+        out_ids, out_keys, sizes, hits = [], [], [], []
         with blocks.reading() as read:
             for i in range(len(mu_q)):
                 t = time.perf_counter()
@@ -149,7 +151,9 @@ class BatchSearcher:
                 top = np.argsort(-keys, kind="stable")[:k]
                 out_ids.append(ids[pick[top]]), out_keys.append(keys[top])
                 sizes.append(len(pick))
-        return BatchResult(np.stack(out_ids), np.stack(out_keys), np.asarray(sizes), timings)
+                hits.append(_gather(parts, pick[top]))   # p_match needs them: no second read
+        return BatchResult(np.stack(out_ids), np.stack(out_keys), np.asarray(sizes), timings,
+                           tuple(np.stack([h[j] for h in hits]) for j in (0, 1)))
 
     def _rescore_rows(self, score, mu_q, lv_q, parts, rows, ids, timings) -> np.ndarray:
         """Keys of the items at positions `rows` of the concatenated list blocks `parts`,
@@ -158,7 +162,7 @@ class BatchSearcher:
         keys = np.empty(len(rows), np.float32)
         ends = np.cumsum([len(p.ids) for p in parts])
         which = np.searchsorted(ends, rows, side="right")
-        step = max(1, CHUNK_FLOATS // len(mu_q))
+        step = max(1, CHUNK_FLOATS // len(lv_q))   # rows per piece (lv_q is one query, [D])
         for j in np.unique(which):
             at = np.flatnonzero(which == j)
             local = rows[at] - (ends[j - 1] if j else 0)
@@ -252,6 +256,17 @@ class BatchSearcher:
                            "no recall guarantee", self.reader.index_dir)
             return None
         return VarianceBounds.from_json(stats)
+
+
+def _gather(parts, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(μ, log_var float32) copies of the rows at positions `rows` of the concatenated list
+    blocks `parts`."""
+    ends = np.cumsum([len(p.ids) for p in parts])
+    which = np.searchsorted(ends, rows, side="right")
+    local = rows - np.concatenate([[0], ends])[which]
+    mu = np.stack([parts[j].mu[i] for j, i in zip(which, local)])
+    lv = np.stack([parts[j].log_var[i] for j, i in zip(which, local)]).astype(np.float32)
+    return mu, lv
 
 
 def _ms(t0: float) -> float:

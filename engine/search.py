@@ -150,7 +150,10 @@ class SearchEngine:
         res = self.search_batch(modality, mu_q, lv_q, k, score, exact)
         t = time.perf_counter()
         flat = res.ids.reshape(-1)
-        mu_hits, lv_hits = self.reader.fetch(modality, flat)
+        if res.vectors is not None:   # the shortlist already read them (list blocks)
+            mu_hits, lv_hits = (v.reshape(len(flat), -1) for v in res.vectors)
+        else:
+            mu_hits, lv_hits = self.reader.fetch(modality, flat)
         meta = self.reader.meta(modality, flat)
         timings = {name: round(v, 3) for name, v in res.timings_ms.items()}
         timings["meta_ms"] = _ms(t)

@@ -78,9 +78,11 @@ class ShardServer:
         out = {"ids": res.ids, "keys": res.keys, "shortlist": res.shortlist}
         if details:
             flat, shape = res.ids.reshape(-1), res.ids.shape
-            mu, lv = self.engine.reader.fetch(modality, flat)
+            if res.vectors is not None:   # the shortlist already read them (list blocks)
+                mu, lv = res.vectors
+            else:
+                mu, lv = (x.reshape(*shape, -1) for x in self.engine.reader.fetch(modality, flat))
             meta = self.engine.reader.meta(modality, flat)
-            mu, lv = mu.reshape(*shape, -1), lv.reshape(*shape, -1)
             p_match = [self.engine.match_probability(*query, ids) for query, ids in
                        zip(zip(mu_q, lv_q, mu, lv), res.ids)]
             out.update(p_match=np.array(p_match, np.float64).reshape(shape),

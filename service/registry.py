@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from core.errors import PcmeError
+from core.montecarlo import draw_all_noise
 from core.scores import SCORES
 from engine.search import uncertainty
 from indexer.manifest import read_index_manifest
@@ -156,7 +157,9 @@ class Registry:
 
 def _warm(engine) -> None:
     """Fill the engine's lazy caches now, on this thread, so the worker never builds them
-    while serving: LMDB sub-databases, the IVF id maps, the shortlist bounds."""
+    while serving: LMDB sub-databases, the IVF id maps, the shortlist bounds, the fixed
+    Monte-Carlo noise behind every hit's p_match."""
+    draw_all_noise(engine.batch.mc_samples, engine.reader.dim)
     for modality in ("image", "text"):
         if engine.reader.count(modality):
             mu, lv = engine.reader.fetch(modality, np.array([0]))
