@@ -77,9 +77,15 @@ def write_list_blocks(store_path: Path, modality: str, index: faiss.Index, dim: 
     `<modality>.vec` (already complete) and the inverted lists of `index`. Returns the rows
     written, which must equal the index's ntotal."""
     ivf = fx.ivf_of(index)
-    room = 2 * (Path(store_path) / "data.mdb").stat().st_size + (64 << 20)  # blocks copy .vec
-    env = lmdb.open(str(store_path), map_size=room, max_dbs=8, subdir=True, sync=False,
-                    metasync=False)
+    # writemap: LMDB writes the blocks straight into the file's pages (1M x 256: 0.3 s against
+    # 17.7 s through its malloc'd copies), but it then sizes the file to the whole map, so
+    # the map is what is used so far plus the blocks, each rounded up to whole pages
+    env = lmdb.open(str(store_path), map_size=(Path(store_path) / "data.mdb").stat().st_size,
+                    max_dbs=8, subdir=True, sync=False, metasync=False, writemap=True)
+    page = env.stat()["psize"]
+    used = (env.info()["last_pgno"] + 1) * page
+    blocks_bytes = index.ntotal * (8 + row_bytes(dim)) + ivf.nlist * 3 * page
+    env.set_mapsize(int(1.02 * (used + blocks_bytes)) + (16 << 20))
     rows, pending, size = 0, [], 0
     try:
         vec = env.open_db(f"{modality}.vec".encode())
