@@ -59,6 +59,9 @@ class TrainConfig:
     train_images: int = 10000       # size of the scenes training split
     glove: str = ""                 # GloVe text file; empty = offline GloVe 6B 50-d package
     min_word_count: int = 1         # words seen fewer times in training captions map to <unk>
+    word_dropout: float = 0.0       # not in the paper: each caption word is left out of a training
+                                    # step with this probability (one always stays), so the text
+                                    # tower also sees bare and partial phrases like a user's query
     seed: int = 0                   # seeds data order, noise and initialisation
     device: str = "auto"            # auto | cpu | cuda
     amp: bool = True                # autocast on CUDA (bf16 when supported, else fp16)
@@ -75,6 +78,9 @@ MINIMUM = {"epochs": 0, "batch_size": 1, "captions_per_image": 1, "accum_steps":
            "n_samples": 1, "calib_samples": 1, "train_images": 1, "warmup_steps": 0, "freeze_backbone_epochs": 0,
            "min_word_count": 1, "embed_dim": 2, "resnet_width": 1, "image_size": 8, "word_dim": 1,
            "gru_hidden": 1, "attn_hidden": 1}
+
+
+FRACTIONS = ("word_dropout",)   # probabilities: [0, 1)
 
 
 def _check_and_build(cls, values: dict, where: str):
@@ -113,6 +119,8 @@ def _check_and_build(cls, values: dict, where: str):
             raise PcmeError(f"{where}: '{name}' must be a list of strings")
         if name in MINIMUM and value < MINIMUM[name]:
             raise PcmeError(f"{where}: '{name}' must be >= {MINIMUM[name]}, got {value!r}")
+        if name in FRACTIONS and not 0.0 <= value < 1.0:
+            raise PcmeError(f"{where}: '{name}' must be in [0, 1), got {value!r}")
         out[name] = value
     return cls(**out)
 

@@ -101,13 +101,26 @@ def resolve_positives(positives: str, split: Split, caps_of) -> str:
 
 
 def make_batch(split: Split, vocab: Vocab, source: ImageSource, images, captions, flip_rng,
-               positives: str = "pairs"):
-    """(images [B, 3, S, S], tokens, lengths, positives [B_img, B_txt]) for one micro-batch."""
+               positives: str = "pairs", word_dropout: float = 0.0):
+    """(images [B, 3, S, S], tokens, lengths, positives [B_img, B_txt]) for one micro-batch.
+    `flip_rng` (seeded per micro-batch: resumable) draws the flips, then the word dropout."""
     x = source.batch(images)
     flip = torch.from_numpy(flip_rng.random(len(images)) < 0.5)  # no left/right words in captions
     x[flip] = x[flip].flip(-1)
-    tokens, lengths = pad_tokens([vocab.encode(split.captions[int(c)])[0] for c in captions.ravel()])
+    tokens, lengths = pad_tokens([drop_words(vocab.encode(split.captions[int(c)])[0],
+                                             word_dropout, flip_rng) for c in captions.ravel()])
     return x, tokens, lengths, batch_positives(split, images, captions, positives)
+
+
+def drop_words(ids: list[int], p: float, rng) -> list[int]:
+    """Each word left out with probability p, at least one kept; p = 0 draws nothing (so runs
+    without word dropout are the same as before it existed)."""
+    if p <= 0.0 or len(ids) < 2:
+        return ids
+    keep = rng.random(len(ids)) >= p
+    if not keep.any():
+        keep[rng.integers(len(ids))] = True
+    return [i for i, k in zip(ids, keep) if k]
 
 
 def compute_loss(cfg: TrainConfig, i_mu, i_lv, t_mu, t_lv, matched, a, b) -> dict:
@@ -231,7 +244,7 @@ class Trainer:
                     sl = slice(m * bs, (m + 1) * bs)
                     flip_rng = np.random.default_rng([cfg.seed, self.epoch, m])  # resumable
                     micro.append(make_batch(split, self.vocab, self.images, order[sl], picks[sl],
-                                             flip_rng, self.positives))
+                                             flip_rng, self.positives, cfg.word_dropout))
                 stats = self.train_step(micro)
                 self.step += 1
                 self.step_in_epoch = k + 1
