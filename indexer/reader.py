@@ -63,7 +63,9 @@ class IndexReader:
         manifest = read_index_manifest(index_dir)
         dim, counts, store_file = manifest["dim"], manifest["counts"], manifest["store"]["file"]
         indexes = {m: _read_faiss(index_dir / f"{m}.faiss", dim, n) for m, n in counts.items() if n}
-        reader = cls(index_dir, manifest, indexes, StoreReader(index_dir / store_file, dim))
+        blocks = manifest["store"].get("format") >= 3 and bool(manifest["store"].get("lists"))
+        reader = cls(index_dir, manifest, indexes,
+                     StoreReader(index_dir / store_file, dim, readahead=blocks))
         for m, scores in manifest.get("augmented", {}).items():
             for score in scores:
                 reader._augmented[m, score] = _read_faiss(

@@ -111,6 +111,9 @@ def test_format_2_index_opens_and_searches_id_by_id(index, queries, tmp_path):
     mu_q, lv_q = queries
     with SearchEngine(old) as a, SearchEngine(index) as b:
         assert a.reader.list_blocks("image") is None
+        # random rows by id: no readahead; whole ~1 MB blocks: the kernel may read ahead
+        assert not a.reader._store.env.flags()["readahead"]
+        assert b.reader._store.env.flags()["readahead"]
         ra = a.search_batch("image", mu_q, lv_q, K, "elk")
         rb = b.search_batch("image", mu_q, lv_q, K, "elk")
     np.testing.assert_array_equal(ra.ids, rb.ids)
