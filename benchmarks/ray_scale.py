@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.report import finish_report
 from core.errors import PcmeError
 from core.process import configure_process
 
@@ -210,14 +211,10 @@ def main() -> None:
         shutil.rmtree(work / "merged")
         child("ray", str(shards), str(work / "sharded"), str(a.part_rows), str(a.workers), "sharded")
         report["query_p50_ms"] = query_p50(work / "single", work / "sharded", a.workers)
-        report["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if a.json:
-        Path(a.json).write_text(text + "\n")
+    finish_report(report, a.json)
 
 
 if __name__ == "__main__":

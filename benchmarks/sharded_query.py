@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.report import finish_report
 from core.process import configure_process
 
 K, SCORE = 10, "elk"
@@ -175,11 +176,7 @@ def main() -> None:
         report["profile"] = profile(ray, probes, mu, lv)
         for p in probes:
             ray.kill(p)
-    report["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if a.json:
-        Path(a.json).write_text(text + "\n")
+    finish_report(report, a.json)
 
 
 if __name__ == "__main__":

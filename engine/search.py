@@ -150,10 +150,7 @@ class SearchEngine:
         res = self.search_batch(modality, mu_q, lv_q, k, score, exact)
         t = time.perf_counter()
         flat = res.ids.reshape(-1)
-        if res.vectors is not None:   # the shortlist already read them (list blocks)
-            mu_hits, lv_hits = (v.reshape(len(flat), -1) for v in res.vectors)
-        else:
-            mu_hits, lv_hits = self.reader.fetch(modality, flat)
+        mu_hits, lv_hits = self.hit_vectors(modality, res)
         meta = self.reader.meta(modality, flat)
         timings = {name: round(v, 3) for name, v in res.timings_ms.items()}
         timings["meta_ms"] = _ms(t)
@@ -164,6 +161,13 @@ class SearchEngine:
             out.append((make_hits(ids, keys, p_match, uncertainty(lv_hits[rows]), meta[rows]),
                         dict(timings), int(res.shortlist[q])))
         return out
+
+    def hit_vectors(self, modality: str, res: BatchResult) -> tuple[np.ndarray, np.ndarray]:
+        """(μ, log_var) [Q·k, D] of a batch result's hits: as the shortlist read them (list
+        blocks), else one store read."""
+        if res.vectors is not None:
+            return tuple(v.reshape(res.ids.size, -1) for v in res.vectors)
+        return self.reader.fetch(modality, res.ids.reshape(-1))
 
     def match_probability(self, mu_q, lv_q, mu_d, lv_d, ids) -> np.ndarray:
         """[M] p(match) of one query with M items under the index's a, b (see the function)."""

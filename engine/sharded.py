@@ -78,10 +78,7 @@ class ShardServer:
         out = {"ids": res.ids, "keys": res.keys, "shortlist": res.shortlist}
         if details:
             flat, shape = res.ids.reshape(-1), res.ids.shape
-            if res.vectors is not None:   # the shortlist already read them (list blocks)
-                mu, lv = res.vectors
-            else:
-                mu, lv = (x.reshape(*shape, -1) for x in self.engine.reader.fetch(modality, flat))
+            mu, lv = (x.reshape(*shape, -1) for x in self.engine.hit_vectors(modality, res))
             meta = self.engine.reader.meta(modality, flat)
             p_match = [self.engine.match_probability(*query, ids) for query, ids in
                        zip(zip(mu_q, lv_q, mu, lv), res.ids)]
