@@ -292,3 +292,44 @@ def test_prob_nce_registry_calibrates_with_calib_samples_and_trains_with_n_sampl
                             pcme_weight=pcme_weight,
                             generator=torch.Generator().manual_seed(3))["match_nll"]
         assert (got.item() == pytest.approx(ref.item(), rel=1e-12)) == expected
+
+
+def _loop_rows_ce(logits, positives):
+    """Mean over rows of −(mean over the row's positives of log softmax), by hand."""
+    losses = []
+    for row, prow in zip(logits, positives):
+        lse = math.log(sum(math.exp(x) for x in row))
+        terms = [x - lse for x, p in zip(row, prow) if p]
+        losses.append(-sum(terms) / len(terms))
+    return sum(losses) / len(losses)
+
+
+def test_tempered_prob_nce_scales_each_anchor_row_by_its_own_sigma():
+    """temper β: each image's row of logits (i2t) times exp(−β(u_i − ū_img)), each caption's
+    row (t2i) times exp(−β(u_t − ū_txt)), u = log Σσ²; the reference rebuilds them by hand."""
+    from encoders.training.losses_nce import anchor_temperature, prob_nce_loss
+
+    (im, iv), (tm, tv) = _gauss(3, 4, 50), _gauss(6, 4, 51)
+    matched = _two_captions_each(3)
+    csd = [[_loop_csd(im[i].tolist(), iv[i].tolist(), tm[k].tolist(), tv[k].tolist())
+            for k in range(6)] for i in range(3)]
+
+    def factors(lv, beta):
+        u = [math.log(sum(math.exp(x) for x in row)) for row in lv.tolist()]
+        mean = sum(u) / len(u)
+        return [math.exp(-beta * (x - mean)) for x in u]
+
+    beta, scale = 0.7, 2.0
+    fi, ft = factors(iv, beta), factors(tv, beta)
+    i2t = _loop_rows_ce([[-scale * csd[i][k] * fi[i] for k in range(6)] for i in range(3)],
+                        matched.tolist())
+    t2i = _loop_rows_ce([[-scale * csd[i][k] * ft[k] for i in range(3)] for k in range(6)],
+                        matched.T.tolist())
+    a, b = torch.tensor(3.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    out = prob_nce_loss(im, iv, tm, tv, matched, a, b, scale=scale, kl_weight=0.0, n_samples=2,
+                        temper=beta)
+    assert out["nce"].item() == pytest.approx(0.5 * (i2t + t2i), rel=1e-9)
+    assert anchor_temperature(tv, beta).tolist() == pytest.approx(ft, rel=1e-12)
+    # the same shift of every log σ² leaves the factors as they were: the tempering learns σ's
+    # spread across anchors, never its level
+    assert anchor_temperature(tv + 0.3, beta).tolist() == pytest.approx(ft, rel=1e-12)

@@ -40,6 +40,8 @@ class TrainConfig:
     temperature: float = 0.0        # infonce: fixed τ; 0 = learn it (1/τ is the model's a)
     nce_score: str = "csd"          # prob-nce (not in the papers): logits −scale·CSD or scale·ELK
     nce_scale: float = 7.5          # prob-nce: fixed logit scale (7.5·CSD = 15·cos + const)
+    nce_temper: float = 0.0         # prob-nce (not in the papers): β of each anchor's σ-set softmax
+                                    # temperature exp(−β(log Σσ² − batch mean)); 0 = off
     pcme_weight: float = 0.0        # prob-nce: weight of PCME's likelihood; 0 = train only a, b
                                     # on it (embeddings detached), so p_match stays calibrated
     n_samples: int = 7              # J: samples per item in the loss
@@ -76,7 +78,7 @@ class TrainConfig:
 # otherwise fail deep inside training with a traceback instead of naming the key.
 MINIMUM = {"epochs": 0, "batch_size": 1, "captions_per_image": 1, "accum_steps": 1, "ckpt_every": 1,
            "n_samples": 1, "calib_samples": 1, "train_images": 1, "warmup_steps": 0, "freeze_backbone_epochs": 0,
-           "min_word_count": 1, "embed_dim": 2, "resnet_width": 1, "image_size": 8, "word_dim": 1,
+           "min_word_count": 1, "nce_temper": 0, "embed_dim": 2, "resnet_width": 1, "image_size": 8, "word_dim": 1,
            "gru_hidden": 1, "attn_hidden": 1}
 
 

@@ -10,6 +10,13 @@ concentrates the push on the negatives that outscore the positive, which is what
 likelihood spreads thin. The σ terms act as per-item biases: a caption with a larger Σσ² is
 pushed away from every image at once, which pays off only for captions the model cannot place.
 
+With `temper` β > 0 (also not in the papers) each anchor's own σ sets the temperature of its
+softmax: its row of logits is multiplied by exp(−β·(u − ū)), u = log Σσ² of the anchor and ū
+the batch mean of u (not detached, so only σ's spread across anchors is learned by it, never
+its level). An anchor whose positives the model ranks badly lowers its loss by flattening its
+row, i.e. by a larger σ; one it ranks well by a smaller σ. Under CSD alone a caption's σ is a
+constant of its own softmax and learns nothing there.
+
 The match probability p = sigmoid(−a‖z_i − z_t‖ + b) of PCME (what `p_match` reports) is kept
 meaningful by training a, b on it: with `pcme_weight` = 0, PCME's likelihood on DETACHED
 embeddings (only a and b learn: a calibration, the embeddings are untouched); with
@@ -36,15 +43,27 @@ def nce_logits(score: str, img_mu, img_lv, txt_mu, txt_lv, scale: float) -> torc
     raise PcmeError(f"nce_score {score!r}: unknown; choose one of {', '.join(NCE_SCORES)}")
 
 
+def anchor_temperature(log_var: torch.Tensor, beta: float) -> torch.Tensor:
+    """[B] factors exp(−β·(u − mean u)), u = log Σ_d σ_d² of each row: a row with the batch's
+    geometric-mean Σσ² keeps its logits, one with e× that Σσ² has them scaled by e^−β."""
+    u = torch.logsumexp(log_var, dim=1)
+    return torch.exp(-beta * (u - u.mean()))
+
+
 def prob_nce_loss(img_mu, img_log_var, txt_mu, txt_log_var, matched: torch.Tensor, a, b,
                   scale: float, score: str = "csd", kl_weight: float = 1e-4,
                   n_samples: int = 7, pcme_weight: float = 0.0,
-                  generator: torch.Generator | None = None, balanced: bool = True) -> dict:
+                  generator: torch.Generator | None = None, balanced: bool = True,
+                  temper: float = 0.0) -> dict:
     """Returns {"loss", "nce", "kl", "match_nll", "pos_prob", "neg_prob"}:
     loss = ½(CE_i→t + CE_t→i) + kl_weight·kl + (pcme_weight or 1)·match_nll, where match_nll
     is PCME's likelihood (its `nll`) on detached embeddings when pcme_weight is 0."""
     logits = nce_logits(score, img_mu, img_log_var, txt_mu, txt_log_var, scale)
-    nce = 0.5 * (_multi_positive_ce(logits, matched) + _multi_positive_ce(logits.T, matched.T))
+    i2t, t2i = logits, logits.T
+    if temper:
+        i2t = i2t * anchor_temperature(img_log_var, temper)[:, None]
+        t2i = t2i * anchor_temperature(txt_log_var, temper)[:, None]
+    nce = 0.5 * (_multi_positive_ce(i2t, matched) + _multi_positive_ce(t2i, matched.T))
     kl = torch.cat([kl_to_standard_normal(img_mu, img_log_var),
                     kl_to_standard_normal(txt_mu, txt_log_var)]).mean()
     gaussians = (img_mu, img_log_var, txt_mu, txt_log_var)
