@@ -333,3 +333,51 @@ def test_tempered_prob_nce_scales_each_anchor_row_by_its_own_sigma():
     # the same shift of every log σ² leaves the factors as they were: the tempering learns σ's
     # spread across anchors, never its level
     assert anchor_temperature(tv + 0.3, beta).tolist() == pytest.approx(ft, rel=1e-12)
+
+
+def test_tempered_hit_loss_by_hand_and_only_sigma_learns_from_it():
+    """−log(softmax mass on any positive) of each row at its anchor's temperature, by hand;
+    the logits are detached, so μ gets no gradient from it and log σ² does."""
+    from encoders.training.losses_nce import anchor_temperature, tempered_hit_loss
+
+    g = torch.Generator().manual_seed(60)
+    logits = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    lv = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    matched = _two_captions_each(3)
+    kappa = anchor_temperature(lv, 0.5).tolist()
+    expected = []
+    for row, prow, kp in zip(logits.tolist(), matched.tolist(), kappa):
+        z = [math.exp(kp * x) for x in row]
+        expected.append(-math.log(sum(e for e, p in zip(z, prow) if p) / sum(z)))
+    leaf_logits, leaf_lv = logits.clone().requires_grad_(), lv.clone().requires_grad_()
+    got = tempered_hit_loss(leaf_logits, matched, leaf_lv, 0.5)
+    assert got.item() == pytest.approx(sum(expected) / 3, rel=1e-12)
+    got.backward()
+    assert leaf_logits.grad is None and leaf_lv.grad.abs().sum() > 0
+
+
+def test_failure_loss_by_hand_and_only_sigma_learns_from_it():
+    """BCE of "top-1 is not a positive" against sigmoid(logit(rate) + γ(u − ū)), by hand."""
+    from encoders.training.losses_nce import FAILURE_GAMMA, failure_loss
+
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.5, 2.0, 1.0], [0.0, 0.1, 0.2], [1.0, 0.0, 0.0]],
+                          dtype=torch.float64)
+    positives = torch.tensor([[True, False, False], [True, False, False],
+                              [False, False, True], [False, False, False]])  # row 4: none
+    lv = torch.tensor([[0.0, -1.0], [0.5, 0.2], [-2.0, 1.0], [9.0, 9.0]], dtype=torch.float64)
+    wrong = [0.0, 1.0, 0.0]                      # row 2's top-1 (column 1) is not a positive
+    u = [math.log(sum(math.exp(x) for x in row)) for row in lv.tolist()[:3]]
+    mean = sum(u) / 3
+    offset = math.log((1 / 3) / (2 / 3))         # failure rate 1/3
+    expected = 0.0
+    for y, ui in zip(wrong, u):
+        p = 1 / (1 + math.exp(-(offset + FAILURE_GAMMA * (ui - mean))))
+        expected -= (y * math.log(p) + (1 - y) * math.log(1 - p)) / 3
+    leaf_logits, leaf_lv = logits.clone().requires_grad_(), lv.clone().requires_grad_()
+    got = failure_loss(leaf_logits, positives, leaf_lv)
+    assert got.item() == pytest.approx(expected, rel=1e-12)
+    got.backward()
+    assert leaf_logits.grad is None
+    # descent raises the failure's σ and lowers that of the success predicted to fail most
+    assert leaf_lv.grad[1].sum() < 0 < leaf_lv.grad[2].sum()
+    assert leaf_lv.grad[3].abs().sum() == 0                     # a row without positives: none

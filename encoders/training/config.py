@@ -42,6 +42,11 @@ class TrainConfig:
     nce_scale: float = 7.5          # prob-nce: fixed logit scale (7.5·CSD = 15·cos + const)
     nce_temper: float = 0.0         # prob-nce (not in the papers): β of each anchor's σ-set softmax
                                     # temperature exp(−β(log Σσ² − batch mean)); 0 = off
+    hit_temper: float = 0.0         # prob-nce (not in the papers): β of a σ-only term that tempers
+                                    # detached logits so σ learns where the top hit fails; 0 = off
+    failure_weight: float = 0.0     # prob-nce (not in the papers): weight of a σ-only term fitting
+                                    # "top-1 is wrong" from log Σσ² (losses_nce.failure_loss)
+    failure_images: bool = True     # failure term on image anchors too (captions always)
     pcme_weight: float = 0.0        # prob-nce: weight of PCME's likelihood; 0 = train only a, b
                                     # on it (embeddings detached), so p_match stays calibrated
     n_samples: int = 7              # J: samples per item in the loss
@@ -78,7 +83,7 @@ class TrainConfig:
 # otherwise fail deep inside training with a traceback instead of naming the key.
 MINIMUM = {"epochs": 0, "batch_size": 1, "captions_per_image": 1, "accum_steps": 1, "ckpt_every": 1,
            "n_samples": 1, "calib_samples": 1, "train_images": 1, "warmup_steps": 0, "freeze_backbone_epochs": 0,
-           "min_word_count": 1, "nce_temper": 0, "embed_dim": 2, "resnet_width": 1, "image_size": 8, "word_dim": 1,
+           "min_word_count": 1, "nce_temper": 0, "hit_temper": 0, "failure_weight": 0, "embed_dim": 2, "resnet_width": 1, "image_size": 8, "word_dim": 1,
            "gru_hidden": 1, "attn_hidden": 1}
 
 

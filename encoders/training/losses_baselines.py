@@ -200,7 +200,9 @@ def _prob_nce(img_mu, img_lv, txt_mu, txt_lv, matched, a, b, cfg, generator=None
                          score=cfg.nce_score, kl_weight=cfg.kl_weight,
                          n_samples=cfg.n_samples if cfg.pcme_weight else cfg.calib_samples,
                          pcme_weight=cfg.pcme_weight, generator=generator,
-                         balanced=cfg.balanced_pairs, temper=cfg.nce_temper)
+                         balanced=cfg.balanced_pairs, temper=cfg.nce_temper, hit_temper=cfg.hit_temper,
+                         failure_weight=cfg.failure_weight,
+                         failure_images=cfg.failure_images)
 
 
 def _vsepp(img_mu, img_lv, txt_mu, txt_lv, matched, a, b, cfg, generator=None) -> dict:

@@ -15,7 +15,24 @@ softmax: its row of logits is multiplied by exp(−β·(u − ū)), u = log Σσ
 the batch mean of u (not detached, so only σ's spread across anchors is learned by it, never
 its level). An anchor whose positives the model ranks badly lowers its loss by flattening its
 row, i.e. by a larger σ; one it ranks well by a smaller σ. Under CSD alone a caption's σ is a
-constant of its own softmax and learns nothing there.
+constant of its own softmax and learns nothing there. Measured: the multi-positive CE is then
+lowest for a generic caption when its softmax is flat over its many true images, so σ learns
+how many images fit (ambiguity, as PCME claims), not whether the ranking fails.
+
+With `hit_temper` β > 0 (not in the papers) σ instead learns failure: one more term,
+−log(the mass a row's softmax puts on ANY of its positives) at the anchor's σ-set temperature,
+on DETACHED logits (only σ learns from it, μ and the ranking loss are untouched). An anchor
+whose positives already win lowers it by a sharper softmax (smaller σ), one whose negatives
+win by a flatter one (larger σ); a generic anchor gains nothing from flattening, since any of
+its positives on top counts. Measured: this too made σ rise with the number of true matches.
+
+With `failure_weight` w > 0 (not in the papers) σ is taught the user's question directly: is
+this anchor's top-1 wrong? Per anchor, y = 1 when the best-scoring item of its DETACHED row is
+not a positive, and the logistic prediction sigmoid(logit(batch failure rate) + γ·(u − ū))
+from its u = log Σσ² is fitted to y by binary cross-entropy (γ = FAILURE_GAMMA; the
+centering leaves σ's level to the rest of the loss). Only σ learns from it. Caption anchors
+always; image anchors too unless `failure_images` is off (an image's σ also enters every text
+query's ranking of it).
 
 The match probability p = sigmoid(−a‖z_i − z_t‖ + b) of PCME (what `p_match` reports) is kept
 meaningful by training a, b on it: with `pcme_weight` = 0, PCME's likelihood on DETACHED
@@ -50,11 +67,41 @@ def anchor_temperature(log_var: torch.Tensor, beta: float) -> torch.Tensor:
     return torch.exp(-beta * (u - u.mean()))
 
 
+def tempered_hit_loss(logits: torch.Tensor, positives: torch.Tensor, log_var: torch.Tensor,
+                      beta: float) -> torch.Tensor:
+    """Mean over rows with a positive of −log Σ_{positives} softmax(κ·logits.detach()), κ the
+    row anchor's anchor_temperature: gradients reach log_var only."""
+    kappa = anchor_temperature(log_var, beta)
+    log_prob = torch.log_softmax(logits.detach() * kappa[:, None], dim=1)
+    hit = torch.logsumexp(log_prob.masked_fill(~positives, float("-inf")), dim=1)
+    return -hit[positives.any(dim=1)].mean()
+
+
+FAILURE_GAMMA = 4.0   # failure_loss: logit change per unit of log Σσ²
+
+
+def failure_loss(logits: torch.Tensor, positives: torch.Tensor,
+                 log_var: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of "the row's top-1 is not a positive" (from DETACHED logits)
+    against sigmoid(logit(failure rate) + FAILURE_GAMMA·(u − mean u)), u = log Σσ² of the row's
+    anchor, over rows with a positive: gradients reach log_var only."""
+    rows = positives.any(dim=1)
+    with torch.no_grad():
+        top = logits.detach().argmax(dim=1, keepdim=True)
+        wrong = (~positives.gather(1, top)[:, 0])[rows].to(log_var.dtype)
+        n = len(wrong)
+        rate = wrong.mean().clamp(1.0 / (n + 1), n / (n + 1.0))
+    u = torch.logsumexp(log_var, dim=1)[rows]
+    z = torch.logit(rate) + FAILURE_GAMMA * (u - u.mean())
+    return torch.nn.functional.binary_cross_entropy_with_logits(z, wrong)
+
+
 def prob_nce_loss(img_mu, img_log_var, txt_mu, txt_log_var, matched: torch.Tensor, a, b,
                   scale: float, score: str = "csd", kl_weight: float = 1e-4,
                   n_samples: int = 7, pcme_weight: float = 0.0,
                   generator: torch.Generator | None = None, balanced: bool = True,
-                  temper: float = 0.0) -> dict:
+                  temper: float = 0.0, hit_temper: float = 0.0,
+                  failure_weight: float = 0.0, failure_images: bool = True) -> dict:
     """Returns {"loss", "nce", "kl", "match_nll", "pos_prob", "neg_prob"}:
     loss = ½(CE_i→t + CE_t→i) + kl_weight·kl + (pcme_weight or 1)·match_nll, where match_nll
     is PCME's likelihood (its `nll`) on detached embeddings when pcme_weight is 0."""
@@ -64,6 +111,14 @@ def prob_nce_loss(img_mu, img_log_var, txt_mu, txt_log_var, matched: torch.Tenso
         i2t = i2t * anchor_temperature(img_log_var, temper)[:, None]
         t2i = t2i * anchor_temperature(txt_log_var, temper)[:, None]
     nce = 0.5 * (_multi_positive_ce(i2t, matched) + _multi_positive_ce(t2i, matched.T))
+    if hit_temper:
+        nce = nce + 0.5 * (tempered_hit_loss(logits, matched, img_log_var, hit_temper)
+                           + tempered_hit_loss(logits.T, matched.T, txt_log_var, hit_temper))
+    if failure_weight:
+        fail = failure_loss(logits.T, matched.T, txt_log_var)
+        if failure_images:
+            fail = 0.5 * (fail + failure_loss(logits, matched, img_log_var))
+        nce = nce + failure_weight * fail
     kl = torch.cat([kl_to_standard_normal(img_mu, img_log_var),
                     kl_to_standard_normal(txt_mu, txt_log_var)]).mean()
     gaussians = (img_mu, img_log_var, txt_mu, txt_log_var)
