@@ -381,3 +381,30 @@ def test_failure_loss_by_hand_and_only_sigma_learns_from_it():
     # descent raises the failure's σ and lowers that of the success predicted to fail most
     assert leaf_lv.grad[1].sum() < 0 < leaf_lv.grad[2].sum()
     assert leaf_lv.grad[3].abs().sum() == 0                     # a row without positives: none
+
+
+def test_prob_nce_registry_passes_the_sigma_term_options():
+    """nce_temper, hit_temper/hit_captions and failure_weight/failure_images reach the loss:
+    the registry equals prob_nce_loss called with them, and each option changes the loss."""
+    from encoders.training.losses_nce import prob_nce_loss
+
+    (im, iv), (tm, tv) = _gauss(3, 4, 70), _gauss(6, 4, 71)
+    matched = _two_captions_each(3)
+    a, b = torch.tensor(3.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    base = TrainConfig()
+    seen = set()
+    for options in ({}, {"nce_temper": 0.5}, {"hit_temper": 0.5}, {"hit_temper": 0.5, "hit_captions": False},
+                    {"failure_weight": 1.0}, {"failure_weight": 1.0, "failure_images": False}):
+        cfg = TrainConfig(**{"nce_temper": 0.0, "hit_temper": 0.0, "failure_weight": 0.0,
+                             **options})
+        got = LOSSES["prob-nce"](im, iv, tm, tv, matched, a, b, cfg,
+                                 generator=torch.Generator().manual_seed(3))["loss"].item()
+        ref = prob_nce_loss(im, iv, tm, tv, matched, a, b, scale=base.nce_scale,
+                            kl_weight=base.kl_weight, n_samples=base.calib_samples,
+                            generator=torch.Generator().manual_seed(3),
+                            temper=cfg.nce_temper, hit_temper=cfg.hit_temper,
+                            hit_captions=cfg.hit_captions, failure_weight=cfg.failure_weight,
+                            failure_images=cfg.failure_images)["loss"].item()
+        assert got == pytest.approx(ref, rel=1e-12)
+        seen.add(round(got, 12))
+    assert len(seen) == 6

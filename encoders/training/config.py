@@ -44,6 +44,7 @@ class TrainConfig:
                                     # temperature exp(−β(log Σσ² − batch mean)); 0 = off
     hit_temper: float = 0.0         # prob-nce (not in the papers): β of a σ-only term that tempers
                                     # detached logits so σ learns where the top hit fails; 0 = off
+    hit_captions: bool = True       # hit_temper on caption anchors too (images always)
     failure_weight: float = 0.0     # prob-nce (not in the papers): weight of a σ-only term fitting
                                     # "top-1 is wrong" from log Σσ² (losses_nce.failure_loss)
     failure_images: bool = True     # failure term on image anchors too (captions always)

@@ -202,7 +202,7 @@ def _prob_nce(img_mu, img_lv, txt_mu, txt_lv, matched, a, b, cfg, generator=None
                          pcme_weight=cfg.pcme_weight, generator=generator,
                          balanced=cfg.balanced_pairs, temper=cfg.nce_temper, hit_temper=cfg.hit_temper,
                          failure_weight=cfg.failure_weight,
-                         failure_images=cfg.failure_images)
+                         failure_images=cfg.failure_images, hit_captions=cfg.hit_captions)
 
 
 def _vsepp(img_mu, img_lv, txt_mu, txt_lv, matched, a, b, cfg, generator=None) -> dict:

@@ -25,6 +25,7 @@ on DETACHED logits (only σ learns from it, μ and the ranking loss are untouche
 whose positives already win lowers it by a sharper softmax (smaller σ), one whose negatives
 win by a flatter one (larger σ); a generic anchor gains nothing from flattening, since any of
 its positives on top counts. Measured: this too made σ rise with the number of true matches.
+Image anchors always; caption anchors too unless `hit_captions` is off.
 
 With `failure_weight` w > 0 (not in the papers) σ is taught the user's question directly: is
 this anchor's top-1 wrong? Per anchor, y = 1 when the best-scoring item of its DETACHED row is
@@ -101,7 +102,8 @@ def prob_nce_loss(img_mu, img_log_var, txt_mu, txt_log_var, matched: torch.Tenso
                   n_samples: int = 7, pcme_weight: float = 0.0,
                   generator: torch.Generator | None = None, balanced: bool = True,
                   temper: float = 0.0, hit_temper: float = 0.0,
-                  failure_weight: float = 0.0, failure_images: bool = True) -> dict:
+                  failure_weight: float = 0.0, failure_images: bool = True,
+                  hit_captions: bool = True) -> dict:
     """Returns {"loss", "nce", "kl", "match_nll", "pos_prob", "neg_prob"}:
     loss = ½(CE_i→t + CE_t→i) + kl_weight·kl + (pcme_weight or 1)·match_nll, where match_nll
     is PCME's likelihood (its `nll`) on detached embeddings when pcme_weight is 0."""
@@ -112,8 +114,10 @@ def prob_nce_loss(img_mu, img_log_var, txt_mu, txt_log_var, matched: torch.Tenso
         t2i = t2i * anchor_temperature(txt_log_var, temper)[:, None]
     nce = 0.5 * (_multi_positive_ce(i2t, matched) + _multi_positive_ce(t2i, matched.T))
     if hit_temper:
-        nce = nce + 0.5 * (tempered_hit_loss(logits, matched, img_log_var, hit_temper)
-                           + tempered_hit_loss(logits.T, matched.T, txt_log_var, hit_temper))
+        hit = tempered_hit_loss(logits, matched, img_log_var, hit_temper)
+        if hit_captions:
+            hit = 0.5 * (hit + tempered_hit_loss(logits.T, matched.T, txt_log_var, hit_temper))
+        nce = nce + hit
     if failure_weight:
         fail = failure_loss(logits.T, matched.T, txt_log_var)
         if failure_images:
