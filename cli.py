@@ -18,6 +18,7 @@ import typer
 
 from core.atomic import check_writable
 from core.commands import cli_command
+from core.constants import DEFAULT_SCORE
 from cli_output import print_eval, print_result
 from core.errors import PcmeError
 from core.process import configure_process
@@ -258,7 +259,8 @@ def query(
     index: str = typer.Option("index", help="Index directory."),
     k: int = typer.Option(10, help="Number of results."),
     score: Optional[str] = typer.Option(None, help="Rescoring: elk, mc, csd, w2, bhattacharyya or mu.",
-                                        show_default="elk for text, csd for --image"),
+                                        show_default=f"{DEFAULT_SCORE['text']} for text, "
+                                                     f"{DEFAULT_SCORE['image']} for --image"),
     image: Optional[str] = typer.Option(None, help="Image file to query with (searches captions). [default: none]"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     device: str = typer.Option("cpu", help="Device for query encoding: auto, cpu or cuda."),

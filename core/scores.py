@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-from core.constants import LOG_2PI  # noqa: F401  (re-exported)
+from core.constants import DEFAULT_SCORE, LOG_2PI  # noqa: F401  (re-exported)
 from core.errors import PcmeError
 from core.montecarlo import match_prob
 
@@ -143,12 +143,6 @@ SCORE_MEANING = {
     "bhattacharyya": "minus the Bhattacharyya distance (a distance, negated); higher is better",
     "mc": "Monte-Carlo match probability sigmoid(-a|z_q - z_d| + b), in [0, 1]; higher is better",
 }
-
-
-# The score a query gets when none is asked for, by the modality of the QUERY: text queries
-# rank images by ELK; image queries rank captions by CSD (ELK's log-det term favours low-σ
-# generic captions for image queries on models whose caption σ differs a lot; README).
-DEFAULT_SCORE = {"text": "elk", "image": "csd"}
 
 
 def score_name(name: str, what: str = "score") -> str:

@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import PcmeError
+from core.constants import default_score
 from core.scores import score_name
 from service.batcher import Closed, Query, QueueFull
 from service.errors import ApiError
@@ -52,7 +53,7 @@ class SearchBody(BaseModel):
     item: ItemRef | None = None
     gaussian: GaussianIn | None = None
     k: int = Field(10, ge=1, le=MAX_K)
-    score: str = "elk"
+    score: str | None = None      # None: the default of the query's modality (DEFAULT_SCORE)
     index: str | None = None
     exact: bool = False
     target: str | None = Field(None, description="modality searched; default: text->image, "
@@ -65,7 +66,7 @@ class BatchBody(BaseModel):
 
 
 @router.get("/search")
-async def search_get(request: Request, q: str = "", k: int = 10, score: str = "elk",
+async def search_get(request: Request, q: str = "", k: int = 10, score: str | None = None,
                      index: str | None = None, exact: bool = False):
     body = SearchBody(text=q, k=_check_k(k), score=score, index=index, exact=exact)
     return await _one(request, body)
@@ -103,7 +104,7 @@ async def search_batch(request: Request, body: BatchBody):
 
 @router.post("/search/image")
 async def search_image(request: Request, file: UploadFile = File(...), k: int = Form(10),
-                       score: str = Form("elk"), index: str | None = Form(None),
+                       score: str | None = Form(None), index: str | None = Form(None),
                        exact: bool = Form(False)):
     body = SearchBody(k=_check_k(k), score=score, index=index, exact=exact)
     data = await _read_capped(file)
@@ -114,7 +115,8 @@ async def search_image(request: Request, file: UploadFile = File(...), k: int = 
         label = file.filename or "upload"
 
         def make(entry):
-            return [Query("text", body.k, _score(body.score), body.exact, image=Path(tmp.name),
+            return [Query("text", body.k, _score(body.score, "image", "text"), body.exact,
+                          image=Path(tmp.name),
                           label=label)]
         entry, (result,) = await submit(request, body.index, make)
     return JSONResponse(_json(_raise(result), entry))
@@ -156,7 +158,6 @@ def _query(entry: Entry, body: SearchBody) -> Query:
     if len(given) != 1:
         raise ApiError(400, "give exactly one of text, item or gaussian"
                        + (f" (got {', '.join(given)})" if given else ""))
-    score = _score(body.score)
     reader = entry.engine.reader
     if body.item is not None:
         modality, item_id = _modality(body.item.modality, "item.modality"), body.item.id
@@ -164,11 +165,13 @@ def _query(entry: Entry, body: SearchBody) -> Query:
             raise NotFound(f"{modality} id {item_id}: not in index {entry.name!r} "
                            f"({reader.count(modality)} {modality} items)")
         target = _modality(body.target or OTHER[modality], "target")
-        return Query(target, body.k, score, body.exact, item=(modality, item_id),
-                     label=f"{modality} #{item_id}")
+        return Query(target, body.k, _score(body.score, modality, target), body.exact,
+                     item=(modality, item_id), label=f"{modality} #{item_id}")
     target = _modality(body.target or "image", "target")
     if body.text is not None:
-        return Query(target, body.k, score, body.exact, text=body.text, label=body.text)
+        return Query(target, body.k, _score(body.score, "text", target), body.exact,
+                     text=body.text, label=body.text)
+    score = _score(body.score, OTHER[target], target)   # a raw Gaussian: a cross-modal query
     mu = np.asarray(body.gaussian.mu, np.float32)
     lv = np.asarray(body.gaussian.log_var, np.float32)
     if mu.shape != (reader.dim,) or lv.shape != (reader.dim,):
@@ -203,9 +206,10 @@ def _as_api_error(e: PcmeError) -> ApiError:
     return ApiError(404 if isinstance(e, NotFound) else 400, str(e))
 
 
-def _score(name: str) -> str:
+def _score(name: str | None, query_modality: str, target: str) -> str:
+    """The score asked for, or the default for that search (core.constants.default_score)."""
     try:
-        return score_name(name)
+        return score_name(name or default_score(query_modality, target))
     except PcmeError as e:
         raise ApiError(422, str(e)) from None
 

@@ -393,8 +393,10 @@ def test_prob_nce_registry_passes_the_sigma_term_options():
     a, b = torch.tensor(3.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
     base = TrainConfig()
     seen = set()
-    for options in ({}, {"nce_temper": 0.5}, {"hit_temper": 0.5}, {"hit_temper": 0.5, "hit_captions": False},
-                    {"failure_weight": 1.0}, {"failure_weight": 1.0, "failure_images": False}):
+    for options in ({}, {"nce_temper": 0.5}, {"hit_temper": 0.5, "hit_captions": True},
+                    {"hit_temper": 0.5, "hit_captions": False},
+                    {"failure_weight": 1.0, "failure_images": True},
+                    {"failure_weight": 1.0, "failure_images": False}):
         cfg = TrainConfig(**{"nce_temper": 0.0, "hit_temper": 0.0, "failure_weight": 0.0,
                              **options})
         got = LOSSES["prob-nce"](im, iv, tm, tv, matched, a, b, cfg,

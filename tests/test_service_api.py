@@ -86,8 +86,10 @@ def test_post_and_exact_equal_engine(client, engine):
 
 
 def test_item_query_equals_its_stored_gaussian(client, engine):
+    from core.constants import DEFAULT_SCORE
+
     mu, lv = engine.reader.fetch("image", np.array([3]))
-    want, _, _ = engine.search("text", mu[0], lv[0], 6, "elk")
+    want, _, _ = engine.search("text", mu[0], lv[0], 6, DEFAULT_SCORE["image"])
     got = client.post("/api/v1/search", json={"item": {"modality": "image", "id": 3}, "k": 6}).json()
     assert got["modality"] == "text"
     assert [h["id"] for h in got["results"]] == [h.id for h in want]
@@ -124,6 +126,26 @@ def test_image_upload_equals_engine(client, engine, trained):
     assert r.status_code == 200, r.text
     assert r.json()["modality"] == "text"
     same_hits(r.json(), engine.query_image(path, 5, "mc"))
+
+
+def test_no_score_given_means_the_default_of_the_query_modality(client, trained):
+    """Text (and caption items) rank by DEFAULT_SCORE["text"], image uploads and image items
+    by DEFAULT_SCORE["image"], as `query` does; a search within one modality ("more like
+    this") by SAME_MODALITY_SCORE. The page sends no score for "default"."""
+    from core.constants import DEFAULT_SCORE, SAME_MODALITY_SCORE
+
+    assert client.get("/api/v1/search", params={"q": QUERIES[0]}).json()["score"] \
+        == DEFAULT_SCORE["text"]
+    item = {"item": {"modality": "text", "id": 1}, "k": 2}
+    assert client.post("/api/v1/search", json=item).json()["score"] == DEFAULT_SCORE["text"]
+    item = {"item": {"modality": "image", "id": 1}, "k": 2}
+    assert client.post("/api/v1/search", json=item).json()["score"] == DEFAULT_SCORE["image"]
+    path = next((trained / "data").rglob("*.png"))
+    r = client.post("/api/v1/search/image", data={"k": "3"},
+                    files={"file": (path.name, path.read_bytes(), "image/png")})
+    assert r.json()["score"] == DEFAULT_SCORE["image"] != DEFAULT_SCORE["text"]
+    item["target"] = "image"
+    assert client.post("/api/v1/search", json=item).json()["score"] == SAME_MODALITY_SCORE
 
 
 def test_error_statuses(client, monkeypatch):

@@ -35,7 +35,7 @@ def mean_train_loss(trainer: Trainer, model) -> float:
 
 
 @pytest.mark.parametrize("loss,extra,scores", [
-    ("infonce", "", {"mu"}), ("pcmepp", "", {"mu", "elk", "csd"}),
+    ("infonce", "", {"mu"}), ("pcmepp", "", {"mu", "elk", "csd", "mc"}),
     ("pcme", 'eval_scores = ["mu", "csd", "w2"]\n', {"mu", "csd", "w2"})])
 @pytest.mark.slow
 def test_train_on_a_folder_dataset(tmp_path, loss, extra, scores):

@@ -42,12 +42,14 @@ class TrainConfig:
     nce_scale: float = 7.5          # prob-nce: fixed logit scale (7.5·CSD = 15·cos + const)
     nce_temper: float = 0.0         # prob-nce (not in the papers): β of each anchor's σ-set softmax
                                     # temperature exp(−β(log Σσ² − batch mean)); 0 = off
-    hit_temper: float = 0.0         # prob-nce (not in the papers): β of a σ-only term that tempers
-                                    # detached logits so σ learns where the top hit fails; 0 = off
-    hit_captions: bool = True       # hit_temper on caption anchors too (images always)
-    failure_weight: float = 0.0     # prob-nce (not in the papers): weight of a σ-only term fitting
-                                    # "top-1 is wrong" from log Σσ² (losses_nce.failure_loss)
-    failure_images: bool = True     # failure term on image anchors too (captions always)
+    hit_temper: float = 1.0         # prob-nce (not in the papers): β of a σ-only term, the tempered
+                                    # softmax mass on any positive of DETACHED logits; 0 = off
+    hit_captions: bool = False      # hit_temper on caption anchors too (images always); default off:
+                                    # it makes caption σ rise with the number of true matches
+    failure_weight: float = 1.0     # prob-nce (not in the papers): weight of a σ-only term fitting
+                                    # "in-batch top-1 is wrong" from log Σσ² (failure_loss); 0 = off
+    failure_images: bool = False    # failure term on image anchors too (captions always); default
+                                    # off: an image's σ also ranks it for every text query
     pcme_weight: float = 0.0        # prob-nce: weight of PCME's likelihood; 0 = train only a, b
                                     # on it (embeddings detached), so p_match stays calibrated
     n_samples: int = 7              # J: samples per item in the loss

@@ -26,7 +26,7 @@ from encoders.training.uncertainty import uncertainty_report
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SCORES = ("mu", "elk", "csd")  # scored after training (csd: the image-query default)
+DEFAULT_SCORES = ("mu", "elk", "csd", "mc")  # scored after training (see DEFAULT_SCORE)
 
 
 def encode_split(model: PCME, vocab: Vocab, split: Split, device: torch.device):

@@ -63,12 +63,14 @@ async function run(s, push = true) {
     if (s.item) {
       const [modality, id] = s.item.split(":");
       const body = { item: { modality, id: Number(id) }, target: s.target || modality,
-                     k: Number(s.k || 20), score: s.score || "elk" };
+                     k: Number(s.k || 20) };
+      if (s.score) body.score = s.score;   // none: the server's default for the query's kind
       if (s.index) body.index = s.index;
       result = await call(`${API}/search`, { method: "POST", headers: { "Content-Type": "application/json" },
                                              body: JSON.stringify(body) });
     } else if (s.q) {
-      const p = new URLSearchParams({ q: s.q, k: s.k || 20, score: s.score || "elk" });
+      const p = new URLSearchParams({ q: s.q, k: s.k || 20 });
+      if (s.score) p.set("score", s.score);
       if (s.index) p.set("index", s.index);
       result = await call(`${API}/search?${p}`);
     } else { clear(); status(""); return; }
@@ -80,7 +82,8 @@ async function upload(file) {
   const form = new FormData();
   const s = formState();
   form.append("file", file);
-  form.append("k", s.k); form.append("score", s.score);
+  form.append("k", s.k);
+  if (s.score) form.append("score", s.score);
   if (s.index) form.append("index", s.index);
   status(`searching captions with ${file.name}…`);
   try {
