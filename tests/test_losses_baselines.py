@@ -254,16 +254,9 @@ def test_prob_nce_is_infonce_over_csd_plus_the_detached_match_likelihood():
 
 
 def _loop_infonce_logits(logits, matched):
-    def direction(rows, pos):
-        losses = []
-        for row, prow in zip(rows, pos):
-            lse = math.log(sum(math.exp(x) for x in row))
-            terms = [x - lse for x, p in zip(row, prow) if p]
-            losses.append(-sum(terms) / len(terms))
-        return sum(losses) / len(losses)
     pos = matched.tolist()
     cols = [list(c) for c in zip(*logits)]
-    return 0.5 * (direction(logits, pos) + direction(cols, [list(c) for c in zip(*pos)]))
+    return 0.5 * (_loop_rows_ce(logits, pos) + _loop_rows_ce(cols, [list(c) for c in zip(*pos)]))
 
 
 def test_anchor_mean_by_hand():
