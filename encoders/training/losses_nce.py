@@ -19,13 +19,13 @@ constant of its own softmax and learns nothing there. Measured: the multi-positi
 lowest for a generic caption when its softmax is flat over its many true images, so σ learns
 how many images fit (ambiguity, as PCME claims), not whether the ranking fails.
 
-With `hit_temper` β > 0 (not in the papers) σ instead learns failure: one more term,
-−log(the mass a row's softmax puts on ANY of its positives) at the anchor's σ-set temperature,
-on DETACHED logits (only σ learns from it, μ and the ranking loss are untouched). An anchor
-whose positives already win lowers it by a sharper softmax (smaller σ), one whose negatives
-win by a flatter one (larger σ); a generic anchor gains nothing from flattening, since any of
-its positives on top counts. Measured: this too made σ rise with the number of true matches.
-Image anchors always; caption anchors too unless `hit_captions` is off.
+With `hit_temper` β > 0 (not in the papers) one more term: −log(the mass a row's softmax puts
+on ANY of its positives) at the anchor's σ-set temperature, on DETACHED logits (only σ learns
+from it; μ and the ranking loss are untouched). An anchor whose positives already win lowers it
+by a sharper softmax (smaller σ), one whose negatives win by a flatter one (larger σ). Measured:
+this too made caption σ rise with the number of true matches (a generic caption's positives hold
+its row's mass at any temperature, so it is the specific captions that sharpen). Image anchors
+always; caption anchors too unless `hit_captions` is off.
 
 With `failure_weight` w > 0 (not in the papers) σ is taught the user's question directly: is
 this anchor's top-1 wrong? Per anchor, y = 1 when the best-scoring item of its DETACHED row is
@@ -34,6 +34,10 @@ from its u = log Σσ² is fitted to y by binary cross-entropy (γ = FAILURE_GAM
 centering leaves σ's level to the rest of the loss). Only σ learns from it. Caption anchors
 always; image anchors too unless `failure_images` is off (an image's σ also enters every text
 query's ranking of it).
+
+The default (`encoders/training/config.py`) uses the failure term on caption anchors and the
+tempered term on image anchors: caption σ then predicts a wrong first hit, and the image term
+keeps ELK's ranking of text queries (README, "The default recipe").
 
 The match probability p = sigmoid(−a‖z_i − z_t‖ + b) of PCME (what `p_match` reports) is kept
 meaningful by training a, b on it: with `pcme_weight` = 0, PCME's likelihood on DETACHED
