@@ -34,9 +34,9 @@ DATASETS = tuple(LOADERS)
 
 
 @app.callback()
-def _edge() -> None:
+def _edge(ctx: typer.Context) -> None:
     """Process-wide settings, before any command imports torch or faiss."""
-    configure_process()
+    configure_process(ctx.invoked_subcommand)
 
 
 def open_engine(index: str | Path, device: str = "cpu"):

@@ -1,9 +1,16 @@
 """Shared fixtures: one tiny trained model + index per test session (the README quick start
 on a tiny configuration), used by the CLI end-to-end and robustness tests."""
+import os
+
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
+# The test process trains, indexes and searches in one process, and the servers it starts inherit
+# its environment: it waits passively, as a searching process must (core/process.py). Set here,
+# the in-process `train` of the fixture below cannot switch it to the training policy.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from cli import app  # noqa: E402  (after the setting above, before torch or faiss load)
 from tests.helpers import write_shards
 
 TINY_TOML = ("batch_size = 32\nn_samples = 3\n[model]\nembed_dim = 16\nresnet_width = 8\n"
