@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--compare-unfused", action="store_true")
     args = ap.parse_args(argv)
-    configure_process("encode")   # as `cli.py encode` runs
+    configure_process("encode")   # as `cli.py encode` runs (core/process.py)
     modes = (True, False) if args.compare_unfused else (True,)
     runs = {fuse: {"rates": [], "cpu_ms": []} for fuse in modes}
     with tempfile.TemporaryDirectory() as tmp:

@@ -6,8 +6,8 @@ from typer.testing import CliRunner
 from core.process import TORCH_ONLY, configure_process
 
 
-def test_commands_that_never_load_faiss_wait_actively_the_rest_passively(monkeypatch):
-    for command, policy in (("train", "ACTIVE"), ("eval", "ACTIVE"), ("encode", "ACTIVE"),
+def test_training_and_eval_wait_actively_the_rest_passively(monkeypatch):
+    for command, policy in (("train", "ACTIVE"), ("eval", "ACTIVE"), ("encode", "PASSIVE"),
                             ("query", "PASSIVE"), ("serve", "PASSIVE"), ("bench", "PASSIVE"),
                             (None, "PASSIVE")):
         monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
