@@ -65,10 +65,15 @@ def nce_logits(score: str, img_mu, img_lv, txt_mu, txt_lv, scale: float) -> torc
     raise PcmeError(f"nce_score {score!r}: unknown; choose one of {', '.join(NCE_SCORES)}")
 
 
+def log_total_variance(log_var: torch.Tensor) -> torch.Tensor:
+    """[B] u = log Σ_d σ_d² of each row (the log of the project's uncertainty unit), stably."""
+    return torch.logsumexp(log_var, dim=1)
+
+
 def anchor_temperature(log_var: torch.Tensor, beta: float) -> torch.Tensor:
     """[B] factors exp(−β·(u − mean u)), u = log Σ_d σ_d² of each row: a row with the batch's
     geometric-mean Σσ² keeps its logits, one with e× that Σσ² has them scaled by e^−β."""
-    u = torch.logsumexp(log_var, dim=1)
+    u = log_total_variance(log_var)
     return torch.exp(-beta * (u - u.mean()))
 
 
@@ -92,11 +97,11 @@ def failure_loss(logits: torch.Tensor, positives: torch.Tensor,
     anchor, over rows with a positive: gradients reach log_var only."""
     rows = positives.any(dim=1)
     with torch.no_grad():
-        top = logits.detach().argmax(dim=1, keepdim=True)
+        top = logits.argmax(dim=1, keepdim=True)
         wrong = (~positives.gather(1, top)[:, 0])[rows].to(log_var.dtype)
         n = len(wrong)
         rate = wrong.mean().clamp(1.0 / (n + 1), n / (n + 1.0))
-    u = torch.logsumexp(log_var, dim=1)[rows]
+    u = log_total_variance(log_var)[rows]
     z = torch.logit(rate) + FAILURE_GAMMA * (u - u.mean())
     return torch.nn.functional.binary_cross_entropy_with_logits(z, wrong)
 
@@ -108,25 +113,27 @@ def prob_nce_loss(img_mu, img_log_var, txt_mu, txt_log_var, matched: torch.Tenso
                   temper: float = 0.0, hit_temper: float = 0.0,
                   failure_weight: float = 0.0, failure_images: bool = True,
                   hit_captions: bool = True) -> dict:
-    """Returns {"loss", "nce", "kl", "match_nll", "pos_prob", "neg_prob"}:
-    loss = ½(CE_i→t + CE_t→i) + kl_weight·kl + (pcme_weight or 1)·match_nll, where match_nll
-    is PCME's likelihood (its `nll`) on detached embeddings when pcme_weight is 0."""
+    """Returns {"loss", "nce", "kl", "match_nll", "pos_prob", "neg_prob"} (+ "hit" and
+    "failure" when those terms are on): loss = ½(CE_i→t + CE_t→i) + hit + failure_weight·failure
+    + kl_weight·kl + (pcme_weight or 1)·match_nll, where match_nll is PCME's likelihood (its
+    `nll`) on detached embeddings when pcme_weight is 0."""
     logits = nce_logits(score, img_mu, img_log_var, txt_mu, txt_log_var, scale)
     i2t, t2i = logits, logits.T
     if temper:
         i2t = i2t * anchor_temperature(img_log_var, temper)[:, None]
         t2i = t2i * anchor_temperature(txt_log_var, temper)[:, None]
     nce = 0.5 * (_multi_positive_ce(i2t, matched) + _multi_positive_ce(t2i, matched.T))
+    terms, ranked = {}, nce
     if hit_temper:
         hit = tempered_hit_loss(logits, matched, img_log_var, hit_temper)
         if hit_captions:
             hit = 0.5 * (hit + tempered_hit_loss(logits.T, matched.T, txt_log_var, hit_temper))
-        nce = nce + hit
+        terms["hit"], ranked = hit, ranked + hit
     if failure_weight:
         fail = failure_loss(logits.T, matched.T, txt_log_var)
         if failure_images:
             fail = 0.5 * (fail + failure_loss(logits, matched, img_log_var))
-        nce = nce + failure_weight * fail
+        terms["failure"], ranked = fail, ranked + failure_weight * fail
     kl = torch.cat([kl_to_standard_normal(img_mu, img_log_var),
                     kl_to_standard_normal(txt_mu, txt_log_var)]).mean()
     gaussians = (img_mu, img_log_var, txt_mu, txt_log_var)
@@ -134,6 +141,6 @@ def prob_nce_loss(img_mu, img_log_var, txt_mu, txt_log_var, matched: torch.Tenso
         gaussians = tuple(t.detach() for t in gaussians)
     match = pcme_loss(*gaussians, matched, a, b, n_samples, kl_weight=0.0, generator=generator,
                       balanced=balanced)
-    return {"loss": nce + kl_weight * kl + (pcme_weight or 1.0) * match["nll"], "nce": nce,
+    return {"loss": ranked + kl_weight * kl + (pcme_weight or 1.0) * match["nll"], "nce": nce,
             "kl": kl, "match_nll": match["nll"], "pos_prob": match["pos_prob"],
-            "neg_prob": match["neg_prob"]}
+            "neg_prob": match["neg_prob"], **terms}
