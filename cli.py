@@ -130,6 +130,10 @@ def train(
         None, "--freeze-word-vectors/--train-word-vectors", help="Keep word vectors at GloVe "
         "(words unseen in training then enter queries in the same input space).",
         show_default=str(DEFAULTS.model.freeze_word_vectors).lower()),
+    class_words: Optional[bool] = typer.Option(
+        None, "--class-words/--no-class-words", help="efficientnet-lite0: its ImageNet class "
+        "names join both towers (words never seen in training still find photos).",
+        show_default=str(DEFAULTS.model.class_words).lower()),
     seed: Optional[int] = _default("seed", "Random seed."),
     device: Optional[str] = _default("device", "auto, cpu or cuda."),
     config: Optional[str] = typer.Option(None, help="TOML or JSON file of train options; flags "
@@ -151,7 +155,8 @@ def train(
                      freeze_backbone_epochs=freeze_backbone_epochs,
                      backbone_lr_scale=backbone_lr_scale,
                      model={"backbone": backbone, "image_size": image_size,
-                            "freeze_word_vectors": freeze_word_vectors})
+                            "freeze_word_vectors": freeze_word_vectors,
+                            "class_words": class_words})
     cfg = _run(load_train_config, config, overrides)
     result = _run(run_training, cfg, resume, force)
     typer.echo(f"trained in {result['train_s']} s -> {result['checkpoint']}")

@@ -67,7 +67,8 @@ def photo_folder(root, n=80):
 
 
 @pytest.mark.slow
-def test_two_frozen_steps_save_a_checkpoint_that_rebuilds_alone(tmp_path):
+@pytest.mark.parametrize("class_words", [False, True])
+def test_two_frozen_steps_save_a_checkpoint_that_rebuilds_alone(tmp_path, class_words):
     data = photo_folder(tmp_path / "photos")
     cfg = tmp_path / "lite.toml"
     n_train = sum(hash_split(f"{i:03d}.png") == "train" for i in range(80))
@@ -76,7 +77,8 @@ def test_two_frozen_steps_save_a_checkpoint_that_rebuilds_alone(tmp_path):
     res = CliRunner().invoke(app, ["train", "--config", str(cfg), "--data", "folder", "--root",
                                    str(data), "--out", str(tmp_path / "run"), "--shards",
                                    str(tmp_path / "out"), "--backbone", "efficientnet-lite0",
-                                   "--image-size", "32", "--device", "cpu"])
+                                   "--image-size", "32", "--device", "cpu"]
+                           + ["--class-words"] * class_words)
     assert res.exit_code == 0, res.output
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 2 and ckpt["model_config"]["backbone"] == "efficientnet-lite0"
@@ -84,8 +86,14 @@ def test_two_frozen_steps_save_a_checkpoint_that_rebuilds_alone(tmp_path):
     state, ref = model.state_dict(), package_state()
     # frozen: every backbone weight and BatchNorm statistic is still ImageNet's
     for k, v in ref.items():
-        if not k.startswith("_fc."):
+        if class_words or not k.startswith("_fc."):  # the classifier is kept for class words
             assert torch.equal(state[f"image.backbone.{k}"], v), k
+    assert model.cfg.class_words == class_words
+    if class_words:  # the table came from GloVe and travels in the checkpoint
+        from encoders.model.class_words import imagenet_class_words
+        table = torch.from_numpy(imagenet_class_words())
+        assert torch.equal(state["image.class_words"], table) and table.abs().sum() > 0
+        assert torch.equal(state["image.class_map.weight"], state["text.class_map.weight"])
     assert not torch.equal(state["image.head.fc.weight"], PCME(model.cfg).state_dict()["image.head.fc.weight"])
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["counts"]["image"] >= 1

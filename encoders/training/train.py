@@ -20,6 +20,7 @@ from core.atomic import sha256_file, write_json
 from core.errors import PcmeError
 
 from encoders.model.checkpoint import read_checkpoint, resolve_device, save_checkpoint
+from encoders.model.class_words import imagenet_class_words
 from encoders.model.config import model_config_from_dict
 from encoders.training.config import TrainConfig
 from encoders.training.data import load_split
@@ -139,6 +140,8 @@ def build_model(cfg: TrainConfig, train_split: Split) -> PCME:
     torch.manual_seed(cfg.seed)
     model = PCME(mcfg)
     model.set_word_vectors(torch.from_numpy(vectors))
+    if mcfg.class_words:
+        model.set_class_words(torch.from_numpy(imagenet_class_words(cfg.glove, mcfg.word_dim)))
     return model
 
 

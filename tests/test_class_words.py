@@ -1,0 +1,88 @@
+"""Class words (encoders/model/class_words.py): the ImageNet classifier's class names, as word
+vectors, join both towers' μ through one shared map."""
+import numpy as np
+import pytest
+import torch
+
+from core.errors import PcmeError
+from encoders.model.checkpoint import load_model, save_checkpoint
+from encoders.model.class_words import (N_CLASSES, class_word_table, imagenet_class_names,
+                                        name_words)
+from encoders.model.config import ModelConfig
+from encoders.model.networks import PCME
+
+VOCAB = ["<pad>", "<start>", "<end>", "<unk>", "a", "koala", "shark"]
+CW = dict(backbone="efficientnet-lite0", image_size=32, embed_dim=16, gru_hidden=16, attn_hidden=8,
+          word_dim=4, vocab=VOCAB, class_words=True, imagenet_weights=False)
+
+
+def test_name_words_and_table_average_the_known_words():
+    assert name_words("great white shark") == ["great", "white", "shark"]
+    assert name_words("jack-o'-lantern") == ["jack", "o", "lantern"]
+    vec = {"great": np.array([1.0, 0.0]), "shark": np.array([0.0, 3.0]), "koala": np.array([2.0, 2.0])}
+    table = class_word_table(["great white shark", "koala", "xyzzy"], vec, dim=2)
+    # "white" is unknown: the mean is over great and shark; a name with no known word is zeros
+    np.testing.assert_allclose(table, [[0.5, 1.5], [2.0, 2.0], [0.0, 0.0]])
+    assert table.dtype == np.float32
+
+
+def test_imagenet_names_are_in_classifier_order():
+    names = imagenet_class_names()
+    assert len(names) == N_CLASSES
+    # well-known ImageNet-1k indices
+    assert (names[0], names[105], names[207], names[555]) == (
+        "tench", "koala", "golden retriever", "fire engine")
+
+
+def seeded_model():
+    torch.manual_seed(0)
+    model = PCME(ModelConfig(**CW)).eval()
+    model.set_class_words(torch.randn(N_CLASSES, 4))
+    return model
+
+
+def test_one_map_serves_both_towers_and_the_image_term_is_the_class_mixture():
+    model = seeded_model()
+    assert model.image.class_map is model.text.class_map
+    n_shared = sum(p.numel() for p in model.image.class_map.parameters())
+    assert sum(p.numel() for p in model.parameters()) == (
+        sum(p.numel() for p in model.image.parameters()) + sum(p.numel() for p in model.text.parameters())
+        - n_shared + 2)  # the shared map counted once, plus a and b
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        pooled = model.image.features(x).mean(dim=(2, 3))
+        logits = pooled @ model.image.backbone._fc.weight.T + model.image.backbone._fc.bias
+        mixture = torch.softmax(logits, dim=-1) @ model.image.class_words
+        want = mixture @ model.image.class_map.weight.T + model.image.class_map.bias
+        got = model.image.class_term(pooled)
+    assert torch.allclose(got, want, atol=1e-5)
+    # the term reaches μ: zeroing the map changes the image embedding
+    with torch.no_grad():
+        mu, _ = model.image(x)
+        model.image.class_map.weight.zero_()
+        mu0, _ = model.image(x)
+    assert not torch.allclose(mu, mu0, atol=1e-4)
+
+
+def test_checkpoint_rebuilds_the_shared_map_and_table(tmp_path):
+    model = seeded_model()
+    save_checkpoint(tmp_path / "c.pt", model)
+    tokens, lengths = torch.tensor([[1, 4, 5, 2], [1, 6, 2, 0]]), torch.tensor([4, 3])
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    full, _, _ = load_model(tmp_path / "c.pt", torch.device("cpu"))
+    text_only, _, _ = load_model(tmp_path / "c.pt", torch.device("cpu"), towers=("text",))
+    assert full.image.class_map is full.text.class_map
+    assert torch.equal(full.image.class_words, model.image.class_words)
+    with torch.no_grad():
+        for a, b in zip(model.text(tokens, lengths), text_only.text(tokens, lengths)):
+            assert torch.equal(a, b)
+        for a, b in zip(model.image(x), full.image(x)):
+            assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_class_words_need_the_lite0_classifier():
+    with pytest.raises(PcmeError, match="class_words needs the efficientnet-lite0 backbone"):
+        PCME(ModelConfig(**{**CW, "backbone": "resnet"}))
+    model = seeded_model()
+    with pytest.raises(PcmeError, match="class-word table"):
+        model.set_class_words(torch.zeros(10, 4))
