@@ -50,6 +50,8 @@ class TrainConfig:
                                     # "in-batch top-1 is wrong" from log Σσ² (failure_loss); 0 = off
     failure_images: bool = False    # failure term on image anchors too (captions always); default
                                     # off: an image's σ also ranks it for every text query
+    plausible_weight: float = 1.0   # prob-nce (not in the papers): weight of a plausible positive
+                                    # in the ranking CE relative to the own pair's 1 (1 = equal)
     pcme_weight: float = 0.0        # prob-nce: weight of PCME's likelihood; 0 = train only a, b
                                     # on it (embeddings detached), so p_match stays calibrated
     n_samples: int = 7              # J: samples per item in the loss
@@ -86,7 +88,7 @@ class TrainConfig:
 # otherwise fail deep inside training with a traceback instead of naming the key.
 MINIMUM = {"epochs": 0, "batch_size": 1, "captions_per_image": 1, "accum_steps": 1, "ckpt_every": 1,
            "n_samples": 1, "calib_samples": 1, "train_images": 1, "warmup_steps": 0, "freeze_backbone_epochs": 0,
-           "min_word_count": 1, "nce_temper": 0, "hit_temper": 0, "failure_weight": 0, "embed_dim": 2, "resnet_width": 1, "image_size": 8, "word_dim": 1,
+           "min_word_count": 1, "nce_temper": 0, "hit_temper": 0, "failure_weight": 0, "plausible_weight": 0, "embed_dim": 2, "resnet_width": 1, "image_size": 8, "word_dim": 1,
            "gru_hidden": 1, "attn_hidden": 1}
 
 

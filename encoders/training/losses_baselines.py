@@ -115,17 +115,31 @@ def pcmepp_loss(img_mu, img_log_var, txt_mu, txt_log_var, matched: torch.Tensor,
 
 # ------------------------------------------------------------------------------------ InfoNCE
 
-def _multi_positive_ce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+def _multi_positive_ce(logits: torch.Tensor, positives: torch.Tensor,
+                       weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over rows with a positive of −(mean over the row's positives of log softmax).
 
     Each positive is a separate target of the row's softmax (SupCon's "L_out"): with several
     captions of one image in the batch, the image is pulled towards all of them equally.
+    `weights` (same shape, ≥ 0): a weighted mean over the row's positives instead.
     """
     log_prob = F.log_softmax(logits, dim=1)
-    n_pos = positives.sum(dim=1)
+    w = positives.to(log_prob.dtype) if weights is None else torch.where(positives, weights, 0.0)
+    n_pos = w.sum(dim=1)
     rows = n_pos > 0
-    per_row = torch.where(positives, log_prob, 0.0).sum(dim=1)[rows] / n_pos[rows]
+    per_row = (w * torch.where(positives, log_prob, 0.0)).sum(dim=1)[rows] / n_pos[rows]
     return -per_row.mean()
+
+
+def own_pairs(matched: torch.Tensor) -> torch.Tensor:
+    """bool [B_img, B_txt]: caption j written for image i. A batch's captions come in image
+    order, the same number per image (encoders/training/train.py: batch_positives)."""
+    n_img, n_txt = matched.shape
+    per = n_txt // n_img
+    if per * n_img != n_txt:
+        raise PcmeError(f"own_pairs: {n_txt} captions do not split evenly over {n_img} images")
+    eye = torch.eye(n_img, dtype=torch.bool, device=matched.device)
+    return eye.repeat_interleave(per, dim=1)
 
 
 def infonce_loss(img_mu, txt_mu, matched: torch.Tensor, logit_scale) -> dict:
@@ -202,7 +216,8 @@ def _prob_nce(img_mu, img_lv, txt_mu, txt_lv, matched, a, b, cfg, generator=None
                          pcme_weight=cfg.pcme_weight, generator=generator,
                          balanced=cfg.balanced_pairs, temper=cfg.nce_temper, hit_temper=cfg.hit_temper,
                          failure_weight=cfg.failure_weight,
-                         failure_images=cfg.failure_images, hit_captions=cfg.hit_captions)
+                         failure_images=cfg.failure_images, hit_captions=cfg.hit_captions,
+                         plausible_weight=cfg.plausible_weight)
 
 
 def _vsepp(img_mu, img_lv, txt_mu, txt_lv, matched, a, b, cfg, generator=None) -> dict:

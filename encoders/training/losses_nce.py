@@ -35,6 +35,11 @@ centering leaves σ's level to the rest of the loss). Only σ learns from it. Ca
 always; image anchors too unless `failure_images` is off (an image's σ also enters every text
 query's ranking of it).
 
+With `plausible_weight` w < 1 (not in the papers) the ranking CE weighs a row's positives
+unequally: the pairs written for each other count 1, the other plausible positives w (1: all
+equal, the default). Plausible positives teach which captions fit an image; the pair's extra
+weight asks the row to put its own partner first among them.
+
 The default (`encoders/training/config.py`) uses the failure term on caption anchors and the
 tempered term on image anchors: caption σ then predicts a wrong first hit, and the image term
 keeps ELK's ranking of text queries (README, "The default recipe").
@@ -51,7 +56,7 @@ import torch
 from core.errors import PcmeError
 from core.pairwise import pairwise
 from encoders.training.losses import kl_to_standard_normal, pcme_loss
-from encoders.training.losses_baselines import _multi_positive_ce, pairwise_csd
+from encoders.training.losses_baselines import _multi_positive_ce, own_pairs, pairwise_csd
 
 NCE_SCORES = ("csd", "elk")
 
@@ -112,7 +117,7 @@ def prob_nce_loss(img_mu, img_log_var, txt_mu, txt_log_var, matched: torch.Tenso
                   generator: torch.Generator | None = None, balanced: bool = True,
                   temper: float = 0.0, hit_temper: float = 0.0,
                   failure_weight: float = 0.0, failure_images: bool = True,
-                  hit_captions: bool = True) -> dict:
+                  hit_captions: bool = True, plausible_weight: float = 1.0) -> dict:
     """Returns {"loss", "nce", "kl", "match_nll", "pos_prob", "neg_prob"} (+ "hit" and
     "failure" when those terms are on): loss = ½(CE_i→t + CE_t→i) + hit + failure_weight·failure
     + kl_weight·kl + (pcme_weight or 1)·match_nll, where match_nll is PCME's likelihood (its
@@ -122,7 +127,12 @@ def prob_nce_loss(img_mu, img_log_var, txt_mu, txt_log_var, matched: torch.Tenso
     if temper:
         i2t = i2t * anchor_temperature(img_log_var, temper)[:, None]
         t2i = t2i * anchor_temperature(txt_log_var, temper)[:, None]
-    nce = 0.5 * (_multi_positive_ce(i2t, matched) + _multi_positive_ce(t2i, matched.T))
+    weights = None
+    if plausible_weight != 1.0:  # positives other than the own pairs count plausible_weight
+        own = own_pairs(matched)
+        weights = torch.where(own, 1.0, plausible_weight).to(logits.dtype)
+    nce = 0.5 * (_multi_positive_ce(i2t, matched, weights)
+                 + _multi_positive_ce(t2i, matched.T, None if weights is None else weights.T))
     terms, ranked = {}, nce
     if hit_temper:
         hit = tempered_hit_loss(logits, matched, img_log_var, hit_temper)
