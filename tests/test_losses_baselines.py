@@ -340,3 +340,19 @@ def test_plausible_weight_weighs_own_pairs_against_other_positives():
     # weight 1 is the unweighted multi-positive CE; weight 0 is training on the pairs alone
     assert nce(1.0) == pytest.approx(_loop_infonce_logits(logits, matched), rel=1e-9)
     assert nce(0.0) == pytest.approx(_loop_infonce_logits(logits, own), rel=1e-9)
+
+
+def test_prob_nce_mu_score_keeps_sigma_out_of_the_ranking_ce():
+    from encoders.training.losses_nce import nce_logits, prob_nce_loss
+
+    (im, iv), (tm, tv) = _gauss(3, 4, 50), _gauss(6, 4, 51)
+    want = torch.tensor([[-2.0 * sum((im[i, d] - tm[k, d]).item() ** 2 for d in range(4))
+                          for k in range(6)] for i in range(3)], dtype=torch.float64)
+    assert torch.allclose(nce_logits("mu", im, iv, tm, tv, 2.0), want, rtol=1e-9)
+    leaves = [t.clone().requires_grad_() for t in (im, iv, tm, tv)]
+    a, b = torch.tensor(3.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    out = prob_nce_loss(*leaves, _two_captions_each(3), a, b, scale=2.0, score="mu",
+                        kl_weight=0.0, n_samples=2)
+    out["nce"].backward()
+    assert leaves[0].grad is not None and leaves[2].grad is not None
+    assert leaves[1].grad is None and leaves[3].grad is None  # σ: no gradient from the ranking

@@ -56,15 +56,19 @@ import torch
 from core.errors import PcmeError
 from core.pairwise import pairwise
 from encoders.training.losses import kl_to_standard_normal, pcme_loss
-from encoders.training.losses_baselines import _multi_positive_ce, own_pairs, pairwise_csd
+from encoders.training.losses_baselines import (_multi_positive_ce, own_pairs, pairwise_csd,
+                                                pairwise_sq_dist)
 
-NCE_SCORES = ("csd", "elk")
+NCE_SCORES = ("csd", "elk", "mu")
 
 
 def nce_logits(score: str, img_mu, img_lv, txt_mu, txt_lv, scale: float) -> torch.Tensor:
-    """[B_img, B_txt] logits of the softmax: −scale·CSD or scale·ELK."""
+    """[B_img, B_txt] logits of the softmax: −scale·CSD, scale·ELK, or −scale·‖μ_i−μ_t‖² ("mu":
+    σ stays out of the ranking CE and learns only from the σ-only terms, KL and calibration)."""
     if score == "csd":
         return -scale * pairwise_csd(img_mu, img_lv, txt_mu, txt_lv)
+    if score == "mu":
+        return -scale * pairwise_sq_dist(img_mu, txt_mu)
     if score == "elk":
         return scale * pairwise("elk", img_mu, img_lv, txt_mu, txt_lv)
     raise PcmeError(f"nce_score {score!r}: unknown; choose one of {', '.join(NCE_SCORES)}")
