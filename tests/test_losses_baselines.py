@@ -349,6 +349,10 @@ def test_prob_nce_mu_score_keeps_sigma_out_of_the_ranking_ce():
     want = torch.tensor([[-2.0 * sum((im[i, d] - tm[k, d]).item() ** 2 for d in range(4))
                           for k in range(6)] for i in range(3)], dtype=torch.float64)
     assert torch.allclose(nce_logits("mu", im, iv, tm, tv, 2.0), want, rtol=1e-9)
+    img_var = torch.tensor([sum(math.exp(v) for v in iv[i].tolist()) for i in range(3)],
+                           dtype=torch.float64)
+    assert torch.allclose(nce_logits("csd_img", im, iv, tm, tv, 2.0),
+                          want - 2.0 * img_var[:, None], rtol=1e-9)
     leaves = [t.clone().requires_grad_() for t in (im, iv, tm, tv)]
     a, b = torch.tensor(3.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
     out = prob_nce_loss(*leaves, _two_captions_each(3), a, b, scale=2.0, score="mu",

@@ -38,8 +38,9 @@ class TrainConfig:
     pseudo_weight: float = 0.1      # pcmepp: weight of the pseudo-positive pairs
     margin: float = 0.2             # vse++: triplet margin
     temperature: float = 0.0        # infonce: fixed τ; 0 = learn it (1/τ is the model's a)
-    nce_score: str = "csd"          # prob-nce (not in the papers): logits −scale·CSD, scale·ELK, or
-                                    # −scale·‖Δμ‖² (mu: σ learns only from the σ-only terms)
+    nce_score: str = "csd"          # prob-nce (not in the papers): logits −scale·CSD, scale·ELK,
+                                    # −scale·‖Δμ‖² (mu: σ learns only from the σ-only terms) or
+                                    # csd_img (CSD without the caption's Σσ²)
     nce_scale: float = 7.5          # prob-nce: fixed logit scale (7.5·CSD = 15·cos + const)
     nce_temper: float = 0.0         # prob-nce (not in the papers): β of each anchor's σ-set softmax
                                     # temperature exp(−β(log Σσ² − batch mean)); 0 = off

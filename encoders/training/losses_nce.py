@@ -59,16 +59,20 @@ from encoders.training.losses import kl_to_standard_normal, pcme_loss
 from encoders.training.losses_baselines import (_multi_positive_ce, own_pairs, pairwise_csd,
                                                 pairwise_sq_dist)
 
-NCE_SCORES = ("csd", "elk", "mu")
+NCE_SCORES = ("csd", "elk", "mu", "csd_img")
 
 
 def nce_logits(score: str, img_mu, img_lv, txt_mu, txt_lv, scale: float) -> torch.Tensor:
-    """[B_img, B_txt] logits of the softmax: −scale·CSD, scale·ELK, or −scale·‖μ_i−μ_t‖² ("mu":
-    σ stays out of the ranking CE and learns only from the σ-only terms, KL and calibration)."""
+    """[B_img, B_txt] logits of the softmax: −scale·CSD, scale·ELK, −scale·‖μ_i−μ_t‖² ("mu":
+    σ stays out of the ranking CE and learns only from the σ-only terms, KL and calibration),
+    or −scale·(‖μ_i−μ_t‖² + Σσ_i²) ("csd_img": CSD without the caption's Σσ², so only image σ
+    is in the ranking CE)."""
     if score == "csd":
         return -scale * pairwise_csd(img_mu, img_lv, txt_mu, txt_lv)
     if score == "mu":
         return -scale * pairwise_sq_dist(img_mu, txt_mu)
+    if score == "csd_img":
+        return -scale * (pairwise_sq_dist(img_mu, txt_mu) + img_lv.exp().sum(-1)[:, None])
     if score == "elk":
         return scale * pairwise("elk", img_mu, img_lv, txt_mu, txt_lv)
     raise PcmeError(f"nce_score {score!r}: unknown; choose one of {', '.join(NCE_SCORES)}")
