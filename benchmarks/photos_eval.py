@@ -8,9 +8,13 @@ The same words are also queried in the captions' form, "a <word>" ("a gnu" for "
 every training caption starts with an article, and a lone word is a sequence the bi-GRU never saw.
 
     python benchmarks/photos_eval.py --root data/tuxpaint RUN_DIR[:INDEX_DIR] ... [--json]
+    python benchmarks/photos_eval.py --root data/tuxpaint --zero-shot [--image-size 128]
 
 RUN_DIR holds checkpoint.pt; INDEX_DIR (optional) an index of that run's test-split shards
 (`train` exports them, `cli.py index` builds it); without it the held-out-word test is skipped.
+`--zero-shot` runs the same held-out-word test with no training at all: test photos ranked by
+the cosine between the word's GloVe vector and the photo's class-word mixture (EfficientNet-
+Lite0's ImageNet classifier, encoders/model/class_words.py), the floor class words start from.
 """
 from __future__ import annotations
 
@@ -77,6 +81,36 @@ def word_queries(index: Path, test, words: list[str], device, k: int = 5,
     return out
 
 
+def zero_shot(root: Path, image_size: int) -> dict:
+    """The held-out-word test without training: see the module doc."""
+    from encoders.model.class_words import imagenet_class_words
+    from encoders.model.config import ModelConfig
+    from encoders.model.encode import image_to_tensor
+    from encoders.model.networks import ImageEncoder
+
+    test, train = load_split("folder", root, "test"), load_split("folder", root, "train")
+    cfg = ModelConfig(backbone="efficientnet-lite0", image_size=image_size, class_words=True)
+    # an identity map: class_term is then the class-word mixture itself, in word-vector space
+    enc = ImageEncoder(cfg, class_map=torch.nn.Identity()).eval()
+    enc.class_words.copy_(torch.from_numpy(imagenet_class_words()))
+    with torch.inference_mode():
+        mix = torch.cat([enc.class_term(enc.features(image_to_tensor(test.load_image(i),
+                                                                     image_size)[None])
+                                        .mean(dim=(2, 3))) for i in range(test.n_images)])
+    mix = mix.numpy() / np.linalg.norm(mix.numpy(), axis=1, keepdims=True)
+    caps: dict[int, set[str]] = {}
+    for c, i in zip(test.captions, test.caption_image):
+        caps.setdefault(i, set()).update(tokenize(c))
+    report = {"zero_shot": True, "image_size": image_size}
+    for name, only in (("held_out_words", False), ("held_out_subjects", True)):
+        words = held_out_words(train, test, only)
+        vectors = GloveTable().vectors(words)
+        hits = {w: any(w in caps[i] for i in np.argsort(-(mix @ vectors[w]))[:5]) for w in words}
+        report[name] = {"n": len(hits), "top5_hit": sum(hits.values()),
+                        "hit": sorted(w for w, ok in hits.items() if ok)}
+    return report
+
+
 def evaluate_run(root: Path, run: str, device: str) -> dict:
     run_dir, _, index = run.partition(":")
     dev = torch.device(device)
@@ -97,12 +131,23 @@ def evaluate_run(root: Path, run: str, device: str) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs", nargs="+", help="RUN_DIR[:INDEX_DIR]")
+    ap.add_argument("runs", nargs="*", help="RUN_DIR[:INDEX_DIR]")
+    ap.add_argument("--zero-shot", action="store_true", help="the class-word floor, no training")
+    ap.add_argument("--image-size", type=int, default=128, help="with --zero-shot")
     ap.add_argument("--root", type=Path, required=True, help="dataset folder (tuxpaint_photos.py)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     configure_process()
+    if args.zero_shot:
+        report = zero_shot(args.root, args.image_size)
+        print(json.dumps(report, indent=2) if args.json else
+              "\n".join(f"{k.replace('_', ' ')} with a correct top-5 photo, no training: "
+                        f"{report[k]['top5_hit']}/{report[k]['n']}"
+                        for k in ("held_out_words", "held_out_subjects")))
+        return 0
+    if not args.runs:
+        ap.error("give RUN_DIR[:INDEX_DIR] ... or --zero-shot")
     reports = [evaluate_run(args.root, r, args.device) for r in args.runs]
     if args.json:
         print(json.dumps(reports, indent=2))
