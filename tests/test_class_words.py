@@ -86,3 +86,29 @@ def test_class_words_need_the_lite0_classifier():
     model = seeded_model()
     with pytest.raises(PcmeError, match="class-word table"):
         model.set_class_words(torch.zeros(10, 4))
+
+
+def test_a_glove_text_file_is_read_once_for_vocabulary_and_class_names(tmp_path, monkeypatch):
+    from encoders.model import text
+    from encoders.training.config import TrainConfig
+    from encoders.training.data.base import Split
+    from encoders.training.train import build_model
+
+    glove = tmp_path / "glove.txt"
+    glove.write_text("a 1 0 0 0\nkoala 0 2 0 0\ngreat 0 0 4 0\nshark 0 0 0 8\n")
+    reads = []
+    real = text._glove_text
+    monkeypatch.setattr(text, "_glove_text", lambda path, wanted: reads.append(path) or real(path, wanted))
+    split = Split("folder", "train", tmp_path, ["x.png"], ["x"], ["a koala"], [0])
+    cfg = TrainConfig(glove=str(glove), min_word_count=1,
+                      model=ModelConfig(**{**CW, "vocab": [], "word_dim": 50}))
+    model = build_model(cfg, split)
+    assert len(reads) == 1 and model.cfg.word_dim == 4
+    table = model.image.class_words
+    names = imagenet_class_names()
+    assert torch.equal(table[names.index("koala")], torch.tensor([0.0, 2.0, 0.0, 0.0]))
+    # "great white shark": great and shark known, white not -> their mean
+    assert torch.equal(table[names.index("great white shark")], torch.tensor([0.0, 0.0, 2.0, 4.0]))
+    assert torch.equal(table[0], torch.zeros(4))  # tench: unknown to this file
+    koala = model.text.embed.weight[model.cfg.vocab.index("koala")]
+    assert torch.equal(koala, torch.tensor([0.0, 2.0, 0.0, 0.0]))

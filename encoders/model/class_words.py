@@ -50,12 +50,19 @@ def class_word_table(names: list[str], vectors: dict[str, np.ndarray], dim: int)
     return out
 
 
-def imagenet_class_words(glove: str = "", dim: int | None = None) -> np.ndarray:
+def class_name_words() -> set[str]:
+    """Every word of the ImageNet class names (what the class-word table reads from GloVe)."""
+    return {w for n in imagenet_class_names() for w in name_words(n)}
+
+
+def imagenet_class_words(glove: str = "", dim: int | None = None,
+                         vectors: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """The class-word table for the ImageNet classifier, from the same GloVe as the vocabulary
-    (`glove`: a text file, or empty for the offline package)."""
+    (`glove`: a text file, or empty for the offline package; `vectors`: already read, e.g. in
+    the same pass over a large GloVe file as the vocabulary's)."""
     from encoders.model.text import glove_vectors
 
-    names = imagenet_class_names()
-    vectors = glove_vectors({w for n in names for w in name_words(n)}, glove)
+    if vectors is None:
+        vectors = glove_vectors(class_name_words(), glove)
     width = dim if dim is not None else len(next(iter(vectors.values())))
-    return class_word_table(names, vectors, width)
+    return class_word_table(imagenet_class_names(), vectors, width)

@@ -118,10 +118,14 @@ def _glove_text(path: Path, wanted: set[str]) -> dict[str, np.ndarray]:
     return found
 
 
-def glove_matrix(vocab: list[str], glove: str = "", dim: int | None = None, seed: int = 0):
-    """[len(vocab), dim] float32 initial embeddings and the number of words GloVe knew."""
+def glove_matrix(vocab: list[str], glove: str = "", dim: int | None = None, seed: int = 0,
+                 found: dict[str, np.ndarray] | None = None):
+    """[len(vocab), dim] float32 initial embeddings and the number of words GloVe knew.
+    `found`: vectors already read by glove_vectors (a superset is fine), instead of a read."""
     wanted = set(vocab[len(SPECIALS):])
-    found = glove_vectors(wanted, glove)
+    if found is None:
+        found = glove_vectors(wanted, glove)
+    found = {w: found[w] for w in wanted if w in found}
     gdim = len(next(iter(found.values()))) if found else (dim or 50)
     if dim is not None and dim != gdim:
         raise PcmeError(f"word vectors have dimension {gdim}, model word_dim is {dim}")

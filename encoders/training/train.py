@@ -20,7 +20,7 @@ from core.atomic import sha256_file, write_json
 from core.errors import PcmeError
 
 from encoders.model.checkpoint import read_checkpoint, resolve_device, save_checkpoint
-from encoders.model.class_words import imagenet_class_words
+from encoders.model.class_words import class_name_words, imagenet_class_words
 from encoders.model.config import model_config_from_dict
 from encoders.training.config import TrainConfig
 from encoders.training.data import load_split
@@ -33,7 +33,7 @@ from encoders.training.losses_baselines import LOSSES, PROBABILISTIC
 from encoders.model.networks import PCME
 from core.progress import track
 from encoders.training.schedule import backbone_frozen, make_optimizer
-from encoders.model.text import Vocab, build_vocab, glove_matrix
+from encoders.model.text import Vocab, build_vocab, glove_matrix, glove_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -135,13 +135,17 @@ def build_model(cfg: TrainConfig, train_split: Split) -> PCME:
     """A fresh model for `cfg` (the caller's config is left as it is: the vocabulary and the
     word-vector width go into a copy of cfg.model)."""
     vocab = build_vocab(train_split.captions, cfg.min_word_count)
-    vectors, _ = glove_matrix(vocab, cfg.glove, seed=cfg.seed)
+    # one pass over the GloVe source for the vocabulary and, with class words, the class names
+    wanted = set(vocab) | (class_name_words() if cfg.model.class_words else set())
+    found = glove_vectors(wanted, cfg.glove)
+    vectors, _ = glove_matrix(vocab, cfg.glove, seed=cfg.seed, found=found)
     mcfg = replace(cfg.model, vocab=vocab, word_dim=vectors.shape[1])
     torch.manual_seed(cfg.seed)
     model = PCME(mcfg)
     model.set_word_vectors(torch.from_numpy(vectors))
     if mcfg.class_words:
-        model.set_class_words(torch.from_numpy(imagenet_class_words(cfg.glove, mcfg.word_dim)))
+        table = imagenet_class_words(dim=mcfg.word_dim, vectors=found)
+        model.set_class_words(torch.from_numpy(table))
     return model
 
 
