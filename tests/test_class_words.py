@@ -112,3 +112,15 @@ def test_a_glove_text_file_is_read_once_for_vocabulary_and_class_names(tmp_path,
     assert torch.equal(table[0], torch.zeros(4))  # tench: unknown to this file
     koala = model.text.embed.weight[model.cfg.vocab.index("koala")]
     assert torch.equal(koala, torch.tensor([0.0, 2.0, 0.0, 0.0]))
+
+
+def test_train_refuses_class_words_without_lite0_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    res = CliRunner().invoke(app, ["train", "--class-words", "--root", str(tmp_path / "data"),
+                                   "--out", str(tmp_path / "run")])
+    assert res.exit_code == 2, res.output
+    assert "class_words needs backbone efficientnet-lite0" in res.output
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()

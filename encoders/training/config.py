@@ -185,3 +185,6 @@ def _check_choices(cfg: TrainConfig, where: str) -> None:
     unknown = [s for s in cfg.eval_scores if s not in SCORES]
     if unknown:
         raise PcmeError(f"{where}: eval_scores {unknown} unknown; choose from {', '.join(SCORES)}")
+    if cfg.model.class_words and cfg.model.backbone != "efficientnet-lite0":
+        raise PcmeError(f"{where}: class_words needs backbone efficientnet-lite0 (its ImageNet "
+                        f"classifier), not {cfg.model.backbone!r}")
