@@ -133,7 +133,7 @@ def train(
     class_words: Optional[bool] = typer.Option(
         None, "--class-words/--no-class-words", help="efficientnet-lite0: its ImageNet class "
         "names join both towers (words never seen in training still find photos).",
-        show_default=str(DEFAULTS.model.class_words).lower()),
+        show_default="on with efficientnet-lite0"),
     seed: Optional[int] = _default("seed", "Random seed."),
     device: Optional[str] = _default("device", "auto, cpu or cuda."),
     config: Optional[str] = typer.Option(None, help="TOML or JSON file of train options; flags "

@@ -78,7 +78,7 @@ def test_two_frozen_steps_save_a_checkpoint_that_rebuilds_alone(tmp_path, class_
                                    str(data), "--out", str(tmp_path / "run"), "--shards",
                                    str(tmp_path / "out"), "--backbone", "efficientnet-lite0",
                                    "--image-size", "32", "--device", "cpu"]
-                           + ["--class-words"] * class_words)
+                           + ["--class-words" if class_words else "--no-class-words"])
     assert res.exit_code == 0, res.output
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 2 and ckpt["model_config"]["backbone"] == "efficientnet-lite0"

@@ -124,3 +124,21 @@ def test_train_refuses_class_words_without_lite0_before_any_work(tmp_path):
     assert res.exit_code == 2, res.output
     assert "class_words needs backbone efficientnet-lite0" in res.output
     assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_lite0_run_gets_class_words_unless_it_says_otherwise(tmp_path):
+    from encoders.training.config import load_train_config
+
+    def words(model=None, toml=None):
+        path = None
+        if toml is not None:
+            path = tmp_path / "c.toml"
+            path.write_text(toml)
+        return load_train_config(path, {"model": model or {}}).model.class_words
+
+    assert words({"backbone": "efficientnet-lite0"}) is True
+    assert words({"backbone": "efficientnet-lite0", "class_words": False}) is False
+    assert words(toml='[model]\nbackbone = "efficientnet-lite0"\nclass_words = false\n') is False
+    assert words(toml='[model]\nbackbone = "efficientnet-lite0"\n') is True
+    assert words() is False and words({"backbone": "resnet"}) is False
+    assert ModelConfig(backbone="efficientnet-lite0").class_words is False  # checkpoints unchanged

@@ -22,7 +22,8 @@ class ModelConfig:
     class_words: bool = False       # efficientnet-lite0 only, not in the papers: its ImageNet class
                                     # names (as word vectors) join both towers' μ through one shared
                                     # map, so words training never saw reach photos
-                                    # (encoders/model/class_words.py)
+                                    # (encoders/model/class_words.py); `train` turns it on for a
+                                    # Lite0 run that does not set it (load_train_config)
     # text encoder
     vocab: list[str] = field(default_factory=list)  # index -> word; filled from training captions
     word_dim: int = 50              # word-vector dimension (GloVe 6B 50-d by default)

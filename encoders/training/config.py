@@ -161,6 +161,13 @@ def load_train_config(path: str | Path | None, overrides: dict) -> TrainConfig:
         if not isinstance(values.get("model", {}), dict):
             raise PcmeError(f"{path or 'config'}: 'model' must be a table ([model])")
         values["model"] = {**values.get("model", {}), **model}
+    model_values = values.get("model", {})
+    if isinstance(model_values, dict) and "class_words" not in model_values \
+            and model_values.get("backbone") == "efficientnet-lite0":
+        # a Lite0 run reads its ImageNet classifier's class words unless told not to (README,
+        # "Real photographs"); ModelConfig's own default stays off, so a checkpoint's saved
+        # config, and every older one, means what it meant
+        values["model"] = {**model_values, "class_words": True}
     cfg = _check_and_build(TrainConfig, values, str(path or "config"))
     _check_choices(cfg, str(path or "config"))
     return cfg
