@@ -136,15 +136,21 @@ def _multi_positive_ce(logits: torch.Tensor, positives: torch.Tensor,
     return -per_row.mean()
 
 
+def pair_mask(n_img: int, per: int, device=None) -> torch.Tensor:
+    """bool [n_img, n_img·per]: the batch layout, `per` captions written for each image, in
+    image order (caption j belongs to image j // per)."""
+    eye = torch.eye(n_img, dtype=torch.bool, device=device)
+    return eye.repeat_interleave(per, dim=1)
+
+
 def own_pairs(matched: torch.Tensor) -> torch.Tensor:
-    """bool [B_img, B_txt]: caption j written for image i. A batch's captions come in image
-    order, the same number per image (encoders/training/train.py: batch_positives)."""
+    """bool [B_img, B_txt]: caption j written for image i, read off a positives matrix of the
+    batch layout (pair_mask)."""
     n_img, n_txt = matched.shape
     per = n_txt // n_img
     if per * n_img != n_txt:
         raise PcmeError(f"own_pairs: {n_txt} captions do not split evenly over {n_img} images")
-    eye = torch.eye(n_img, dtype=torch.bool, device=matched.device)
-    return eye.repeat_interleave(per, dim=1)
+    return pair_mask(n_img, per, matched.device)
 
 
 def infonce_loss(img_mu, txt_mu, matched: torch.Tensor, logit_scale) -> dict:

@@ -29,7 +29,7 @@ from encoders.model.encode import image_to_tensor, image_to_uint8, pad_tokens
 from encoders.training.evaluate import DEFAULT_SCORES, encode_split, evaluate_split
 from encoders.training.export import export_shards
 from encoders.training.pipeline import producer_of
-from encoders.training.losses_baselines import LOSSES, PROBABILISTIC
+from encoders.training.losses_baselines import LOSSES, PROBABILISTIC, pair_mask
 from encoders.model.networks import PCME
 from core.progress import track
 from encoders.training.schedule import backbone_frozen, make_optimizer
@@ -78,7 +78,7 @@ def batch_positives(split: Split, images, captions, positives: str = "pairs") ->
     is true of it (a station caption and all station images), as the dataset knows them."""
     captions = np.asarray(captions)
     per = captions.shape[1]
-    matched = np.eye(len(images), dtype=bool).repeat(per, axis=1)
+    matched = pair_mask(len(images), per).numpy()
     if positives == "plausible":
         block = split.match_block(captions.ravel(), np.asarray(images))
         if block is None:
