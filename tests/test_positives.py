@@ -70,9 +70,9 @@ def test_training_with_plausible_positives(tmp_path, monkeypatch):
     batches, masks = [], []
     real_make_batch, real_loss = train_mod.make_batch, train_mod.compute_loss
 
-    def make_batch(split, vocab, source, images, captions, *rest):
+    def make_batch(split, caption_ids, source, images, captions, *rest):
         batches.append((np.asarray(images).copy(), np.asarray(captions).copy()))
-        return real_make_batch(split, vocab, source, images, captions, *rest)
+        return real_make_batch(split, caption_ids, source, images, captions, *rest)
 
     def compute_loss(cfg, i_mu, i_lv, t_mu, t_lv, matched, a, b):
         masks.append(matched.cpu().numpy().copy())

@@ -127,3 +127,25 @@ def test_match_scalars_have_their_own_learning_rate_and_no_decay(tmp_path):
     t.fit()
     # Adam moves a scalar by about its lr per step: far more than the rest's lr allows
     assert abs(t.model.b.item() - b0) > 2 * t.cfg.lr * t.step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("native,amp,expected", [(True, True, torch.bfloat16),
+                                                 (False, True, torch.float32),
+                                                 (True, False, torch.float32)])
+def test_cpu_steps_run_in_bf16_only_where_native(tmp_path, monkeypatch, native, amp, expected):
+    """`amp` on a CPU: the image backbone runs in bf16 when the CPU has it natively (else
+    float32); the μ/σ heads and the weights stay float32 and the step still learns."""
+    import encoders.training.train as train_mod
+    monkeypatch.setattr(train_mod, "cpu_native_bf16", lambda: native)
+    t = Trainer(tiny(tmp_path, amp=amp, epochs=1))
+    seen, heads = [], []
+    t.model.image.backbone.layer4.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    t.model.image.head.fc_var.register_forward_hook(lambda m, i, out: heads.append(out.dtype))
+    before = weights(t)
+    t.run_epoch(lambda row: None)
+    assert seen and set(seen) == {expected} and set(heads) == {torch.float32}
+    after = weights(t)
+    assert all(v.dtype == before[k].dtype and torch.isfinite(v.float()).all()
+               for k, v in after.items())
+    assert not torch.equal(after["image.head.fc.weight"], before["image.head.fc.weight"])

@@ -28,7 +28,7 @@ def mean_train_loss(trainer: Trainer, model) -> float:
             images = np.arange(start, start + 8)
             caps = np.array([trainer.caps_of[i][:2] for i in images])
             torch.manual_seed(0)
-            batch = make_batch(trainer.train_split, trainer.vocab, trainer.images, images, caps,
+            batch = make_batch(trainer.train_split, trainer.caption_ids, trainer.images, images, caps,
                                np.random.default_rng(0))
             losses.append(float(trainer.forward_loss(*batch)["loss"]))
     return float(np.mean(losses))

@@ -66,12 +66,16 @@ class ProbHead(nn.Module):
         nn.init.constant_(self.fc_var.bias, init_log_var)
 
     def forward(self, pooled, local, pad_mask=None, extra=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """extra: an optional [B, D] term added to μ before its LayerNorm (class words)."""
-        residual = torch.sigmoid(self.fc_attn(self.attn_mu(local, pad_mask)))
-        pre = self.fc(pooled) + self.dropout(residual)
-        mu = self.norm(pre if extra is None else pre + extra)
-        mu = F.normalize(mu.float(), dim=-1)
-        log_var = self.fc_var(self.attn_var(local, pad_mask) + pooled).float()
+        """extra: an optional [B, D] term added to μ before its LayerNorm (class words).
+        Float32 even under autocast: log σ² sits near −7, where bf16 steps by 0.03, coarser
+        than the spread between items that the uncertainty reports."""
+        with torch.autocast(pooled.device.type, enabled=False):
+            pooled, local = pooled.float(), local.float()
+            residual = torch.sigmoid(self.fc_attn(self.attn_mu(local, pad_mask)))
+            pre = self.fc(pooled) + self.dropout(residual)
+            mu = self.norm(pre if extra is None else pre + extra.float())
+            mu = F.normalize(mu, dim=-1)
+            log_var = self.fc_var(self.attn_var(local, pad_mask) + pooled)
         return mu, log_var
 
 

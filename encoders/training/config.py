@@ -18,7 +18,7 @@ class TrainConfig:
     root: str = "data"              # dataset root folder (scenes cache is generated there)
     out: str = "runs/latest"        # run folder: checkpoint.pt, log.jsonl, eval.json
     shards: str = "out"             # where the test split's shards are written after training
-    epochs: int = 8                 # passes over the training images
+    epochs: int = 10                # passes over the training images (the default fits in 5 min)
     batch_size: int = 128           # images per step
     captions_per_image: int = 5     # captions per image in a step (all 5 of a scene/COCO image):
                                     # the costly image forward pass learns from every caption
@@ -78,7 +78,8 @@ class TrainConfig:
                                     # tower also sees bare and partial phrases like a user's query
     seed: int = 0                   # seeds data order, noise and initialisation
     device: str = "auto"            # auto | cpu | cuda
-    amp: bool = True                # autocast on CUDA (bf16 when supported, else fp16)
+    amp: bool = True                # autocast: on CUDA bf16 when supported, else fp16; on a CPU bf16
+                                    # where it is native (AVX512-BF16/AMX), else float32
     eval_split: str = "test"        # split evaluated and exported at the end
     eval_scores: list[str] = field(default_factory=list)  # scores evaluated at the end; empty =
                                     # mu, elk (probabilistic losses) or mu (μ-only baselines)
