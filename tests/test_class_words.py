@@ -142,3 +142,25 @@ def test_a_lite0_run_gets_class_words_unless_it_says_otherwise(tmp_path):
     assert words(toml='[model]\nbackbone = "efficientnet-lite0"\n') is True
     assert words() is False and words({"backbone": "resnet"}) is False
     assert ModelConfig(backbone="efficientnet-lite0").class_words is False  # checkpoints unchanged
+
+
+@pytest.mark.parametrize("gain", [3.0, 0.5])
+def test_the_class_map_starts_orthogonal_at_its_gain(gain):
+    """W's columns start orthogonal with norm `gain` (WᵀW = gain²·I) and no bias, so the class
+    term keeps the word vectors' geometry: ⟨Wu, Wv⟩ = gain²·⟨u, v⟩ for any two word vectors."""
+    torch.manual_seed(0)
+    w = PCME(ModelConfig(**CW, class_map_gain=gain)).image.class_map
+    torch.testing.assert_close(w.weight.T @ w.weight, gain ** 2 * torch.eye(4), atol=1e-5, rtol=0)
+    assert torch.equal(w.bias, torch.zeros(16))
+    u, v = torch.randn(4), torch.randn(4)
+    assert float(w(u) @ w(v)) == pytest.approx(gain ** 2 * float(u @ v), rel=1e-4, abs=1e-5)
+
+
+def test_class_map_gain_zero_keeps_pytorchs_default_init():
+    torch.manual_seed(0)
+    w = PCME(ModelConfig(**CW, class_map_gain=0.0)).image.class_map
+    bound = 1 / 4 ** 0.5  # nn.Linear: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias
+    assert w.weight.abs().max() <= bound and w.bias.abs().max() <= bound
+    assert w.bias.abs().max() > 0
+    gram = w.weight.T @ w.weight
+    assert not torch.allclose(gram, gram[0, 0] * torch.eye(4), atol=1e-2)

@@ -24,6 +24,9 @@ class ModelConfig:
                                     # map, so words training never saw reach photos
                                     # (encoders/model/class_words.py); `train` turns it on for a
                                     # Lite0 run that does not set it (load_train_config)
+    class_map_gain: float = 3.0     # class words: W starts orthogonal at this gain, so unseen words
+                                    # keep GloVe's geometry (0 = PyTorch's default init, ~20x
+                                    # smaller: fewer held-out words found, README "Real photos")
     # text encoder
     vocab: list[str] = field(default_factory=list)  # index -> word; filled from training captions
     word_dim: int = 50              # word-vector dimension (GloVe 6B 50-d by default)

@@ -158,7 +158,13 @@ def class_word_map(cfg: ModelConfig) -> nn.Linear | None:
     if cfg.backbone != "efficientnet-lite0":
         raise PcmeError(f"class_words needs the efficientnet-lite0 backbone (its ImageNet "
                         f"classifier); backbone is {cfg.backbone!r}")
-    return nn.Linear(cfg.word_dim, cfg.embed_dim)
+    w = nn.Linear(cfg.word_dim, cfg.embed_dim)
+    if cfg.class_map_gain > 0:
+        # orthogonal columns: W·c starts as a scaled copy of the word-vector space, so a word
+        # and a photo whose classifier names it start close together (see ModelConfig)
+        nn.init.orthogonal_(w.weight, gain=cfg.class_map_gain)
+        nn.init.zeros_(w.bias)
+    return w
 
 
 class ImageEncoder(nn.Module):

@@ -91,7 +91,7 @@ class TrainConfig:
 # otherwise fail deep inside training with a traceback instead of naming the key.
 MINIMUM = {"epochs": 0, "batch_size": 1, "captions_per_image": 1, "accum_steps": 1, "ckpt_every": 1,
            "n_samples": 1, "calib_samples": 1, "train_images": 1, "warmup_steps": 0, "freeze_backbone_epochs": 0,
-           "min_word_count": 1, "nce_temper": 0, "hit_temper": 0, "failure_weight": 0, "plausible_weight": 0, "embed_dim": 2, "resnet_width": 1, "image_size": 8, "word_dim": 1,
+           "min_word_count": 1, "nce_temper": 0, "hit_temper": 0, "failure_weight": 0, "plausible_weight": 0, "class_map_gain": 0, "embed_dim": 2, "resnet_width": 1, "image_size": 8, "word_dim": 1,
            "gru_hidden": 1, "attn_hidden": 1}
 
 
