@@ -136,8 +136,8 @@ def test_match_scalars_have_their_own_learning_rate_and_no_decay(tmp_path):
 def test_cpu_steps_run_in_bf16_only_where_native(tmp_path, monkeypatch, native, amp, expected):
     """`amp` on a CPU: the image backbone runs in bf16 when the CPU has it natively (else
     float32); the μ/σ heads and the weights stay float32 and the step still learns."""
-    import encoders.training.train as train_mod
-    monkeypatch.setattr(train_mod, "cpu_native_bf16", lambda: native)
+    import encoders.training.precision as precision
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda: native)
     t = Trainer(tiny(tmp_path, amp=amp, epochs=1))
     seen, heads = [], []
     t.model.image.backbone.layer4.register_forward_hook(lambda m, i, out: seen.append(out.dtype))

@@ -30,6 +30,7 @@ from encoders.training.evaluate import DEFAULT_SCORES, encode_split, evaluate_sp
 from encoders.training.export import export_shards
 from encoders.training.pipeline import producer_of
 from encoders.training.losses_baselines import LOSSES, PROBABILISTIC, pair_mask
+from encoders.training.precision import autocast, autocast_dtype
 from encoders.model.networks import PCME
 from core.progress import track
 from encoders.training.schedule import backbone_frozen, make_optimizer
@@ -155,34 +156,6 @@ def build_model(cfg: TrainConfig, train_split: Split) -> PCME:
     return model
 
 
-def cpu_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (x86 AVX512-BF16 or AMX, as Linux reports them):
-    there autocast trains its convolutions and matrix products faster; elsewhere bf16 would be
-    emulated, and slower than float32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
-
-
-def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """The lower precision `amp` trains in: on CUDA bf16 where supported, else fp16; on a CPU
-    bf16 where it is native (cpu_native_bf16); None = float32 throughout."""
-    if not enabled:
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if device.type == "cpu" and cpu_native_bf16() else None
-
-
-def _autocast(device: torch.device, enabled: bool):
-    dtype = autocast_dtype(device, enabled)
-    if dtype is None:
-        return torch.autocast("cpu", enabled=False)
-    return torch.autocast(device.type, dtype=dtype)
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False):
         self.cfg, self.out = cfg, Path(cfg.out)
@@ -240,9 +213,11 @@ class Trainer:
     def forward_loss(self, x, tokens, lengths, matched) -> dict:
         cfg, model = self.cfg, self.model
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with _autocast(self.device, cfg.amp):
+        with autocast(self.device, cfg.amp):
             i_mu, i_lv = model.image(x)
-        with _autocast(self.device, cfg.amp and self.device.type == "cuda"):
+        # the GRU stays float32 on a CPU: no faster in bf16 there, and its oneDNN kernels
+        # grew the process every step (caption lengths vary)
+        with autocast(self.device, cfg.amp and self.device.type == "cuda"):
             t_mu, t_lv = model.text(tokens.to(self.device), lengths)
         return compute_loss(cfg, i_mu.float(), i_lv.float(), t_mu.float(), t_lv.float(),
                             matched.to(self.device), model.a, model.b)
