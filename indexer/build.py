@@ -28,8 +28,8 @@ from core.errors import PcmeError
 from indexer import augmented as aug
 from indexer import faiss_index as fx
 from core.constants import MC_SAMPLES
-from core.atomic import AtomicDir, sha256_file, utc_now, write_json
-from indexer.manifest import SCHEMA_VERSION
+from core.atomic import AtomicDir, sha256_file, write_json
+from indexer.manifest import SCHEMA_VERSION, build_stamp
 from indexer.shards import MODALITIES, ShardBatch, read_shard_manifest, read_shards, validate_shards
 from indexer.store import STORE_FORMAT, StoreWriter, estimate_map_size, stored_log_var
 from indexer.lists import write_list_blocks
@@ -118,7 +118,7 @@ def index_manifest(plans: dict, chosen: dict, counts: dict, dim: int, recall_tar
                   "row": "mu float32[dim] + log_var float16[dim]",
                   "lists": sorted(m for m, p in plans.items() if fx.ivf_of(p.index) is not None)},
         "shards": {"dir": str(shard_dir), "manifest_sha256": shard_sha},
-        "producer": producer, "created": utc_now(), "calibration": read_calibration(producer),
+        "producer": producer, **build_stamp(), "calibration": read_calibration(producer),
         "build_s": round(time.perf_counter() - start, 3)}
 
 

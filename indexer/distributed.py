@@ -34,7 +34,7 @@ from core.errors import PcmeError
 from core.constants import MC_SAMPLES, NOISE_ROWS
 from indexer import build as B
 from indexer import faiss_index as fx
-from indexer.manifest import SCHEMA_VERSION
+from indexer.manifest import SCHEMA_VERSION, build_stamp
 from indexer.shards import MODALITIES, ShardBatch, read_files, read_shard_manifest, validate_shards
 from indexer.store import StoreWriter, estimate_map_size
 from indexer.variance import VarianceStats
@@ -295,4 +295,4 @@ def _write_sharded(tmp, parts, results, plans, chosen, counts, dim, recall_targe
             "shards": [{"dir": q.name, "modality": q.modality, "id_offset": q.start,
                         "count": q.stop - q.start} for q in parts],
             "shards_source": {"dir": str(shard_dir), "manifest_sha256": shard_sha},
-            "producer": producer, "created": utc_now()}
+            "producer": producer, **build_stamp()}

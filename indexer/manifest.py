@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from pathlib import Path
 
-from core.atomic import MANIFEST
+from core.atomic import MANIFEST, utc_now
 from core.commands import cli_command
 from core.errors import PcmeError
 from indexer.store import READABLE_FORMATS
@@ -18,6 +19,13 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 MODALITIES = ("image", "text")  # here, not in shards.py: the query path needs no pyarrow
+
+
+def build_stamp() -> dict:
+    """`created` and a `build_id` unique to this build, for an index manifest: a service tells a
+    rebuilt index from the one it serves by the id (`created` has one-second resolution, and
+    two builds of the same shards within a second could not be told apart by it)."""
+    return {"created": utc_now(), "build_id": uuid.uuid4().hex}
 
 
 def read_manifest(directory: Path, kind: str) -> dict:

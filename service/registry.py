@@ -197,6 +197,10 @@ def _common_root(items: list[str]) -> list[Path]:
 
 
 def _generation(manifest: dict) -> str:
+    """The build's id (indexer.manifest.build_stamp); for an index built before builds had one,
+    its creation second, build time and counts."""
+    if manifest.get("build_id"):
+        return str(manifest["build_id"])[:12]
     key = f"{manifest.get('created')}:{manifest.get('build_s')}:{manifest.get('counts')}"
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 

@@ -1,5 +1,6 @@
 """Service parts without a model: the micro-batcher on a fake engine, and images served by id
 only from under the allowed roots (traversal, absolute paths and symlinks out get 404)."""
+import hashlib
 import os
 import threading
 from pathlib import Path
@@ -144,3 +145,21 @@ def test_serve_bad_index_arguments_are_one_line_errors(image_index, record_prope
     one_error_line(res, record_property, "given twice")
     res = runner.invoke(cli_app, ["serve", "--index", f"a={tmp_path / 'index'}", "--max-batch", "0"])
     one_error_line(res, record_property, "max_batch")
+
+
+def test_a_rebuild_is_a_new_generation_even_within_the_same_second(image_index):
+    """Two builds of the same shards differ by their build id, so the registry reloads the
+    second even when `created` (one-second resolution), build time and counts are equal."""
+    from indexer.manifest import read_index_manifest
+    from service.registry import _generation
+    tmp_path, _ = image_index
+    first = read_index_manifest(tmp_path / "index")
+    build_index(tmp_path / "shards", tmp_path / "index")
+    second = read_index_manifest(tmp_path / "index")
+    assert first["build_id"] != second["build_id"] and len(second["build_id"]) == 32
+    same_second = dict(second, created=first["created"], build_s=first["build_s"])
+    assert _generation(same_second) != _generation(first)
+    # an index built before builds had an id keeps the generation it had (image URLs, ETags)
+    old = {k: v for k, v in first.items() if k != "build_id"}
+    key = f"{old['created']}:{old['build_s']}:{old['counts']}"
+    assert _generation(old) == hashlib.sha256(key.encode()).hexdigest()[:12]
