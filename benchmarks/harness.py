@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 ALL_SCORES = tuple(SCORES)
 WARMUP = 20   # untimed queries per score before the timed pass
-STAGES = ("encode_ms", "ann_ms", "fetch_ms", "rescore_ms", "meta_ms", "total_ms")
+STAGES = ("encode_ms", "ann_ms", "fetch_ms", "bound_ms", "rescore_ms", "meta_ms", "total_ms")
 
 
 @dataclass
@@ -182,13 +182,13 @@ def format_table(report: dict) -> str:
             f"peak RSS={report.get('peak_rss_mb')} MB queries={report['queries']} k={report['k']} "
             f"shortlist={report['shortlist']}")
     # latencies per query in ms (stages: p50), throughput in queries/s, shortlist in items
-    cols = ("p50 ms", "p95 ms", "p99 ms", "qps", "batch qps", "ann ms", "fetch ms", "rescore ms",
-            "meta ms", "shortlist", "recall@10")
+    cols = ("p50 ms", "p95 ms", "p99 ms", "qps", "batch qps", "ann ms", "fetch ms", "bound ms",
+            "rescore ms", "meta ms", "shortlist", "recall@10")
     lines = [head, f"{'score':<14}" + "".join(f"{c:>11}" for c in cols)]
     for name, s in report["scores"].items():
         st = s["stages_p50_ms"]
         vals = (s["p50_ms"], s["p95_ms"], s["p99_ms"], s["qps"], s["batch_qps"], st["ann_ms"],
-                st["fetch_ms"], st["rescore_ms"], st["meta_ms"], s["shortlist_p50"],
+                st["fetch_ms"], st["bound_ms"], st["rescore_ms"], st["meta_ms"], s["shortlist_p50"],
                 s["recall@10"])
         lines.append(f"{name:<14}" + "".join(f"{v:>11.3f}" if isinstance(v, float) else f"{v:>11}"
                                              for v in vals))

@@ -19,9 +19,10 @@ from core.errors import PcmeError
 from engine.exact import ExactSearcher
 from core.montecarlo import MC_SAMPLES
 from core.scores import score_name
-from engine.rescore import CHUNK_FLOATS, rescore_gathered
+from engine.rescore import CHUNK_FLOATS, rescore_gathered, rescore_rows
 from engine.shortlist import BOUNDED, kth_key, prefetch_depth, shortlist_size
-from indexer.variance import VarianceBounds, required_ip
+from engine import row_bounds
+from indexer.variance import VarianceBounds, margin, required_ip
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,9 @@ class BatchSearcher:
         """The same shortlist as below, read from whole inverted lists (indexer/lists.py):
         per query, the exact inner product with every item of its probed lists (the set the
         ANN stage ranks), the `first` best rescored, then every item the bound cannot rule
-        out. No FAISS range search is needed: the probed lists are all there."""
+        out. No FAISS range search is needed: the probed lists are all there. With format-4
+        blocks, elk and bhattacharyya bound each row on its own (engine/row_bounds.py): the
+        first are the rows of best bound, and only rows whose bound beats the k-th key follow."""
         timings = {"ann_ms": 0.0, "fetch_ms": 0.0, "rescore_ms": 0.0}
         t = time.perf_counter()
         lists = list(blocks.probe(mu_q))
@@ -127,6 +130,9 @@ class BatchSearcher:
                 lists[i] = row
             short = [i for i in short if blocks.sizes(lists[i]).sum() < first]
         timings["ann_ms"] += _ms(t)
+        by_row = bounds is not None and score in row_bounds.SCORES and blocks.row_stats
+        if by_row:
+            timings["bound_ms"] = 0.0
         out_ids, out_keys, sizes, hits = [], [], [], []
         with blocks.reading() as read:
             for i in range(len(mu_q)):
@@ -135,15 +141,23 @@ class BatchSearcher:
                 timings["fetch_ms"] += _ms(t)
                 t = time.perf_counter()
                 ids = np.concatenate([p.ids for p in parts])
-                ip = np.concatenate([p.mu @ mu_q[i] for p in parts])
-                timings["ann_ms"] += _ms(t)
-                pick = np.argpartition(-ip, first - 1)[:first] if first < len(ip) \
-                    else np.arange(len(ip))
+                if by_row:   # rows in order of their own bound (engine/row_bounds.py)
+                    q = row_bounds.QueryBounds(score, mu_q[i], lv_q[i])
+                    rank = np.concatenate([q.block(p) for p in parts])
+                    timings["bound_ms"] += _ms(t)
+                else:        # rows in order of ⟨μ_q, μ⟩, one bound for all (indexer/variance.py)
+                    ip = rank = np.concatenate([p.mu @ mu_q[i] for p in parts])
+                    timings["ann_ms"] += _ms(t)
+                pick = np.argpartition(-rank, first - 1)[:first] if first < len(rank) \
+                    else np.arange(len(rank))
                 keys = self._rescore_rows(score, mu_q[i], lv_q[i], parts, pick, ids, timings)
                 if bounds is not None:
-                    t_req = required_ip(score, kth_key(keys, k), mu_q[i], lv_q[i], bounds)
-                    more = np.flatnonzero(ip > t_req)
-                    more = more[~np.isin(more, pick)]
+                    if by_row:
+                        more = np.flatnonzero(rank > margin(kth_key(keys, k)))
+                    else:
+                        t_req = required_ip(score, kth_key(keys, k), mu_q[i], lv_q[i], bounds)
+                        more = np.flatnonzero(ip > t_req)
+                    more = more[~_marked(len(rank), pick)[more]]
                     if len(more):
                         keys = np.concatenate([keys, self._rescore_rows(
                             score, mu_q[i], lv_q[i], parts, more, ids, timings)])
@@ -151,7 +165,9 @@ class BatchSearcher:
                 top = np.argsort(-keys, kind="stable")[:k]
                 out_ids.append(ids[pick[top]]), out_keys.append(keys[top])
                 sizes.append(len(pick))
-                hits.append(_gather(parts, pick[top]))   # p_match needs them: no second read
+                order = np.argsort(pick[top])            # p_match needs them: no second read
+                hits.append(tuple(x[np.argsort(order)]
+                                  for x in _gather(parts, pick[top][order])))
         return BatchResult(np.stack(out_ids), np.stack(out_keys), np.asarray(sizes), timings,
                            tuple(np.stack([h[j] for h in hits]) for j in (0, 1)))
 
@@ -159,20 +175,32 @@ class BatchSearcher:
         """Keys of the items at positions `rows` of the concatenated list blocks `parts`,
         gathered and scored a cache-sized piece at a time (engine/rescore.py)."""
         t = time.perf_counter()
+        if score in row_bounds.SCORES and len(rows) * len(lv_q) <= CHUNK_FLOATS:
+            order = np.argsort(rows)
+            keys = np.empty(len(rows), np.float32)
+            keys[order] = rescore_rows(score, mu_q, lv_q,
+                                       *_gather(parts, rows[order], convert=False))
+            timings["rescore_ms"] += _ms(t)
+            return keys
         keys = np.empty(len(rows), np.float32)
+        order = np.argsort(rows, kind="stable")
+        ordered = rows[order]
         ends = np.cumsum([len(p.ids) for p in parts])
-        which = np.searchsorted(ends, rows, side="right")
-        step = max(1, CHUNK_FLOATS // len(lv_q))   # rows per piece (lv_q is one query, [D])
-        for j in np.unique(which):
-            at = np.flatnonzero(which == j)
-            local = rows[at] - (ends[j - 1] if j else 0)
-            for s in range(0, len(at), step):
-                piece, sel = at[s:s + step], local[s:s + step]
-                lv = torch.from_numpy(parts[j].log_var[sel]).float().numpy()  # 10x numpy's
-                keys[piece] = rescore_gathered(score, mu_q[None], lv_q[None],
-                                               parts[j].mu[sel][None], lv[None],
-                                               ids[rows[piece]][None], self.a, self.b,
-                                               self.mc_samples)[0]
+        cuts = np.searchsorted(ordered, ends)           # rows of part j: cuts[j-1]:cuts[j]
+        step = max(1, CHUNK_FLOATS // len(lv_q))        # rows per piece (lv_q is one query)
+        for j, part in enumerate(parts):
+            start, stop = (cuts[j - 1] if j else 0), cuts[j]
+            for s in range(start, stop, step):
+                at = order[s:min(s + step, stop)]
+                sel = ordered[s:min(s + step, stop)] - (ends[j - 1] if j else 0)
+                if score in row_bounds.SCORES:
+                    keys[at] = rescore_rows(score, mu_q, lv_q, part.mu[sel], part.log_var[sel],
+                                            None if part.lv_sum is None else part.lv_sum[sel])
+                    continue
+                lv = torch.from_numpy(part.log_var[sel]).float().numpy()  # 10x numpy's
+                keys[at] = rescore_gathered(score, mu_q[None], lv_q[None], part.mu[sel][None],
+                                            lv[None], ids[rows[at]][None], self.a, self.b,
+                                            self.mc_samples)[0]
         timings["rescore_ms"] += _ms(t)  # gather and math together: they interleave
         return keys
 
@@ -258,15 +286,27 @@ class BatchSearcher:
         return VarianceBounds.from_json(stats)
 
 
-def _gather(parts, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(μ, log_var float32) copies of the rows at positions `rows` of the concatenated list
-    blocks `parts`."""
+def _marked(n: int, rows: np.ndarray) -> np.ndarray:
+    """[n] bool, True at `rows` (cheaper than np.isin for a few hundred of a few thousand)."""
+    mask = np.zeros(n, bool)
+    mask[rows] = True
+    return mask
+
+
+def _gather(parts, rows: np.ndarray, convert: bool = True) -> tuple:
+    """Copies of the rows at positions `rows` (ascending) of the concatenated list blocks
+    `parts`: (μ, log_var float32), or with convert=False (μ, log_var float16, lv_sum or None)."""
     ends = np.cumsum([len(p.ids) for p in parts])
-    which = np.searchsorted(ends, rows, side="right")
-    local = rows - np.concatenate([[0], ends])[which]
-    mu = np.stack([parts[j].mu[i] for j, i in zip(which, local)])
-    lv = np.stack([parts[j].log_var[i] for j, i in zip(which, local)]).astype(np.float32)
-    return mu, lv
+    cuts = np.searchsorted(rows, ends)
+    pieces = [(p, rows[a:b] - off) for p, a, b, off in zip(parts, np.r_[0, cuts[:-1]], cuts,
+                                                           np.r_[0, ends[:-1]]) if b > a]
+    mu = np.concatenate([p.mu[at] for p, at in pieces])
+    lv = np.concatenate([p.log_var[at] for p, at in pieces])
+    if convert:
+        return mu, lv.astype(np.float32)
+    sums = np.concatenate([p.lv_sum[at] for p, at in pieces]) \
+        if parts[0].lv_sum is not None else None
+    return mu, lv, sums
 
 
 def _ms(t0: float) -> float:

@@ -1,4 +1,4 @@
-"""List blocks: the store's rows grouped by IVF inverted list (store format 3).
+"""List blocks: the store's rows grouped by IVF inverted list (store formats 3 and 4).
 
 A guaranteed shortlist lies inside the query's probed inverted lists (the bound of
 indexer/variance.py only ever admits items the ANN stage could return), so the engine reads
@@ -6,7 +6,9 @@ those lists whole instead of the shortlist id by id: one LMDB value per list,
 
   `<modality>.lists`  key: list number, 4-byte big-endian
                       value: n int64 ids (ascending), then μ float32 [n, D], then log_var
-                      float16 [n, D] (columns, so each is one zero-copy numpy view)
+                      float16 [n, D] (columns, so each is one zero-copy numpy view);
+                      format 4 appends the row bounds' scalars (engine/row_bounds.py):
+                      rho, lv_sum, mu_white float32 [n], then lv_ref float32 [D]
 
 At 1M × 256 a list is ~1,000 rows (1.5 MiB, contiguous overflow pages): two reads per query
 instead of ~800 B-tree lookups, and the pages a query touches are few and sequential, which
@@ -47,29 +49,69 @@ def list_ids(index: faiss.Index, number: int) -> np.ndarray:
     return faiss.rev_swig_ptr(invlists.get_ids(number), n).astype(np.int64)
 
 
-def encode_block(ids: np.ndarray, mu: np.ndarray, log_var: np.ndarray) -> bytes:
-    return b"".join((np.ascontiguousarray(ids, "<i8").tobytes(),
-                     np.ascontiguousarray(mu, np.float32).tobytes(),
-                     np.ascontiguousarray(log_var, np.float16).tobytes()))
+def row_scalars(mu: np.ndarray, log_var: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(rho [n], lv_sum [n], mu_white [n], lv_ref [D]) of a block's rows (μ float32, stored
+    float16 log_var), for engine/row_bounds.py: lv_ref is the per-dimension mean log v
+    (b_d = exp(lv_ref_d)); rho_i = exp(max_d(lv_i,d − lv_ref_d)) rounded UP, so v_i,d ≤
+    rho_i·b_d holds; lv_sum_i = Σ_d lv_i,d; mu_white_i = Σ_d μ_i,d²/b_d rounded DOWN (a bound
+    may only lose by rounding)."""
+    lv = log_var.astype(np.float64)
+    ref = lv.mean(axis=0).astype(np.float32)
+    excess = (lv - ref.astype(np.float64)).max(axis=1)
+    white = (mu.astype(np.float64) ** 2 / np.exp(ref.astype(np.float64))).sum(axis=1)
+    return (_rounded(np.exp(excess) * (1 + 1e-12), np.inf), lv.sum(axis=1).astype(np.float32),
+            _rounded(white * (1 - 1e-12), -np.inf), ref)
+
+
+def _rounded(x: np.ndarray, towards: float) -> np.ndarray:
+    """float64 -> float32, rounded towards +inf or -inf instead of to nearest."""
+    y = x.astype(np.float32)
+    off = y.astype(np.float64) < x if towards > 0 else y.astype(np.float64) > x
+    return np.where(off, np.nextafter(y, np.float32(towards)), y).astype(np.float32)
+
+
+def encode_block(ids: np.ndarray, mu: np.ndarray, log_var: np.ndarray,
+                 row_stats: bool = True) -> bytes:
+    """A block's value; `row_stats=False` writes the format-3 layout (no scalars)."""
+    parts = [np.ascontiguousarray(ids, "<i8"), np.ascontiguousarray(mu, np.float32),
+             np.ascontiguousarray(log_var, np.float16)]
+    if row_stats:
+        parts += row_scalars(parts[1], parts[2])
+    return b"".join(p.tobytes() for p in parts)
 
 
 @dataclass
 class Block:
-    """One inverted list: ids [n], μ float32 [n, D], log_var float16 [n, D] (views)."""
+    """One inverted list: ids [n], μ float32 [n, D], log_var float16 [n, D] (views), and in
+    format 4 the row bounds' scalars (row_scalars; None in format 3)."""
     ids: np.ndarray
     mu: np.ndarray
     log_var: np.ndarray
+    rho: np.ndarray | None = None
+    lv_sum: np.ndarray | None = None
+    mu_white: np.ndarray | None = None
+    lv_ref: np.ndarray | None = None
 
 
-def decode_block(value, dim: int) -> Block:
+ROW_SCALARS = 3   # float32 scalars per row in format 4
+
+
+def decode_block(value, dim: int, row_stats: bool = False) -> Block:
     raw = np.frombuffer(value, np.uint8)
-    n = len(raw) // (8 + row_bytes(dim))
-    if n * (8 + row_bytes(dim)) != len(raw):
+    per_row = 8 + row_bytes(dim) + (4 * ROW_SCALARS if row_stats else 0)
+    fixed = 4 * dim if row_stats else 0
+    n = (len(raw) - fixed) // per_row
+    if n < 0 or n * per_row + fixed != len(raw):
         raise ValueError(f"list block of {len(raw)} bytes is not whole rows of dim {dim}")
     ids = raw[:8 * n].view("<i8")
-    mu = raw[8 * n:8 * n + 4 * n * dim].view(np.float32).reshape(n, dim)
-    log_var = raw[8 * n + 4 * n * dim:].view(np.float16).reshape(n, dim)
-    return Block(ids, mu, log_var)
+    at = 8 * n + 4 * n * dim
+    mu = raw[8 * n:at].view(np.float32).reshape(n, dim)
+    log_var = raw[at:at + 2 * n * dim].view(np.float16).reshape(n, dim)
+    if not row_stats:
+        return Block(ids, mu, log_var)
+    at += 2 * n * dim
+    scalars = raw[at:at + 4 * ROW_SCALARS * n].view(np.float32).reshape(ROW_SCALARS, n)
+    return Block(ids, mu, log_var, *scalars, raw[at + 4 * ROW_SCALARS * n:].view(np.float32))
 
 
 def write_list_blocks(store_path: Path, modality: str, index: faiss.Index, dim: int) -> int:
@@ -85,7 +127,7 @@ def write_list_blocks(store_path: Path, modality: str, index: faiss.Index, dim: 
                     max_dbs=8, subdir=True, sync=False, metasync=False, writemap=True)
     page = env.stat()["psize"]
     used = (env.info()["last_pgno"] + 1) * page
-    blocks_bytes = index.ntotal * (8 + row_bytes(dim)) + ivf.nlist * 3 * page
+    blocks_bytes = index.ntotal * (8 + 4 * ROW_SCALARS + row_bytes(dim)) + ivf.nlist * (3 * page + 4 * dim)
     env.set_mapsize(int(1.02 * (used + blocks_bytes)) + (16 << 20))
     rows, pending, size = 0, [], 0
     try:
@@ -136,8 +178,9 @@ class ListBlocks:
     """Reads the list blocks of one modality: which lists a query probes (the IVF quantizer),
     then those lists' rows, zero-copy, inside one read transaction."""
 
-    def __init__(self, env, modality: str, index: faiss.Index, dim: int, nprobe: int):
-        self.env, self.dim, self.nprobe = env, dim, nprobe
+    def __init__(self, env, modality: str, index: faiss.Index, dim: int, nprobe: int,
+                 row_stats: bool = True):
+        self.env, self.dim, self.nprobe, self.row_stats = env, dim, nprobe, row_stats
         self.ivf = fx.ivf_of(index)
         self.db = env.open_db(f"{modality}.lists".encode(), create=False)
 
@@ -161,7 +204,8 @@ class ListBlocks:
             def read(number: int) -> Block:
                 if number not in cache:
                     value = txn.get(list_key(number), db=self.db)
-                    cache[number] = (decode_block(value, self.dim) if value is not None else
+                    cache[number] = (decode_block(value, self.dim, self.row_stats)
+                                     if value is not None else
                                      Block(np.zeros(0, np.int64),
                                            np.zeros((0, self.dim), np.float32),
                                            np.zeros((0, self.dim), np.float16)))

@@ -43,14 +43,14 @@ class IndexReader:
 
     def list_blocks(self, modality: str) -> ListBlocks | None:
         """The modality's rows grouped by inverted list (indexer/lists.py), or None: no IVF
-        index, or a store written before format 3."""
+        index, or a store written before format 3 (format 3 blocks lack the row scalars)."""
         if modality not in self._lists:
             store = self.manifest["store"]
             has = store.get("format") >= 3 and modality in store.get("lists", ()) \
                 and self.count(modality) > 0
             self._lists[modality] = ListBlocks(
                 self._store.env, modality, self._indexes[modality], self.dim,
-                self.manifest["nprobe"][modality]) if has else None
+                self.manifest["nprobe"][modality], row_stats=store["format"] >= 4) if has else None
         return self._lists[modality]
 
     def variance_stats(self, modality: str) -> dict | None:

@@ -27,8 +27,8 @@ from core.errors import PcmeError
 
 logger = logging.getLogger(__name__)
 
-STORE_FORMAT = 3   # 3: format 2 + rows grouped by IVF list (indexer/lists.py)
-READABLE_FORMATS = (2, 3)
+STORE_FORMAT = 4   # 3: format 2 + rows grouped by IVF list (indexer/lists.py); 4: + row scalars
+READABLE_FORMATS = (2, 3, 4)
 LOG_VAR_CLIP = 20.0  # |log σ²| beyond 20 (σ² < 2e-9 or > 5e8) carries no ranking information
 _PAGE = 4096
 
