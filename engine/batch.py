@@ -143,7 +143,7 @@ class BatchSearcher:
                 ids = np.concatenate([p.ids for p in parts])
                 if by_row:   # rows in order of their own bound (engine/row_bounds.py)
                     q = row_bounds.QueryBounds(score, mu_q[i], lv_q[i])
-                    rank = np.concatenate([q.block(p) for p in parts])
+                    rank = q.blocks(parts)
                     timings["bound_ms"] += _ms(t)
                 else:        # rows in order of ⟨μ_q, μ⟩, one bound for all (indexer/variance.py)
                     ip = rank = np.concatenate([p.mu @ mu_q[i] for p in parts])

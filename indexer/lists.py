@@ -8,7 +8,7 @@ those lists whole instead of the shortlist id by id: one LMDB value per list,
                       value: n int64 ids (ascending), then μ float32 [n, D], then log_var
                       float16 [n, D] (columns, so each is one zero-copy numpy view);
                       format 4 appends the row bounds' scalars (engine/row_bounds.py):
-                      rho, lv_sum, mu_white float32 [n], then lv_ref float32 [D]
+                      rho, lv_sum float32 [n], then lv_ref float32 [D], rho0 float32
 
 At 1M × 256 a list is ~1,000 rows (1.5 MiB, contiguous overflow pages): two reads per query
 instead of ~800 B-tree lookups, and the pages a query touches are few and sequential, which
@@ -49,18 +49,15 @@ def list_ids(index: faiss.Index, number: int) -> np.ndarray:
     return faiss.rev_swig_ptr(invlists.get_ids(number), n).astype(np.int64)
 
 
-def row_scalars(mu: np.ndarray, log_var: np.ndarray) -> tuple[np.ndarray, ...]:
-    """(rho [n], lv_sum [n], mu_white [n], lv_ref [D]) of a block's rows (μ float32, stored
-    float16 log_var), for engine/row_bounds.py: lv_ref is the per-dimension mean log v
-    (b_d = exp(lv_ref_d)); rho_i = exp(max_d(lv_i,d − lv_ref_d)) rounded UP, so v_i,d ≤
-    rho_i·b_d holds; lv_sum_i = Σ_d lv_i,d; mu_white_i = Σ_d μ_i,d²/b_d rounded DOWN (a bound
-    may only lose by rounding)."""
+def row_scalars(log_var: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(rho [n], lv_sum [n], lv_ref [D], rho0 [1]) of a block's stored float16 log_var, for
+    engine/row_bounds.py: lv_ref is the per-dimension mean log v (b_d = exp(lv_ref_d));
+    rho_i = exp(max_d(lv_i,d − lv_ref_d)) rounded UP, so v_i,d ≤ rho_i·b_d holds;
+    lv_sum_i = Σ_d lv_i,d; rho0 the block's median rho."""
     lv = log_var.astype(np.float64)
     ref = lv.mean(axis=0).astype(np.float32)
-    excess = (lv - ref.astype(np.float64)).max(axis=1)
-    white = (mu.astype(np.float64) ** 2 / np.exp(ref.astype(np.float64))).sum(axis=1)
-    return (_rounded(np.exp(excess) * (1 + 1e-12), np.inf), lv.sum(axis=1).astype(np.float32),
-            _rounded(white * (1 - 1e-12), -np.inf), ref)
+    rho = _rounded(np.exp((lv - ref.astype(np.float64)).max(axis=1)) * (1 + 1e-12), np.inf)
+    return rho, lv.sum(axis=1).astype(np.float32), ref, np.median(rho).astype(np.float32)[None]
 
 
 def _rounded(x: np.ndarray, towards: float) -> np.ndarray:
@@ -76,7 +73,7 @@ def encode_block(ids: np.ndarray, mu: np.ndarray, log_var: np.ndarray,
     parts = [np.ascontiguousarray(ids, "<i8"), np.ascontiguousarray(mu, np.float32),
              np.ascontiguousarray(log_var, np.float16)]
     if row_stats:
-        parts += row_scalars(parts[1], parts[2])
+        parts += row_scalars(parts[2])
     return b"".join(p.tobytes() for p in parts)
 
 
@@ -89,17 +86,17 @@ class Block:
     log_var: np.ndarray
     rho: np.ndarray | None = None
     lv_sum: np.ndarray | None = None
-    mu_white: np.ndarray | None = None
     lv_ref: np.ndarray | None = None
+    rho0: float | None = None
 
 
-ROW_SCALARS = 3   # float32 scalars per row in format 4
+ROW_SCALARS = 2   # float32 scalars per row in format 4
 
 
 def decode_block(value, dim: int, row_stats: bool = False) -> Block:
     raw = np.frombuffer(value, np.uint8)
     per_row = 8 + row_bytes(dim) + (4 * ROW_SCALARS if row_stats else 0)
-    fixed = 4 * dim if row_stats else 0
+    fixed = 4 * (dim + 1) if row_stats else 0
     n = (len(raw) - fixed) // per_row
     if n < 0 or n * per_row + fixed != len(raw):
         raise ValueError(f"list block of {len(raw)} bytes is not whole rows of dim {dim}")
@@ -111,7 +108,8 @@ def decode_block(value, dim: int, row_stats: bool = False) -> Block:
         return Block(ids, mu, log_var)
     at += 2 * n * dim
     scalars = raw[at:at + 4 * ROW_SCALARS * n].view(np.float32).reshape(ROW_SCALARS, n)
-    return Block(ids, mu, log_var, *scalars, raw[at + 4 * ROW_SCALARS * n:].view(np.float32))
+    tail = raw[at + 4 * ROW_SCALARS * n:].view(np.float32)
+    return Block(ids, mu, log_var, *scalars, tail[:dim], float(tail[dim]))
 
 
 def write_list_blocks(store_path: Path, modality: str, index: faiss.Index, dim: int) -> int:
@@ -127,7 +125,8 @@ def write_list_blocks(store_path: Path, modality: str, index: faiss.Index, dim: 
                     max_dbs=8, subdir=True, sync=False, metasync=False, writemap=True)
     page = env.stat()["psize"]
     used = (env.info()["last_pgno"] + 1) * page
-    blocks_bytes = index.ntotal * (8 + 4 * ROW_SCALARS + row_bytes(dim)) + ivf.nlist * (3 * page + 4 * dim)
+    blocks_bytes = (index.ntotal * (8 + 4 * ROW_SCALARS + row_bytes(dim))
+                    + ivf.nlist * (3 * page + 4 * (dim + 1)))
     env.set_mapsize(int(1.02 * (used + blocks_bytes)) + (16 << 20))
     rows, pending, size = 0, [], 0
     try:
