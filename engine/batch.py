@@ -175,32 +175,19 @@ class BatchSearcher:
         """Keys of the items at positions `rows` of the concatenated list blocks `parts`,
         gathered and scored a cache-sized piece at a time (engine/rescore.py)."""
         t = time.perf_counter()
-        if score in row_bounds.SCORES and len(rows) * len(lv_q) <= CHUNK_FLOATS:
-            order = np.argsort(rows)
-            keys = np.empty(len(rows), np.float32)
-            keys[order] = rescore_rows(score, mu_q, lv_q,
-                                       *_gather(parts, rows[order], convert=False))
-            timings["rescore_ms"] += _ms(t)
-            return keys
         keys = np.empty(len(rows), np.float32)
         order = np.argsort(rows, kind="stable")
-        ordered = rows[order]
-        ends = np.cumsum([len(p.ids) for p in parts])
-        cuts = np.searchsorted(ordered, ends)           # rows of part j: cuts[j-1]:cuts[j]
         step = max(1, CHUNK_FLOATS // len(lv_q))        # rows per piece (lv_q is one query)
-        for j, part in enumerate(parts):
-            start, stop = (cuts[j - 1] if j else 0), cuts[j]
-            for s in range(start, stop, step):
-                at = order[s:min(s + step, stop)]
-                sel = ordered[s:min(s + step, stop)] - (ends[j - 1] if j else 0)
-                if score in row_bounds.SCORES:
-                    keys[at] = rescore_rows(score, mu_q, lv_q, part.mu[sel], part.log_var[sel],
-                                            None if part.lv_sum is None else part.lv_sum[sel])
-                    continue
-                lv = torch.from_numpy(part.log_var[sel]).float().numpy()  # 10x numpy's
-                keys[at] = rescore_gathered(score, mu_q[None], lv_q[None], part.mu[sel][None],
-                                            lv[None], ids[rows[at]][None], self.a, self.b,
-                                            self.mc_samples)[0]
+        for s in range(0, len(rows), step):
+            at = order[s:s + step]
+            if score in row_bounds.SCORES:              # straight from the float16 log_var
+                keys[at] = rescore_rows(score, mu_q, lv_q,
+                                        *_gather(parts, rows[at], convert=False))
+                continue
+            mu, lv = _gather(parts, rows[at])
+            keys[at] = rescore_gathered(score, mu_q[None], lv_q[None], mu[None], lv[None],
+                                        ids[rows[at]][None], self.a, self.b,
+                                        self.mc_samples)[0]
         timings["rescore_ms"] += _ms(t)  # gather and math together: they interleave
         return keys
 
@@ -303,7 +290,7 @@ def _gather(parts, rows: np.ndarray, convert: bool = True) -> tuple:
     mu = np.concatenate([p.mu[at] for p, at in pieces])
     lv = np.concatenate([p.log_var[at] for p, at in pieces])
     if convert:
-        return mu, lv.astype(np.float32)
+        return mu, torch.from_numpy(lv).float().numpy()   # ~10x numpy's float16 conversion
     sums = np.concatenate([p.lv_sum[at] for p, at in pieces]) \
         if parts[0].lv_sum is not None else None
     return mu, lv, sums
