@@ -157,7 +157,9 @@ class SearchEngine:
         out, width = [], res.ids.shape[1]
         for q, (ids, keys) in enumerate(zip(res.ids, res.keys)):
             rows = slice(q * width, (q + 1) * width)
-            p_match = self.match_probability(mu_q[q], lv_q[q], mu_hits[rows], lv_hits[rows], ids)
+            # under mc the rank key already is the match probability: not drawn twice
+            p_match = keys if score_name(score) == "mc" else self.match_probability(
+                mu_q[q], lv_q[q], mu_hits[rows], lv_hits[rows], ids)
             out.append((make_hits(ids, keys, p_match, uncertainty(lv_hits[rows]), meta[rows]),
                         dict(timings), int(res.shortlist[q])))
         return out

@@ -166,6 +166,24 @@ def test_search_hits_and_exact_flag(flat, queries):
     assert hits[0].item == f"image-{hits[0].id}" and shortlist >= 5
 
 
+@pytest.mark.parametrize("score", ("mc", "elk"))
+def test_hits_p_match_is_the_fixed_noise_match_probability(flat, queries, score):
+    """p_match of every hit against a float64 fixed_match_prob of the hit; under mc the
+    engine takes it from the rank key instead of drawing it again."""
+    mu_q, lv_q = queries[0][0], queries[1][0]
+    with SearchEngine(flat) as e:
+        hits, _, _ = e.search("image", mu_q, lv_q, 5, score)
+        ids = np.array([h.id for h in hits])
+        mu, lv = e.reader.fetch("image", ids)
+        a, b = e.batch.a, e.batch.b
+    q = [torch.from_numpy(x.astype(np.float64))[None] for x in (mu_q, lv_q)]
+    d = [torch.from_numpy(x.astype(np.float64)) for x in (mu, lv)]
+    ref = fixed_match_prob(*q, *d, ids, a, b).numpy()[0]
+    np.testing.assert_allclose([h.p_match for h in hits], ref, rtol=1e-5, atol=1e-7)
+    if score == "mc":
+        assert [h.p_match for h in hits] == [h.score for h in hits]
+
+
 def _reference_keys(score, mu_q, lv_q, items, a, b):
     """Float64 keys of every item; mc through the one-matmul kernel of the serving noise (the
     pair-by-pair `brute` takes ~10 s per query at N = 6000; test_full_shortlist_and_exact_equal_brute_force ties the
