@@ -34,10 +34,25 @@ def index_info(index_dir: str | Path) -> dict:
         "nprobe_recall": dict(manifest.get("nprobe_recall", {})),
         "created": manifest.get("created"),
         "shards": manifest.get("shards", {}).get("dir") if isinstance(manifest.get("shards"), dict) else None,
+        "store": _store(manifest.get("store", {})),
         "checkpoint": _checkpoint(manifest.get("producer", {})),
         "files": files,
         "total_bytes": sum(files.values()),
     }
+
+
+def _store(store: dict) -> str:
+    """The store's format in words: what a search can use, and whether a rebuild would add."""
+    found = store.get("format")
+    lists = ", ".join(store.get("lists", ()))
+    if found is not None and found >= 3 and not lists:
+        return f"format {found} (rows by id: no IVF index, so no list blocks)"
+    if found is not None and found >= 4:
+        return f"format {found} (list blocks with per-row bounds: {lists})"
+    if found == 3:
+        return (f"format 3 (list blocks: {lists}; rebuild for the per-row elk/bhattacharyya "
+                f"bounds of format 4)")
+    return f"format {found} (rows by id only; rebuild for list blocks)"
 
 
 def _checkpoint(producer) -> dict:
@@ -83,6 +98,7 @@ def format_info(info: dict) -> list[str]:
         probe = f"   nprobe {nprobe}" if nprobe else ""
         probe += f" (recall@10 {recall:.3f})" if isinstance(recall, (int, float)) else ""
         lines.append(f"  {m:<6} {n:>10d} vectors   {info['factory'].get(m, '?')}{probe}")
+    lines.append(f"store: {info['store']}")
     ck = info["checkpoint"]
     state = ("missing" if not ck["exists"] else "matches" if ck["matches"]
              else "CHANGED since indexing" if ck["matches"] is False else "no sha256 recorded")

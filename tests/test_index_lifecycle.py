@@ -34,6 +34,7 @@ def test_index_info_matches_the_directory(good):
     assert info["checkpoint"] == {"path": "nowhere.pt", "sha256": None, "exists": False, "matches": None}
     text = "\n".join(format_info(info))
     assert "300 vectors" in text and "missing" in text and "total" in text
+    assert f"store: format {manifest['store']['format']} " in text
 
 
 def test_index_info_bad_directories(good, tmp_path):
