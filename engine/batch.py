@@ -165,9 +165,7 @@ class BatchSearcher:
                 top = np.argsort(-keys, kind="stable")[:k]
                 out_ids.append(ids[pick[top]]), out_keys.append(keys[top])
                 sizes.append(len(pick))
-                order = np.argsort(pick[top])            # p_match needs them: no second read
-                hits.append(tuple(x[np.argsort(order)]
-                                  for x in _gather(parts, pick[top][order])))
+                hits.append(_gather(parts, pick[top]))   # p_match needs them: no second read
         return BatchResult(np.stack(out_ids), np.stack(out_keys), np.asarray(sizes), timings,
                            tuple(np.stack([h[j] for h in hits]) for j in (0, 1)))
 
@@ -176,18 +174,17 @@ class BatchSearcher:
         gathered and scored a cache-sized piece at a time (engine/rescore.py)."""
         t = time.perf_counter()
         keys = np.empty(len(rows), np.float32)
-        order = np.argsort(rows, kind="stable")
         step = max(1, CHUNK_FLOATS // len(lv_q))        # rows per piece (lv_q is one query)
         for s in range(0, len(rows), step):
-            at = order[s:s + step]
+            at = rows[s:s + step]
             if score in row_bounds.SCORES:              # straight from the float16 log_var
-                keys[at] = rescore_rows(score, mu_q, lv_q,
-                                        *_gather(parts, rows[at], convert=False))
+                keys[s:s + step] = rescore_rows(score, mu_q, lv_q,
+                                                *_gather(parts, at, convert=False))
                 continue
-            mu, lv = _gather(parts, rows[at])
-            keys[at] = rescore_gathered(score, mu_q[None], lv_q[None], mu[None], lv[None],
-                                        ids[rows[at]][None], self.a, self.b,
-                                        self.mc_samples)[0]
+            mu, lv = _gather(parts, at)
+            keys[s:s + step] = rescore_gathered(score, mu_q[None], lv_q[None], mu[None],
+                                                lv[None], ids[at][None], self.a, self.b,
+                                                self.mc_samples)[0]
         timings["rescore_ms"] += _ms(t)  # gather and math together: they interleave
         return keys
 
@@ -281,17 +278,19 @@ def _marked(n: int, rows: np.ndarray) -> np.ndarray:
 
 
 def _gather(parts, rows: np.ndarray, convert: bool = True) -> tuple:
-    """Copies of the rows at positions `rows` (ascending) of the concatenated list blocks
+    """Copies of the rows at positions `rows` (any order) of the concatenated list blocks
     `parts`: (μ, log_var float32), or with convert=False (μ, log_var float16, lv_sum or None)."""
+    order = np.argsort(rows, kind="stable")
+    ordered, back = rows[order], np.argsort(order)
     ends = np.cumsum([len(p.ids) for p in parts])
-    cuts = np.searchsorted(rows, ends)
-    pieces = [(p, rows[a:b] - off) for p, a, b, off in zip(parts, np.r_[0, cuts[:-1]], cuts,
-                                                           np.r_[0, ends[:-1]]) if b > a]
-    mu = np.concatenate([p.mu[at] for p, at in pieces])
-    lv = np.concatenate([p.log_var[at] for p, at in pieces])
+    cuts = np.searchsorted(ordered, ends)            # part j holds ordered[cuts[j-1]:cuts[j]]
+    pieces = [(p, ordered[a:b] - off) for p, a, b, off in zip(parts, np.r_[0, cuts[:-1]], cuts,
+                                                              np.r_[0, ends[:-1]]) if b > a]
+    mu = np.concatenate([p.mu[at] for p, at in pieces])[back]
+    lv = np.concatenate([p.log_var[at] for p, at in pieces])[back]
     if convert:
         return mu, torch.from_numpy(lv).float().numpy()   # ~10x numpy's float16 conversion
-    sums = np.concatenate([p.lv_sum[at] for p, at in pieces]) \
+    sums = np.concatenate([p.lv_sum[at] for p, at in pieces])[back] \
         if parts[0].lv_sum is not None else None
     return mu, lv, sums
 

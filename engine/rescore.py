@@ -57,11 +57,17 @@ def rescore_gathered(score: str, mu_q: np.ndarray, lv_q: np.ndarray, mu_d: np.nd
 def _closed_form(score, mu_q, lv_q, mu_d, lv_d) -> np.ndarray:
     """elk or bhattacharyya rank keys [Q, M] through the shared kernel, on numpy arrays (see
     spread_kernel for why)."""
-    dim = mu_q.shape[1]
-    kernel = spread_kernel(mu_q[:, None], np.exp(lv_q[:, None]), mu_d, np.exp(lv_d),
-                           1.0 if score == "elk" else 0.5)
+    return _spread_keys(score, mu_q[:, None], lv_q[:, None], mu_d, np.exp(lv_d),
+                        lambda: lv_d.sum(-1))
+
+
+def _spread_keys(score, mu_q, lv_q, mu_d, var_d, lv_sum_d) -> np.ndarray:
+    """elk or bhattacharyya rank keys (float32) from the items' variances var_d; lv_sum_d()
+    gives their Σ log v, which only bhattacharyya reads."""
+    dim = mu_q.shape[-1]
+    kernel = spread_kernel(mu_q, np.exp(lv_q), mu_d, var_d, 1.0 if score == "elk" else 0.5)
     raw = elk_from_kernel(kernel, dim) if score == "elk" else bhattacharyya_from_kernel(
-        kernel, lv_q.sum(-1)[:, None], lv_d.sum(-1), dim)
+        kernel, lv_q.sum(-1), lv_sum_d(), dim)
     return rank_key(score, raw).astype(np.float32)
 
 
@@ -83,15 +89,9 @@ def rescore_rows(score: str, mu_q: np.ndarray, lv_q: np.ndarray, mu: np.ndarray,
     """elk or bhattacharyya rank keys [M] of one query ([D], float32) against rows read from the
     store (μ [M, D] float32, log_var float16 [M, D]; lv_sum [M] its row sums when known): the
     same numbers as rescore_gathered, without the float32 copy of log_var."""
-    dim = len(mu_q)
-    kernel = spread_kernel(mu_q, np.exp(lv_q), mu, half_variance(log_var16),
-                           1.0 if score == "elk" else 0.5)
-    if score == "elk":
-        return elk_from_kernel(kernel, dim).astype(np.float32)
-    if lv_sum is None:
-        lv_sum = log_var16.astype(np.float32).sum(-1)
-    return rank_key(score, bhattacharyya_from_kernel(kernel, lv_q.sum(), lv_sum, dim)
-                    ).astype(np.float32)
+    return _spread_keys(score, mu_q, lv_q, mu, half_variance(log_var16),
+                        lambda: lv_sum if lv_sum is not None
+                        else log_var16.astype(np.float32).sum(-1))
 
 
 def rescore(score: str, mu_q, lv_q, mu_d, lv_d, a: float, b: float,
