@@ -24,3 +24,26 @@ def test_rows_are_standard_normal():
     assert abs(x.mean()) < 0.01 and abs(x.std() - 1) < 0.01   # 65k draws: std errors 0.004, 0.003
     rows = mc._noise_rows(np.arange(mc.NOISE_ROWS), 2, 8).numpy().reshape(mc.NOISE_ROWS, -1)
     assert np.abs(np.corrcoef(rows[:200])[np.triu_indices(200, 1)]).max() < 0.9  # distinct streams
+
+
+def test_fixed_match_prob_is_the_pair_average_over_the_item_rows(monkeypatch):
+    """fixed_match_prob in blocks (three items per block here, the last one short) against a
+    float64 numpy sum over every sample pair, each side sampled from its own noise row."""
+    import torch
+
+    monkeypatch.setattr(mc, "FIXED_BLOCK_FLOATS", 3 * 4 * 6)
+    rng = np.random.default_rng(3)
+    mu_q, mu_d = rng.normal(size=(2, 6)) * 0.4, rng.normal(size=(10, 6)) * 0.4
+    lv_q, lv_d = rng.normal(-2.0, 0.5, (2, 6)), rng.normal(-2.0, 0.5, (10, 6))
+    ids = rng.integers(0, 3 * mc.NOISE_ROWS, 10)
+    a, b = 3.0, 1.5
+    got = mc.fixed_match_prob(*(torch.from_numpy(x) for x in (mu_q, lv_q, mu_d, lv_d)), ids,
+                              a, b, n_samples=4).numpy()
+    eps_q = mc._noise_rows(np.asarray([mc.NOISE_ROWS]), 4, 6).numpy()[0].astype(np.float64)
+    eps_d = mc._noise_rows(ids % mc.NOISE_ROWS, 4, 6).numpy().astype(np.float64)
+    z_q = mu_q[:, None] + np.exp(lv_q / 2)[:, None] * eps_q             # [Q, J, D]
+    z_d = mu_d[:, None] + np.exp(lv_d / 2)[:, None] * eps_d             # [M, J, D]
+    dist = np.linalg.norm(z_q[:, :, None, None] - z_d[None, None], axis=-1)   # [Q, J, M, J]
+    ref = (1 / (1 + np.exp(a * dist - b))).mean(axis=(1, 3))
+    np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-12)
+    assert ref.std() > 0.01                                  # the pairs differ: a real check
