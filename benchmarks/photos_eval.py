@@ -9,6 +9,7 @@ every training caption starts with an article, and a lone word is a sequence the
 
     python benchmarks/photos_eval.py --root data/tuxpaint RUN_DIR[:INDEX_DIR] ... [--json]
     python benchmarks/photos_eval.py --root data/tuxpaint --zero-shot [--image-size 128]
+        [--class-word-source wordnet|names]
 
 RUN_DIR holds checkpoint.pt; INDEX_DIR (optional) an index of that run's test-split shards
 (`train` exports them, `cli.py index` builds it); without it the held-out-word test is skipped.
@@ -29,6 +30,8 @@ import torch
 from core.process import configure_process
 from engine.search import SearchEngine
 from encoders.model.checkpoint import load_model
+from encoders.model.class_words import SOURCES
+from encoders.model.config import ModelConfig
 from encoders.model.open_vocab import GloveTable, OpenVocab
 from encoders.model.query import QueryEncoder
 from encoders.model.text import tokenize
@@ -81,10 +84,9 @@ def word_queries(index: Path, test, words: list[str], device, k: int = 5,
     return out
 
 
-def zero_shot(root: Path, image_size: int) -> dict:
+def zero_shot(root: Path, image_size: int, source: str) -> dict:
     """The held-out-word test without training: see the module doc."""
     from encoders.model.class_words import imagenet_class_words
-    from encoders.model.config import ModelConfig
     from encoders.model.encode import image_to_tensor
     from encoders.model.networks import ImageEncoder
 
@@ -92,7 +94,7 @@ def zero_shot(root: Path, image_size: int) -> dict:
     cfg = ModelConfig(backbone="efficientnet-lite0", image_size=image_size, class_words=True)
     # an identity map: class_term is then the class-word mixture itself, in word-vector space
     enc = ImageEncoder(cfg, class_map=torch.nn.Identity()).eval()
-    enc.class_words.copy_(torch.from_numpy(imagenet_class_words()))
+    enc.class_words.copy_(torch.from_numpy(imagenet_class_words(source)))
     with torch.inference_mode():
         mix = torch.cat([enc.class_term(enc.features(image_to_tensor(test.load_image(i),
                                                                      image_size)[None])
@@ -101,7 +103,7 @@ def zero_shot(root: Path, image_size: int) -> dict:
     caps: dict[int, set[str]] = {}
     for c, i in zip(test.captions, test.caption_image):
         caps.setdefault(i, set()).update(tokenize(c))
-    report = {"zero_shot": True, "image_size": image_size}
+    report = {"zero_shot": True, "image_size": image_size, "class_word_source": source}
     for name, only in (("held_out_words", False), ("held_out_subjects", True)):
         words = held_out_words(train, test, only)
         vectors = GloveTable().vectors(words)
@@ -134,13 +136,15 @@ def main(argv=None) -> int:
     ap.add_argument("runs", nargs="*", help="RUN_DIR[:INDEX_DIR]")
     ap.add_argument("--zero-shot", action="store_true", help="the class-word floor, no training")
     ap.add_argument("--image-size", type=int, default=128, help="with --zero-shot")
+    ap.add_argument("--class-word-source", choices=SOURCES, default=ModelConfig().class_word_source,
+                    help="with --zero-shot: the class-word table (encoders/model/class_words.py)")
     ap.add_argument("--root", type=Path, required=True, help="dataset folder (tuxpaint_photos.py)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     configure_process()
     if args.zero_shot:
-        report = zero_shot(args.root, args.image_size)
+        report = zero_shot(args.root, args.image_size, args.class_word_source)
         print(json.dumps(report, indent=2) if args.json else
               "\n".join(f"{k.replace('_', ' ')} with a correct top-5 photo, no training: "
                         f"{report[k]['top5_hit']}/{report[k]['n']}"

@@ -91,7 +91,7 @@ def test_two_frozen_steps_save_a_checkpoint_that_rebuilds_alone(tmp_path, class_
     assert model.cfg.class_words == class_words
     if class_words:  # the table came from GloVe and travels in the checkpoint
         from encoders.model.class_words import imagenet_class_words
-        table = torch.from_numpy(imagenet_class_words())
+        table = torch.from_numpy(imagenet_class_words(model.cfg.class_word_source))
         assert torch.equal(state["image.class_words"], table) and table.abs().sum() > 0
         assert torch.equal(state["image.class_map.weight"], state["text.class_map.weight"])
     assert not torch.equal(state["image.head.fc.weight"], PCME(model.cfg).state_dict()["image.head.fc.weight"])

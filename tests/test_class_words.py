@@ -6,8 +6,8 @@ import torch
 
 from core.errors import PcmeError
 from encoders.model.checkpoint import load_model, save_checkpoint
-from encoders.model.class_words import (N_CLASSES, class_word_table, imagenet_class_names,
-                                        name_words)
+from encoders.model.class_words import (DECAY, N_CLASSES, class_word_groups, class_word_table,
+                                        imagenet_class_names, name_words)
 from encoders.model.config import ModelConfig
 from encoders.model.networks import PCME
 
@@ -20,7 +20,8 @@ def test_name_words_and_table_average_the_known_words():
     assert name_words("great white shark") == ["great", "white", "shark"]
     assert name_words("jack-o'-lantern") == ["jack", "o", "lantern"]
     vec = {"great": np.array([1.0, 0.0]), "shark": np.array([0.0, 3.0]), "koala": np.array([2.0, 2.0])}
-    table = class_word_table(["great white shark", "koala", "xyzzy"], vec, dim=2)
+    groups = [[(1.0, name_words(n))] for n in ("great white shark", "koala", "xyzzy")]
+    table = class_word_table(groups, vec, dim=2)
     # "white" is unknown: the mean is over great and shark; a name with no known word is zeros
     np.testing.assert_allclose(table, [[0.5, 1.5], [2.0, 2.0], [0.0, 0.0]])
     assert table.dtype == np.float32
@@ -100,8 +101,9 @@ def test_a_glove_text_file_is_read_once_for_vocabulary_and_class_names(tmp_path,
     real = text._glove_text
     monkeypatch.setattr(text, "_glove_text", lambda path, wanted: reads.append(path) or real(path, wanted))
     split = Split("folder", "train", tmp_path, ["x.png"], ["x"], ["a koala"], [0])
-    cfg = TrainConfig(glove=str(glove), min_word_count=1,
-                      model=ModelConfig(**{**CW, "vocab": [], "word_dim": 50}))
+    cfg = TrainConfig(glove=str(glove), min_word_count=1,   # names: the table is hand-checkable
+                      model=ModelConfig(**{**CW, "vocab": [], "word_dim": 50,
+                                           "class_word_source": "names"}))
     model = build_model(cfg, split)
     assert len(reads) == 1 and model.cfg.word_dim == 4
     table = model.image.class_words
@@ -164,3 +166,63 @@ def test_class_map_gain_zero_keeps_pytorchs_default_init():
     assert w.bias.abs().max() > 0
     gram = w.weight.T @ w.weight
     assert not torch.allclose(gram, gram[0, 0] * torch.eye(4), atol=1e-2)
+
+
+def test_class_word_table_weighs_each_group_mean():
+    vec = {"a": np.array([3.0, 0.0]), "b": np.array([0.0, 2.0]), "c": np.array([2.0, 2.0]),
+           "d": np.array([0.0, 10.0])}
+    groups = [[(1.0, ["a"]), (1.0, ["b", "c", "zz"]), (0.7, ["d"]), (0.49, ["zz"])]]
+    # (1·a + 1·mean(b, c) + 0.7·d) / 2.7; the group with no known word does not count
+    expected = (np.array([3.0, 0.0]) + np.array([1.0, 2.0]) + 0.7 * np.array([0.0, 10.0])) / 2.7
+    np.testing.assert_allclose(class_word_table(groups, vec, dim=2)[0], expected, rtol=1e-6)
+
+
+def test_wordnet_groups_say_what_the_classifier_names_mean():
+    names = imagenet_class_names()
+    groups = class_word_groups("wordnet")
+    assert len(groups) == N_CLASSES
+
+    def words(name, at):  # at: 1 = synonyms, 2.. = hypernym levels
+        return set(groups[names.index(name)][at][1])
+    assert "husky" in words("Eskimo dog", 1) and "dog" in words("Eskimo dog", 3)
+    assert "horse" in words("sorrel", 2)                 # a sorrel is a horse
+    assert {"trash", "garbage"} <= words("ashcan", 1)
+    assert "tool" in words("hammer", 2)                  # the hand tool, not the gun's hammer
+    assert [w for w, _ in groups[names.index("sorrel")]] == [1.0, 1.0, DECAY, DECAY**2, DECAY**3]
+    assert groups[names.index("koala")][0] == (1.0, ["koala"])      # the name comes first
+    with pytest.raises(PcmeError, match="class_word_source 'synsets' is unknown"):
+        class_word_groups("synsets")
+
+
+def test_wordnet_classes_matches_homonyms_in_offset_order(tmp_path):
+    """A four-line data.noun: classes are matched to synsets with increasing offsets, homonyms
+    by that order first, then by the plain sense (lex_id 0)."""
+    from encoders.model import wordnet_classes as wc
+
+    lines = ["  1 license header line\n",
+             "00000050 05 n 01 bird 0 000 | a bird\n",
+             "00000100 05 n 01 crane 0 001 @ 00000050 n 0000 | a wading bird\n",
+             "00000200 06 n 02 hammer 4 cock 0 000 | part of a gunlock\n",
+             "00000205 06 n 01 hand_tool 0 000 | a tool\n",
+             "00000210 06 n 01 hammer 0 001 @ 00000205 n 0000 | a hand tool\n",
+             "00000300 06 n 01 crane 1 001 @ 00000250 n 0000 | lifts things\n",
+             "00000250 06 n 01 lifting_device 0 000 | a device\n"]
+    (tmp_path / "data.noun").write_text("".join(lines), encoding="latin-1")
+    table = wc.build(["crane", "hammer", "crane", "unicorn"], tmp_path)
+    got = [(c["synonyms"], c["hypernyms"]) for c in table["classes"]]
+    assert got == [(["crane"], [["bird"]]), (["hammer"], [["hand tool"]]),
+                   (["crane"], [["lifting device"]]), ([], [])]
+    assert table["matched"] == 3
+    with pytest.raises(SystemExit, match="apt-get install -y wordnet-base"):
+        wc.build(["crane"], tmp_path / "missing")
+
+
+def test_a_checkpoint_from_before_the_source_key_says_names():
+    from dataclasses import asdict
+
+    from encoders.model.config import model_config_from_dict
+
+    saved = asdict(ModelConfig(**CW))
+    assert model_config_from_dict(saved).class_word_source == "wordnet"   # today's default
+    del saved["class_word_source"]
+    assert model_config_from_dict(saved).class_word_source == "names"     # what it was built with

@@ -9,17 +9,27 @@ backbone's own 1000-class ImageNet classifier already names much of what is in a
   text:   c(t) = attention-weighted mean of the caption's word vectors
   both:   μ gets W · c added before its LayerNorm, with ONE W shared by the two towers
 
-g_k is the mean GloVe vector of the words of class k's name (torchvision's ImageNet category
-names, shipped with torchvision itself; names GloVe does not know at all get zeros). A word
-training never saw reaches W through its GloVe vector on the text side and, when a photo's
-classifier output puts mass on a class named like it, through the same W on the image side.
-The table is fixed when a model is built and travels in the checkpoint as a buffer.
+g_k says class k in word vectors (`class_word_source` under [model]):
+  names    the mean GloVe vector of the words of its name (torchvision's ImageNet category
+           names, shipped with torchvision itself; names GloVe does not know get zeros);
+  wordnet  (default) a weighted mean of four means: the name's words (weight 1), its WordNet
+           synonyms' (1) and the names of the synsets one, two and three levels above it
+           (DECAY, DECAY², DECAY³), from imagenet_wordnet.json (encoders/model/wordnet_classes.py).
+           The classifier names a dog photo "Eskimo dog" or "Siberian husky" and a horse
+           "sorrel"; with the levels above, "dog" and "horse" are in their vectors.
+A word training never saw reaches W through its GloVe vector on the text side and, when a
+photo's classifier output puts mass on a class named like it, through the same W on the image
+side. The table is fixed when a model is built and travels in the checkpoint as a buffer.
 """
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import numpy as np
+
+from core.errors import PcmeError
 
 N_CLASSES = 1000  # ImageNet-1k: the size of EfficientNet-Lite0's classifier
 
@@ -39,30 +49,55 @@ def name_words(name: str) -> list[str]:
     return [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w]
 
 
-def class_word_table(names: list[str], vectors: dict[str, np.ndarray], dim: int) -> np.ndarray:
-    """[len(names), dim] float32: row k = mean vector of name k's words that `vectors` knows
-    (zeros when it knows none)."""
-    out = np.zeros((len(names), dim), dtype=np.float32)
-    for k, name in enumerate(names):
-        known = [vectors[w] for w in name_words(name) if w in vectors]
-        if known:
-            out[k] = np.mean(known, axis=0)
+SOURCES = ("names", "wordnet")   # class_word_source choices (ModelConfig)
+DECAY = 0.7   # weight of hypernym level j is DECAY**j: chosen zero-shot on the TRAIN photos'
+              # subjects (README "Real photos"), never on the held-out ones
+WORDNET_TABLE = Path(__file__).with_name("imagenet_wordnet.json")
+
+
+def class_word_groups(source: str) -> list[list[tuple[float, list[str]]]]:
+    """Per class, the (weight, words) groups its vector averages (see the module doc)."""
+    if source not in SOURCES:
+        raise PcmeError(f"class_word_source {source!r} is unknown; choose one of "
+                        f"{', '.join(SOURCES)}")
+    names = imagenet_class_names()
+    groups = [[(1.0, name_words(name))] for name in names]
+    if source == "wordnet":
+        table = json.loads(WORDNET_TABLE.read_text(encoding="utf-8"))["classes"]
+        for row, entry, name in zip(groups, table, names):
+            assert entry["name"] == name, (entry["name"], name)
+            row.append((1.0, [w for lemma in entry["synonyms"] for w in name_words(lemma)]))
+            row += [(DECAY ** (j + 1), [w for lemma in level for w in name_words(lemma)])
+                    for j, level in enumerate(entry["hypernyms"])]
+    return groups
+
+
+def class_word_table(groups: list[list[tuple[float, list[str]]]],
+                     vectors: dict[str, np.ndarray], dim: int) -> np.ndarray:
+    """[classes, dim] float32: row k = Σ_g weight_g · mean(vectors of group g's words) / Σ_g
+    weight_g over the groups of class k with a known word (zeros when none has one)."""
+    out = np.zeros((len(groups), dim), dtype=np.float32)
+    for k, row in enumerate(groups):
+        means = [(weight, np.mean([vectors[w] for w in words if w in vectors], axis=0))
+                 for weight, words in row if any(w in vectors for w in words)]
+        if means:
+            out[k] = sum(weight * m for weight, m in means) / sum(weight for weight, _ in means)
     return out
 
 
-def class_name_words() -> set[str]:
-    """Every word of the ImageNet class names (what the class-word table reads from GloVe)."""
-    return {w for n in imagenet_class_names() for w in name_words(n)}
+def class_name_words(source: str) -> set[str]:
+    """Every word the class-word table of `source` reads from GloVe."""
+    return {w for row in class_word_groups(source) for _, words in row for w in words}
 
 
-def imagenet_class_words(glove: str = "", dim: int | None = None,
+def imagenet_class_words(source: str, glove: str = "", dim: int | None = None,
                          vectors: dict[str, np.ndarray] | None = None) -> np.ndarray:
-    """The class-word table for the ImageNet classifier, from the same GloVe as the vocabulary
+    """The class-word table of `source` for the ImageNet classifier, from the same GloVe as the vocabulary
     (`glove`: a text file, or empty for the offline package; `vectors`: already read, e.g. in
     the same pass over a large GloVe file as the vocabulary's)."""
     from encoders.model.text import glove_vectors
 
     if vectors is None:
-        vectors = glove_vectors(class_name_words(), glove)
+        vectors = glove_vectors(class_name_words(source), glove)
     width = dim if dim is not None else len(next(iter(vectors.values())))
-    return class_word_table(imagenet_class_names(), vectors, width)
+    return class_word_table(class_word_groups(source), vectors, width)

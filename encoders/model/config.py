@@ -24,6 +24,9 @@ class ModelConfig:
                                     # map, so words training never saw reach photos
                                     # (encoders/model/class_words.py); `train` turns it on for a
                                     # Lite0 run that does not set it (load_train_config)
+    class_word_source: str = "wordnet"  # class words: a class in word vectors from its name alone
+                                    # ("names") or with its WordNet synonyms and hypernyms
+                                    # (encoders/model/class_words.py; more held-out words found)
     class_map_gain: float = 3.0     # class words: W starts orthogonal at this gain, so unseen words
                                     # keep GloVe's geometry (0 = PyTorch's default init, ~20x
                                     # smaller: fewer held-out words found, README "Real photos")
@@ -45,6 +48,7 @@ class ModelConfig:
 def model_config_from_dict(d: dict) -> ModelConfig:
     d = dict(d)
     d["resnet_layers"] = tuple(d.get("resnet_layers", ModelConfig.resnet_layers))
+    d.setdefault("class_word_source", "names")   # what every model saved before the key had
     return ModelConfig(**d)
 
 

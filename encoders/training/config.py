@@ -184,9 +184,11 @@ def _check_choices(cfg: TrainConfig, where: str) -> None:
 
     from encoders.training.losses_baselines import LOSSES
     from encoders.model.networks import BACKBONES
+    from encoders.model.class_words import SOURCES
 
     for obj, name, choices in ((cfg, "loss", LOSSES), (cfg, "data", LOADERS),
-                               (cfg, "positives", POSITIVES), (cfg.model, "backbone", BACKBONES)):
+                               (cfg, "positives", POSITIVES), (cfg.model, "backbone", BACKBONES),
+                               (cfg.model, "class_word_source", SOURCES)):
         if getattr(obj, name) not in choices:
             raise PcmeError(f"{where}: {name} {getattr(obj, name)!r} is unknown; choose one of "
                             f"{', '.join(choices)}")

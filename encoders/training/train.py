@@ -143,7 +143,8 @@ def build_model(cfg: TrainConfig, train_split: Split) -> PCME:
     word-vector width go into a copy of cfg.model)."""
     vocab = build_vocab(train_split.captions, cfg.min_word_count)
     # one pass over the GloVe source for the vocabulary and, with class words, the class names
-    wanted = set(vocab) | (class_name_words() if cfg.model.class_words else set())
+    wanted = set(vocab) | (class_name_words(cfg.model.class_word_source)
+                           if cfg.model.class_words else set())
     found = glove_vectors(wanted, cfg.glove)
     vectors, _ = glove_matrix(vocab, cfg.glove, seed=cfg.seed, found=found)
     mcfg = replace(cfg.model, vocab=vocab, word_dim=vectors.shape[1])
@@ -151,7 +152,7 @@ def build_model(cfg: TrainConfig, train_split: Split) -> PCME:
     model = PCME(mcfg)
     model.set_word_vectors(torch.from_numpy(vectors))
     if mcfg.class_words:
-        table = imagenet_class_words(dim=mcfg.word_dim, vectors=found)
+        table = imagenet_class_words(mcfg.class_word_source, dim=mcfg.word_dim, vectors=found)
         model.set_class_words(torch.from_numpy(table))
     return model
 
