@@ -226,3 +226,18 @@ def test_a_checkpoint_from_before_the_source_key_says_names():
     assert model_config_from_dict(saved).class_word_source == "wordnet"   # today's default
     del saved["class_word_source"]
     assert model_config_from_dict(saved).class_word_source == "names"     # what it was built with
+
+
+def test_a_wordnet_table_out_of_step_with_torchvision_names_the_fix(tmp_path, monkeypatch):
+    import json
+
+    from encoders.model import class_words
+
+    names = imagenet_class_names()
+    classes = [{"name": n, "synonyms": [], "hypernyms": []} for n in names]
+    classes[3]["name"] = "not a shark"
+    (tmp_path / "t.json").write_text(json.dumps({"classes": classes}))
+    monkeypatch.setattr(class_words, "WORDNET_TABLE", tmp_path / "t.json")
+    with pytest.raises(PcmeError, match="class 3 is 'not a shark' there but 'tiger shark' in "
+                                        "torchvision; rewrite it with: python -m encoders"):
+        class_word_groups("wordnet")

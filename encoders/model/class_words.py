@@ -64,8 +64,11 @@ def class_word_groups(source: str) -> list[list[tuple[float, list[str]]]]:
     groups = [[(1.0, name_words(name))] for name in names]
     if source == "wordnet":
         table = json.loads(WORDNET_TABLE.read_text(encoding="utf-8"))["classes"]
-        for row, entry, name in zip(groups, table, names):
-            assert entry["name"] == name, (entry["name"], name)
+        for k, (row, entry, name) in enumerate(zip(groups, table, names)):
+            if entry["name"] != name:
+                raise PcmeError(f"{WORDNET_TABLE}: class {k} is {entry['name']!r} there but "
+                                f"{name!r} in torchvision; rewrite it with: python -m "
+                                f"encoders.model.wordnet_classes")
             row.append((1.0, [w for lemma in entry["synonyms"] for w in name_words(lemma)]))
             row += [(DECAY ** (j + 1), [w for lemma in level for w in name_words(lemma)])
                     for j, level in enumerate(entry["hypernyms"])]
@@ -92,9 +95,9 @@ def class_name_words(source: str) -> set[str]:
 
 def imagenet_class_words(source: str, glove: str = "", dim: int | None = None,
                          vectors: dict[str, np.ndarray] | None = None) -> np.ndarray:
-    """The class-word table of `source` for the ImageNet classifier, from the same GloVe as the vocabulary
-    (`glove`: a text file, or empty for the offline package; `vectors`: already read, e.g. in
-    the same pass over a large GloVe file as the vocabulary's)."""
+    """The class-word table of `source` for the ImageNet classifier, from the same GloVe as
+    the vocabulary (`glove`: a text file, or empty for the offline package; `vectors`: already
+    read, e.g. in the same pass over a large GloVe file as the vocabulary's)."""
     from encoders.model.text import glove_vectors
 
     if vectors is None:
