@@ -51,7 +51,7 @@ def name_words(name: str) -> list[str]:
 
 SOURCES = ("names", "wordnet")   # class_word_source choices (ModelConfig)
 DECAY = 0.7   # weight of hypernym level j is DECAY**j: chosen zero-shot on the TRAIN photos'
-              # subjects (README "Real photos"), never on the held-out ones
+              # subjects (README "Real photographs")
 WORDNET_TABLE = Path(__file__).with_name("imagenet_wordnet.json")
 
 
