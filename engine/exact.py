@@ -57,28 +57,27 @@ class ExactSearcher:
         best_keys = torch.full((len(mu_q), 0), -torch.inf)
         best_ids = torch.zeros((len(mu_q), 0), dtype=torch.int64)
         block = MC_BLOCK if score == "mc" else BLOCK
-        for s, d_mu, d_lv in self._blocks(block):
-            keys = self._block_keys(score, q_mu, q_lv, d_mu, d_lv, s, a, b, mc_samples)
+        for d_ids, d_mu, d_lv in self._blocks(block):
+            keys = self._block_keys(score, q_mu, q_lv, d_mu, d_lv, d_ids, a, b, mc_samples)
             keys = torch.cat([best_keys, keys], dim=1)
-            ids = torch.cat([best_ids, torch.arange(s, s + keys.shape[1] - best_ids.shape[1])
-                             .expand(len(mu_q), -1)], dim=1)
+            ids = torch.cat([best_ids, torch.from_numpy(d_ids).expand(len(mu_q), -1)], dim=1)
             best_keys, pos = keys.topk(min(k, keys.shape[1]), dim=1)
             best_ids = ids.gather(1, pos)
         return best_ids.numpy(), best_keys.numpy()
 
     def _blocks(self, block: int):
-        """(start, μ, log_var) tensors of consecutive item blocks, from memory or the store."""
+        """(ids, μ tensor, log_var tensor) of item blocks, each item once, from memory or
+        streamed from the store (reader.vector_blocks: its storage order)."""
         n, dim = self.reader.count(self.modality), self.reader.dim
         if n * dim * 8 > CACHE_MAX_BYTES:
-            for s, mu, lv in self.reader.vector_blocks(self.modality, block):
-                yield s, torch.from_numpy(mu), torch.from_numpy(lv)
+            for ids, mu, lv in self.reader.vector_blocks(self.modality, block):
+                yield ids, torch.from_numpy(mu), torch.from_numpy(lv)
             return
         mu, lv = self.vectors()
         for s in range(0, n, block):
-            yield s, mu[s:s + block], lv[s:s + block]
+            yield np.arange(s, min(s + block, n)), mu[s:s + block], lv[s:s + block]
 
-    def _block_keys(self, score, q_mu, q_lv, d_mu, d_lv, start, a, b, mc_samples) -> torch.Tensor:
+    def _block_keys(self, score, q_mu, q_lv, d_mu, d_lv, ids, a, b, mc_samples) -> torch.Tensor:
         if score != "mc":
             return rank_key(score, pairwise(score, q_mu, q_lv, d_mu, d_lv))
-        ids = np.arange(start, start + len(d_mu))
         return fixed_match_prob(q_mu, q_lv, d_mu, d_lv, ids, a, b, mc_samples)

@@ -5,10 +5,13 @@ Stages (each streams the shards; nothing holds all rows of a modality except FAI
   2. validate the shards (hashes, schema, values, ids) and, in the same pass, copy out the
      seeded random training sample and ~200 probe queries;
   3. train each FAISS index (k-means on the GPUs when faiss sees any);
-  4. add every row to FAISS and to the LMDB store (exact μ and log σ² in one row per id), keeping the probes' exact top-10 and the
-     variance ranges per stratum (for the engine's shortlist bounds) on the side, and to the
-     optional augmented CSD/W2 indexes;
-  5. choose nprobe by measured recall@10, write the FAISS files and, last, the manifest.
+  4. add every row to FAISS, its metadata to the LMDB store and its exact μ and log σ² (one
+     row per id) to a temporary rows store, keeping the probes' exact top-10 and the variance
+     ranges per stratum (for the engine's shortlist bounds) on the side, and to the optional
+     augmented CSD/W2 indexes;
+  5. group the rows by inverted list into the store (indexer/lists.py) and drop the rows
+     store; a modality without inverted lists keeps its rows by id;
+  6. choose nprobe by measured recall@10, write the FAISS files and, last, the manifest.
 All of it happens in a temp sibling dir that replaces `out_dir` only when complete.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +45,7 @@ Progress = Callable[[str, int, int], None]  # (stage, rows done, rows total)
 N_PROBES, RECALL_K, RECALL_TARGET = 200, 10, 0.95
 VARIANCE_STRATA = 16  # strata of Σ log v for the engine's shortlist bounds (store.VarianceStats)
 STORE_FILE = "store.lmdb"
+ROWS_FILE = "rows.lmdb"   # the add pass's rows by id, until finish_store groups them by list
 
 
 @dataclass
@@ -89,8 +94,8 @@ def build_index(shard_dir: Path, out_dir: Path, factory: str = "auto", nprobe: i
         validate_shards(shard_dir, on_batch=_sample_gatherer(plans, dim, progress))
         shard_sha = sha256_file(shard_dir / "manifest.json")
         _train(plans)
-        _add_all(shard_dir, tmp / STORE_FILE, plans, dim, progress)
-        write_all_list_blocks(tmp / STORE_FILE, {m: p.index for m, p in plans.items()}, dim)
+        _add_all(shard_dir, tmp, plans, dim, progress)
+        finish_store(tmp, {m: p.index for m, p in plans.items()}, dim)
         chosen = {m: _nprobe(p, nprobe, recall_target) for m, p in plans.items()}
         for m, p in plans.items():
             faiss.write_index(p.index, str(tmp / f"{m}.faiss"))
@@ -176,11 +181,13 @@ def _train(plans: dict[str, _Plan]) -> None:
         p.train = None  # free the sample before the big pass
 
 
-def _add_all(shard_dir: Path, store_path: Path, plans: dict[str, _Plan], dim: int,
+def _add_all(shard_dir: Path, tmp: Path, plans: dict[str, _Plan], dim: int,
              progress: Progress | None) -> None:
-    """Stream every row into FAISS, the store and the probes' exact top-k."""
+    """Stream every row into FAISS, the store (metadata), the rows store and the probes'
+    exact top-k."""
     total = sum(p.n for p in plans.values())
-    store = StoreWriter(store_path, estimate_map_size(total, dim, 128 * total))
+    store = StoreWriter(tmp / STORE_FILE, estimate_map_size(total, dim, 128 * total),
+                        rows_path=tmp / ROWS_FILE)
     done, worst_norm, t = 0, 0.0, time.perf_counter()
     try:
         for batch in read_shards(shard_dir):
@@ -207,13 +214,23 @@ def _add_all(shard_dir: Path, store_path: Path, plans: dict[str, _Plan], dim: in
     logger.info("added %d vectors in %.1f s", done, time.perf_counter() - t)
 
 
-def write_all_list_blocks(store_path: Path, indexes: dict, dim: int) -> None:
-    """The store's rows grouped by inverted list, for every modality with an IVF index."""
+def finish_store(tmp: Path, indexes: dict, dim: int) -> None:
+    """Move the rows of the rows store (tmp/ROWS_FILE) into the store (tmp/STORE_FILE): grouped
+    by inverted list for every modality with an IVF index (store format 5), by id for the
+    others; then delete the rows store."""
+    store_path, rows_path = tmp / STORE_FILE, tmp / ROWS_FILE
     for m, index in indexes.items():
+        t = time.perf_counter()
         if fx.ivf_of(index) is not None:
-            t = time.perf_counter()
-            write_list_blocks(store_path, m, index, dim)
+            write_list_blocks(store_path, rows_path, m, index, dim)
             logger.info("%s: list blocks written in %.1f s", m, time.perf_counter() - t)
+            continue
+        store = StoreWriter(store_path, (store_path / "data.mdb").stat().st_size)
+        try:
+            store.copy_from(rows_path, m, 0, ("vec",))
+        finally:
+            store.close()
+    shutil.rmtree(rows_path)
 
 
 def _nprobe(p: _Plan, override: int | None, target: float) -> tuple[int | None, float | None]:

@@ -95,7 +95,9 @@ def build_part(index_bytes: np.ndarray, shard_dir: str, files: list[str], dim: i
     stats, exact = VarianceStats(dim, edges), (fx.ExactTopK(probes, k) if probes is not None else None)
     added, worst_norm = 0, 0.0
     with AtomicDir(Path(out_dir), kind="index-part") as tmp:
-        store = StoreWriter(tmp / B.STORE_FILE, estimate_map_size(n, dim, 128 * n))
+        # a part served as a shard gets the final layout; a part to be merged keeps its rows by id
+        store = StoreWriter(tmp / B.STORE_FILE, estimate_map_size(n, dim, 128 * n),
+                            rows_path=tmp / B.ROWS_FILE if list_blocks else None)
         try:
             for batch in read_files(Path(shard_dir), files, dim):
                 keep = (batch.modality == m) & (batch.ids >= part.start) & (batch.ids < part.stop)
@@ -116,7 +118,7 @@ def build_part(index_bytes: np.ndarray, shard_dir: str, files: list[str], dim: i
         if added != n:
             raise PcmeError(f"{shard_dir}: part {part.name} found {added} rows, expected {n}")
         if list_blocks:
-            B.write_all_list_blocks(tmp / B.STORE_FILE, {m: index}, dim)
+            B.finish_store(tmp, {m: index}, dim)
         faiss.write_index(index, str(tmp / f"{m}.faiss"))
         write_json(tmp / "manifest.json", {"schema_version": SCHEMA_VERSION, "kind": "index-part",
                                            "part": vars(part), "created": utc_now()})
@@ -171,8 +173,7 @@ def build_index_distributed(shard_dir: Path, out_dir: Path, factory: str = "auto
                                       recall_target, shard_dir, shard_sha, producer, start)
         else:
             _merge_stores(tmp, parts, plans, dim)
-            B.write_all_list_blocks(tmp / B.STORE_FILE, {m: p.index for m, p in plans.items()},
-                                    dim)
+            B.finish_store(tmp, {m: p.index for m, p in plans.items()}, dim)
             for m, p in plans.items():
                 faiss.write_index(p.index, str(tmp / f"{m}.faiss"))
             shutil.rmtree(part_root)
@@ -268,10 +269,11 @@ def _merge_lists(trained: faiss.Index, part_dirs: list[Path], offsets: list[int]
 
 def _merge_stores(tmp: Path, parts: list[IndexPart], plans: dict, dim: int) -> None:
     total = sum(q.stop - q.start for q in parts)
-    store = StoreWriter(tmp / B.STORE_FILE, estimate_map_size(total, dim, 128 * total))
+    store = StoreWriter(tmp / B.STORE_FILE, estimate_map_size(total, dim, 128 * total),
+                        rows_path=tmp / B.ROWS_FILE)   # rows by id until B.finish_store
     try:
         for q in parts:  # modality by modality, parts in id order: appends stay sorted
-            names = ("vec", "meta")   # store format 2: exact μ + log σ² in one row, and metadata
+            names = ("vec", "meta")   # exact μ + log σ² in one row by id, and metadata
             store.copy_from(tmp / "parts" / q.name / B.STORE_FILE, q.modality, q.start, names)
     finally:
         store.close()

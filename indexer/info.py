@@ -47,8 +47,11 @@ def _store(store: dict) -> str:
     lists = ", ".join(store.get("lists", ()))
     if found is not None and found >= 3 and not lists:
         return f"format {found} (rows by id: no IVF index, so no list blocks)"
-    if found is not None and found >= 4:
-        return f"format {found} (list blocks with per-row bounds: {lists})"
+    if found is not None and found >= 5:
+        return f"format {found} (rows only in list blocks, with per-row bounds: {lists})"
+    if found == 4:
+        return f"format 4 (list blocks with per-row bounds: {lists}; rows twice: rebuild for " \
+               f"the format-5 store, half the size)"
     if found == 3:
         return (f"format 3 (list blocks: {lists}; rebuild for the per-row elk/bhattacharyya "
                 f"bounds of format 4)")

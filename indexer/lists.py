@@ -1,4 +1,4 @@
-"""List blocks: the store's rows grouped by IVF inverted list (store formats 3 and 4).
+"""List blocks: the store's rows grouped by IVF inverted list (store formats 3 to 5).
 
 A guaranteed shortlist lies inside the query's probed inverted lists (the bound of
 indexer/variance.py only ever admits items the ANN stage could return), so the engine reads
@@ -9,13 +9,19 @@ those lists whole instead of the shortlist id by id: one LMDB value per list,
                       float16 [n, D] (columns, so each is one zero-copy numpy view);
                       format 4 appends the row bounds' scalars (engine/row_bounds.py):
                       rho, lv_sum float32 [n], then lv_ref float32 [D], rho0 float32
+  `<modality>.where`  (format 5) key: id // WHERE_CHUNK, 4-byte big-endian
+                      value: int32 list numbers [c], then int32 positions in them [c], of the
+                      ids chunk·WHERE_CHUNK onwards (c = WHERE_CHUNK but in the last chunk)
 
 At 1M × 256 a list is ~1,000 rows (1.5 MiB, contiguous overflow pages): two reads per query
 instead of ~800 B-tree lookups, and the pages a query touches are few and sequential, which
-is what matters once the store outgrows RAM. The `.vec` rows stay the by-id access (hits,
-exact search, eval); a block is a second copy of them, so the store is about twice the size.
-Indexes without inverted lists (Flat) have no blocks; format-2 stores open without them and
-the engine takes the id-by-id path.
+is what matters once the store outgrows RAM. Formats 3 and 4 also kept every row by id
+(`.vec`), so the store held each row twice (35 GB at 10M × 256, more than this machine's
+RAM: most queries then read their lists from the disk). Format 5 keeps the rows only here:
+a read by id (hits, the service's item lookups) finds the row through `.where` (8 bytes per
+id), and exhaustive search walks the blocks (`scan_blocks`). Indexes without inverted lists
+(Flat) have no blocks and keep `.vec`; format-2 stores open without blocks and the engine
+takes the id-by-id path.
 """
 from __future__ import annotations
 
@@ -28,16 +34,21 @@ import faiss
 import lmdb
 import numpy as np
 
+from core.errors import PcmeError
 from indexer import faiss_index as fx
 from indexer.store import encode_ids, row_bytes
 
 logger = logging.getLogger(__name__)
 
 COMMIT_BYTES = 256 << 20   # blocks per write transaction, by size
+WHERE_CHUNK = 1 << 16      # ids per `.where` value (512 KiB)
 
 
 def list_key(number: int) -> bytes:
     return int(number).to_bytes(4, "big")
+
+
+where_key = list_key   # a `.where` chunk's number, the same 4-byte big-endian key
 
 
 def list_ids(index: faiss.Index, number: int) -> np.ndarray:
@@ -112,11 +123,14 @@ def decode_block(value, dim: int, row_stats: bool = False) -> Block:
     return Block(ids, mu, log_var, *scalars, tail[:dim], float(tail[dim]))
 
 
-def write_list_blocks(store_path: Path, modality: str, index: faiss.Index, dim: int) -> int:
-    """Write `<modality>.lists` into the store at `store_path` from the rows of its
-    `<modality>.vec` (already complete) and the inverted lists of `index`. Returns the rows
-    written, which must equal the index's ntotal."""
+def write_list_blocks(store_path: Path, rows_path: Path, modality: str, index: faiss.Index,
+                      dim: int) -> int:
+    """Write `<modality>.lists` and `<modality>.where` into the store at `store_path` from the
+    by-id rows `<modality>.vec` of the LMDB at `rows_path` (complete, written by the add pass)
+    and the inverted lists of `index`. Returns the rows written, which must equal ntotal."""
     ivf = fx.ivf_of(index)
+    rows_env = lmdb.open(str(rows_path), readonly=True, lock=False, max_dbs=8, subdir=True,
+                         readahead=False)   # rows are read by id, in list order: random
     # writemap: LMDB writes the blocks straight into the file's pages instead of through
     # malloc'd copies; it then sizes the file to the whole map, so the map is what is used so
     # far plus the blocks, each rounded up to whole pages. The write is disk-bound either way
@@ -125,12 +139,14 @@ def write_list_blocks(store_path: Path, modality: str, index: faiss.Index, dim: 
                     max_dbs=8, subdir=True, sync=False, metasync=False, writemap=True)
     page = env.stat()["psize"]
     used = (env.info()["last_pgno"] + 1) * page
-    blocks_bytes = (index.ntotal * (8 + 4 * ROW_SCALARS + row_bytes(dim))
+    blocks_bytes = (index.ntotal * (8 + 8 + 4 * ROW_SCALARS + row_bytes(dim))
                     + ivf.nlist * (3 * page + 4 * (dim + 1)))
     env.set_mapsize(int(1.02 * (used + blocks_bytes)) + (16 << 20))
+    home = np.full(index.ntotal, -1, np.int32)       # id -> (list, position): `.where`
+    place = np.zeros(index.ntotal, np.int32)
     rows, pending, size = 0, [], 0
     try:
-        vec = env.open_db(f"{modality}.vec".encode())
+        vec = rows_env.open_db(f"{modality}.vec".encode(), create=False)
         blocks = env.open_db(f"{modality}.lists".encode())
 
         def flush():
@@ -141,24 +157,30 @@ def write_list_blocks(store_path: Path, modality: str, index: faiss.Index, dim: 
             ids = np.sort(list_ids(index, number))
             if not len(ids):
                 continue
-            with env.begin() as txn:
+            with rows_env.begin() as txn:
                 values = [v for _, v in txn.cursor(vec).getmulti(encode_ids(ids))]
             if len(values) != len(ids):
-                raise ValueError(f"{store_path}: {modality}.vec lacks ids of inverted list {number}")
+                raise ValueError(f"{rows_path}: {modality}.vec lacks ids of inverted list {number}")
             raw = np.frombuffer(b"".join(values), np.uint8).reshape(len(ids), row_bytes(dim))
             block = encode_block(ids, raw[:, :4 * dim].view(np.float32),
                                  raw[:, 4 * dim:].view(np.float16))
+            home[ids], place[ids] = number, np.arange(len(ids), dtype=np.int32)
             pending.append((list_key(number), block))
             rows, size = rows + len(ids), size + len(block)
             if size >= COMMIT_BYTES:
                 flush()
                 size = 0
         flush()
+        if rows != index.ntotal or (home < 0).any():
+            raise ValueError(f"{store_path}: list blocks hold {rows} rows, the index {index.ntotal}")
+        where = env.open_db(f"{modality}.where".encode())
+        _put_growing(env, where, [
+            (where_key(c), home[s:s + WHERE_CHUNK].tobytes() + place[s:s + WHERE_CHUNK].tobytes())
+            for c, s in enumerate(range(0, index.ntotal, WHERE_CHUNK))])
         env.sync(True)
     finally:
         env.close()
-    if rows != index.ntotal:
-        raise ValueError(f"{store_path}: list blocks hold {rows} rows, the index {index.ntotal}")
+        rows_env.close()
     logger.info("%s: %d rows in %d list blocks", modality, rows, ivf.nlist)
     return rows
 
@@ -175,13 +197,15 @@ def _put_growing(env, db, items: list) -> None:
 
 class ListBlocks:
     """Reads the list blocks of one modality: which lists a query probes (the IVF quantizer),
-    then those lists' rows, zero-copy, inside one read transaction."""
+    then those lists' rows, zero-copy, inside one read transaction. `by_id` (format 5): the
+    rows live only here, and `fetch`/`scan` serve reads by id and exhaustive passes."""
 
     def __init__(self, env, modality: str, index: faiss.Index, dim: int, nprobe: int,
-                 row_stats: bool = True):
+                 row_stats: bool = True, by_id: bool = False):
         self.env, self.dim, self.nprobe, self.row_stats = env, dim, nprobe, row_stats
-        self.ivf = fx.ivf_of(index)
+        self.modality, self.ivf = modality, fx.ivf_of(index)
         self.db = env.open_db(f"{modality}.lists".encode(), create=False)
+        self.where = env.open_db(f"{modality}.where".encode(), create=False) if by_id else None
 
     def probe(self, queries: np.ndarray, nprobe: int | None = None) -> np.ndarray:
         """[Q, nprobe] list numbers, nearest centroid first (-1 where there are fewer lists)."""
@@ -194,6 +218,13 @@ class ListBlocks:
         return np.array([invlists.list_size(int(n)) if n >= 0 else 0 for n in lists.ravel()],
                         np.int64).reshape(lists.shape)
 
+    def _block(self, txn, number: int) -> Block:
+        value = txn.get(list_key(number), db=self.db)
+        if value is None:
+            return Block(np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32),
+                         np.zeros((0, self.dim), np.float16))
+        return decode_block(value, self.dim, self.row_stats)
+
     @contextmanager
     def reading(self):
         """Yields read(number) -> Block; the blocks' arrays are valid only inside the with."""
@@ -202,11 +233,48 @@ class ListBlocks:
 
             def read(number: int) -> Block:
                 if number not in cache:
-                    value = txn.get(list_key(number), db=self.db)
-                    cache[number] = (decode_block(value, self.dim, self.row_stats)
-                                     if value is not None else
-                                     Block(np.zeros(0, np.int64),
-                                           np.zeros((0, self.dim), np.float32),
-                                           np.zeros((0, self.dim), np.float16)))
+                    cache[number] = self._block(txn, number)
                 return cache[number]
             yield read
+
+    def fetch(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(μ float32 [M, D], log_var float32 [M, D]) of `ids` (in range, any order) through
+        `.where`: one read transaction, each chunk of the map and each list read once."""
+        mu = np.empty((len(ids), self.dim), np.float32)
+        lv = np.empty((len(ids), self.dim), np.float32)
+        home, place = np.empty(len(ids), np.int64), np.empty(len(ids), np.int64)
+        with self.env.begin(buffers=True) as txn:
+            for chunk, at in _groups(ids // WHERE_CHUNK):
+                value = txn.get(where_key(chunk), db=self.where)
+                table = np.frombuffer(value, np.int32) if value is not None else np.zeros(0)
+                off = ids[at] - chunk * WHERE_CHUNK
+                if (off >= len(table) // 2).any():
+                    missing = int(ids[at][off >= len(table) // 2][0])
+                    raise PcmeError(f"{self.env.path()}: {self.modality}.where has no entry "
+                                    f"for id {missing}")
+                home[at], place[at] = table[off], table[len(table) // 2 + off]
+            for number, at in _groups(home):
+                block = self._block(txn, number)
+                if (place[at] >= len(block.ids)).any() or \
+                        (block.ids[np.minimum(place[at], len(block.ids) - 1)] != ids[at]).any():
+                    raise PcmeError(f"{self.env.path()}: {self.modality}.where and list "
+                                    f"{number} disagree (a damaged store: rebuild the index)")
+                mu[at], lv[at] = block.mu[place[at]], block.log_var[place[at]]
+        return mu, lv
+
+    def scan(self):
+        """(ids, μ float32, log_var float32) copies of every non-empty block, in list order:
+        every row once, in one read transaction (the exhaustive pass of format 5)."""
+        with self.env.begin(buffers=True) as txn:
+            for number in range(self.ivf.nlist):
+                b = self._block(txn, number)
+                if len(b.ids):
+                    yield b.ids.copy(), b.mu.copy(), b.log_var.astype(np.float32)
+
+
+def _groups(keys: np.ndarray):
+    """(key, positions of that key) for each distinct value of `keys`, in increasing order."""
+    order = np.argsort(keys, kind="stable")
+    values, starts = np.unique(keys[order], return_index=True)
+    for value, a, z in zip(values, starts, np.r_[starts[1:], len(keys)]):
+        yield int(value), order[a:z]

@@ -1,8 +1,9 @@
 """Open an index directory for the engine: FAISS search on μ, exact μ and log σ² from LMDB.
 
-Exact μ and log_var come from one LMDB row per id (indexer/store.py), read with one `getmulti`
-call, or, for a guaranteed shortlist, from whole inverted lists (indexer/lists.py); FAISS only
-ranks. When faiss reports GPUs, each modality's μ index is
+Exact μ and log_var come from whole inverted lists (indexer/lists.py: a guaranteed
+shortlist reads its probed lists; a read by id finds its row's list through `.where`), or, for
+an index without inverted lists or a store older than format 5, from one LMDB row per id
+(indexer/store.py, one `getmulti` call); FAISS only ranks. When faiss reports GPUs, each modality's μ index is
 also copied to all of them at open time and serves `search` (faiss_index.GpuSearch); the CPU
 copy stays for range search and for k beyond what the GPU kernels select.
 """
@@ -50,8 +51,14 @@ class IndexReader:
                 and self.count(modality) > 0
             self._lists[modality] = ListBlocks(
                 self._store.env, modality, self._indexes[modality], self.dim,
-                self.manifest["nprobe"][modality], row_stats=store["format"] >= 4) if has else None
+                self.manifest["nprobe"][modality], row_stats=store["format"] >= 4,
+                by_id=store["format"] >= 5) if has else None
         return self._lists[modality]
+
+    def _rows_in_blocks(self, modality: str) -> ListBlocks | None:
+        """The list blocks when they are the only copy of the rows (format 5), else None."""
+        blocks = self.list_blocks(modality)
+        return blocks if blocks is not None and blocks.where is not None else None
 
     def variance_stats(self, modality: str) -> dict | None:
         """Global σ ranges recorded at build time (None for indexes built before them)."""
@@ -113,7 +120,9 @@ class IndexReader:
 
     def fetch(self, modality: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(μ float32 [M, D], log_var float32 [M, D]) for `ids`; store reads in one transaction."""
-        return self._store.vectors(modality, self._check_ids(modality, ids))
+        ids = self._check_ids(modality, ids)
+        blocks = self._rows_in_blocks(modality)
+        return blocks.fetch(ids) if blocks is not None else self._store.vectors(modality, ids)
 
     def fetch_log_var(self, modality: str, ids: np.ndarray) -> np.ndarray:
         return self.fetch(modality, ids)[1]
@@ -128,14 +137,34 @@ class IndexReader:
         if n == 0:
             empty = np.zeros((0, self.dim), np.float32)
             return np.zeros(0, np.int64), empty, empty.copy()
-        mu, log_var = self._store.scan(modality, n)
+        blocks = self._rows_in_blocks(modality)
+        if blocks is None:
+            mu, log_var = self._store.scan(modality, n)
+            return np.arange(n, dtype=np.int64), mu, log_var
+        mu, log_var = np.empty((n, self.dim), np.float32), np.empty((n, self.dim), np.float32)
+        for ids, m, lv in blocks.scan():
+            mu[ids], log_var[ids] = m, lv
         return np.arange(n, dtype=np.int64), mu, log_var
 
     def vector_blocks(self, modality: str, block: int):
-        """(start, μ, log_var) of consecutive id blocks: exhaustive scoring in bounded memory."""
+        """(ids, μ, log_var) of about `block` items at a time, each item once, in storage
+        order (consecutive ids, or whole inverted lists): exhaustive scoring in bounded memory."""
         n = self.count(modality)
-        for start in range(0, n, block):
-            yield (start, *self._store.scan(modality, n, start, start + block))
+        blocks = self._rows_in_blocks(modality)
+        if blocks is None:
+            for start in range(0, n, block):
+                yield (np.arange(start, min(start + block, n)),
+                       *self._store.scan(modality, n, start, start + block))
+            return
+        pending, held = [], 0
+        for part in blocks.scan():
+            pending.append(part)
+            held += len(part[0])
+            if held >= block:
+                yield tuple(np.concatenate(column) for column in zip(*pending))
+                pending, held = [], 0
+        if pending:
+            yield tuple(np.concatenate(column) for column in zip(*pending))
 
     def close(self) -> None:
         self._store.close()

@@ -1,7 +1,9 @@
 """The LMDB store beside the FAISS index: per-id exact μ and log_var in ONE row, and the metadata
 needed to show a hit.
 
-One LMDB environment, named sub-databases per modality (store format 2):
+One LMDB environment, named sub-databases per modality (store format 2; from format 5 a
+modality with an IVF index keeps its rows only in list blocks, indexer/lists.py, and the
+builder writes `.vec` to a temporary rows store that the blocks are made from):
   `<modality>.vec`   D float32 μ, then D float16 log_var (1.5 KiB at 256-d: inline in a 4 KiB
                      page, two rows per page; 512-d spills to one overflow page per row)
   `<modality>.meta`  int64 little-endian group, then the item as utf-8
@@ -27,8 +29,10 @@ from core.errors import PcmeError
 
 logger = logging.getLogger(__name__)
 
-STORE_FORMAT = 4   # 3: format 2 + rows grouped by IVF list (indexer/lists.py); 4: + row scalars
-READABLE_FORMATS = (2, 3, 4)
+# 3: format 2 + rows grouped by IVF list (indexer/lists.py); 4: + row scalars; 5: IVF rows only
+# in the list blocks, found by id through `.where` (the store half the size)
+STORE_FORMAT = 5
+READABLE_FORMATS = (2, 3, 4, 5)
 LOG_VAR_CLIP = 20.0  # |log σ²| beyond 20 (σ² < 2e-9 or > 5e8) carries no ranking information
 _PAGE = 4096
 
@@ -58,12 +62,15 @@ def estimate_map_size(rows: int, dim: int, item_bytes: int) -> int:
 
 
 class StoreWriter:
-    """Writes one modality batch per call, in one transaction, keys in increasing id order."""
+    """Writes one modality batch per call, one transaction per column, keys in increasing id
+    order.
+    `rows_path`: the `.vec` rows go to that separate LMDB instead (indexer/build.py:
+    finish_store makes the list blocks from it, then deletes it)."""
 
-    def __init__(self, path: Path, map_size: int):
+    def __init__(self, path: Path, map_size: int, rows_path: Path | None = None):
         self.path = Path(path)
-        self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=8, subdir=True,
-                             sync=False, metasync=False)  # durability comes from close()'s sync
+        self.env = _open_writable(self.path, map_size)
+        self.rows_env = _open_writable(Path(rows_path), map_size) if rows_path else self.env
         self.clipped = 0
 
     def put(self, modality: str, ids: np.ndarray, mu: np.ndarray, log_var: np.ndarray,
@@ -84,20 +91,21 @@ class StoreWriter:
         self._write_growing(modality, keys, columns)
 
     def _write_growing(self, modality: str, keys: list[bytes], columns: list) -> None:
-        while True:
-            try:
-                return self._write(modality, keys, columns)
-            except lmdb.MapFullError:  # estimate too small (long items): grow and redo the batch
-                self.env.set_mapsize(2 * self.env.info()["map_size"])
-                logger.info("grew %s map_size to %d bytes", self.path, self.env.info()["map_size"])
-
-    def _write(self, modality: str, keys: list[bytes], columns: list) -> None:
-        with self.env.begin(write=True) as txn:
-            for name, values in columns:
-                db = self.env.open_db(f"{modality}.{name}".encode(), txn=txn)
-                added = txn.cursor(db).putmulti(zip(keys, values), append=True)[1]
-                if added != len(keys):
-                    raise ValueError(f"{self.path}: {modality}.{name}: ids not increasing")
+        """Each column in its own transaction (`.vec` may go to the rows store); a full map
+        (an estimate too small, e.g. for long items) grows and the column is written again."""
+        for name, values in columns:
+            env = self.rows_env if name == "vec" else self.env
+            while True:
+                try:
+                    with env.begin(write=True) as txn:
+                        db = env.open_db(f"{modality}.{name}".encode(), txn=txn)
+                        added = txn.cursor(db).putmulti(zip(keys, values), append=True)[1]
+                    break
+                except lmdb.MapFullError:
+                    env.set_mapsize(2 * env.info()["map_size"])
+                    logger.info("grew %s map_size to %d bytes", env.path(), env.info()["map_size"])
+            if added != len(keys):
+                raise ValueError(f"{self.path}: {modality}.{name}: ids not increasing")
 
     def copy_from(self, src: Path, modality: str, id_offset: int, names: tuple[str, ...],
                   batch: int = 65_536) -> int:
@@ -133,8 +141,14 @@ class StoreWriter:
         if self.clipped:
             logger.warning("clipped %d log_var values to ±%g before storing as float16",
                            self.clipped, LOG_VAR_CLIP)
-        self.env.sync(True)
-        self.env.close()
+        for env in {id(e): e for e in (self.env, self.rows_env)}.values():
+            env.sync(True)
+            env.close()
+
+
+def _open_writable(path: Path, map_size: int):
+    return lmdb.open(str(path), map_size=map_size, max_dbs=8, subdir=True, sync=False,
+                     metasync=False)  # durability comes from StoreWriter.close()'s sync
 
 
 class StoreReader:

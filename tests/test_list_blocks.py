@@ -1,7 +1,8 @@
-"""Store formats 3 and 4: rows grouped by IVF inverted list (indexer/lists.py), the per-row
-bounds of format 4 (engine/row_bounds.py) and the engine path that reads them. References: the
-store's by-id rows, nearest-centroid assignment recomputed in numpy, a float64 brute force over
-the probed lists, and the id-by-id (format-2) path."""
+"""Store formats 3 to 5: rows grouped by IVF inverted list (indexer/lists.py), the per-row
+bounds of format 4 (engine/row_bounds.py), format 5's reads by id through `.where`, and the
+engine path that reads them. References: the shards' rows, nearest-centroid assignment
+recomputed in numpy, a float64 brute force over the probed lists, and the id-by-id path of
+an older store written here from the same rows."""
 import json
 import shutil
 
@@ -18,6 +19,8 @@ from indexer.build import build_index
 from engine.row_bounds import QueryBounds
 from indexer.lists import Block, decode_block, encode_block, list_key
 from indexer.reader import IndexReader
+from indexer.shards import read_shards
+from indexer.store import encode_ids, stored_log_var
 from tests.test_engine_search import brute, check_topk
 
 D, N, K, NLIST, NPROBE = 16, 3000, 10, 16, 2
@@ -25,12 +28,89 @@ SCORES = ("elk", "bhattacharyya", "csd", "w2", "mc")
 
 
 @pytest.fixture(scope="module")
-def index(tmp_path_factory):
+def built(tmp_path_factory):
     spec = SyntheticSpec(N, D, n_queries=40, n_centres=30, lv_spread=1.0, lv_mean=-3.0)
     shards = write_synthetic_shards(spec, tmp_path_factory.mktemp("syn") / "shards")
     out = tmp_path_factory.mktemp("i") / "index"
     build_index(shards, out, factory=f"IVF{NLIST},Flat", nprobe=NPROBE)
-    return out
+    return out, shards
+
+
+@pytest.fixture(scope="module")
+def index(built):
+    return built[0]
+
+
+def _older(index, tmp_path, fmt: int):
+    """A copy of `index` laid out as a build before format 5 wrote it: every image row also by
+    id in `image.vec` and no `image.where`; format 3 blocks without the row scalars; format 2
+    without blocks in the manifest."""
+    old = tmp_path / f"format{fmt}"
+    shutil.copytree(index, old)
+    with IndexReader.open(index) as r:
+        ids, mu, lv = r.all_vectors("image")
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["store"]["format"] = fmt
+    if fmt == 2:
+        manifest["store"] = {k: v for k, v in manifest["store"].items() if k != "lists"}
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    path = old / manifest["store"]["file"]
+    env = lmdb.open(str(path), max_dbs=8, subdir=True,
+                    map_size=4 * (path / "data.mdb").stat().st_size)
+    with env.begin(write=True) as txn:
+        vec = env.open_db(b"image.vec", txn=txn)
+        for key, m, v in zip(encode_ids(ids), mu, lv):
+            txn.put(key, m.tobytes() + v.astype(np.float16).tobytes(), db=vec)
+        txn.drop(env.open_db(b"image.where", txn=txn), delete=True)
+        if fmt == 3:
+            db = env.open_db(b"image.lists", txn=txn)
+            for number in range(NLIST):
+                b = decode_block(txn.get(list_key(number), db=db), D, row_stats=True)
+                txn.put(list_key(number), encode_block(b.ids, b.mu, b.log_var, row_stats=False),
+                        db=db)
+    env.close()
+    return old
+
+
+def test_format_5_reads_by_id_and_in_full_give_the_shards_rows(built):
+    """Rows live only in the blocks: reads by id (any order, repeats, across lists) and the
+    exhaustive passes give back the shards' μ and stored log_var; no `.vec` is left."""
+    index, shards = built
+    batches = [b.select("image") for b in read_shards(shards)]
+    ids = np.concatenate([b.ids for b in batches])
+    mu = np.concatenate([b.mu for b in batches])[np.argsort(ids)]
+    lv = stored_log_var(np.concatenate([b.log_var for b in batches]))[np.argsort(ids)]
+    pick = np.random.default_rng(3).integers(0, N, 500)
+    with IndexReader.open(index) as r:
+        assert r.manifest["store"]["format"] == 5
+        with pytest.raises(lmdb.Error):
+            r._store.env.open_db(b"image.vec", create=False)
+        got_mu, got_lv = r.fetch("image", pick)
+        np.testing.assert_array_equal(got_mu, mu[pick])
+        np.testing.assert_array_equal(got_lv, lv[pick])
+        assert r.fetch("image", np.zeros(0, np.int64))[0].shape == (0, D)
+        all_ids, all_mu, all_lv = r.all_vectors("image")
+        np.testing.assert_array_equal(all_mu, mu)
+        np.testing.assert_array_equal(all_lv, lv)
+        seen = [(i, m, v) for i, m, v in r.vector_blocks("image", 700)]
+    assert all(len(i) >= 700 for i, _, _ in seen[:-1])
+    order = np.concatenate([i for i, _, _ in seen])
+    np.testing.assert_array_equal(np.sort(order), np.arange(N))      # every row once
+    np.testing.assert_array_equal(np.concatenate([m for _, m, _ in seen]), mu[order])
+    np.testing.assert_array_equal(np.concatenate([v for _, _, v in seen]), lv[order])
+
+
+def test_format_5_store_is_smaller_than_rows_twice(index, tmp_path):
+    """The point of format 5: the store no longer holds each row twice."""
+    def used(path):
+        env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=8, subdir=True)
+        pages = env.info()["last_pgno"] + 1
+        env.close()
+        return pages
+    old = _older(index, tmp_path, 4)
+    row = 8 + 6 * D   # id + μ float32 + log_var float16: the bytes one copy of a row needs
+    grown = used(old / "store.lmdb") - used(index / "store.lmdb")
+    assert grown * 4096 > 0.9 * N * row
 
 
 @pytest.fixture(scope="module")
@@ -132,29 +212,22 @@ def test_row_bound_is_above_every_rows_exact_key(score, spread):
         assert np.median(pruned) > 0.4   # 0.58 measured with this seed
 
 
-def test_format_3_blocks_open_and_search_with_the_global_bound(index, queries, tmp_path):
-    """Blocks without the row scalars (an index built before format 4) are read as format 3
-    and searched with the one global bound per query: same results."""
-    old = tmp_path / "old"
-    shutil.copytree(index, old)
-    manifest = json.loads((old / "manifest.json").read_text())
-    manifest["store"]["format"] = 3
-    (old / "manifest.json").write_text(json.dumps(manifest))
-    env = lmdb.open(str(old / manifest["store"]["file"]), max_dbs=8, subdir=True)
-    with env.begin(write=True) as txn:
-        db = env.open_db(b"image.lists", txn=txn)
-        for number in range(NLIST):
-            b = decode_block(txn.get(list_key(number), db=db), D, row_stats=True)
-            txn.put(list_key(number), encode_block(b.ids, b.mu, b.log_var, row_stats=False),
-                    db=db)
-    env.close()
+@pytest.mark.parametrize("fmt", (3, 4))
+def test_older_block_formats_open_and_search_alike(index, queries, tmp_path, fmt):
+    """A format-4 store (rows twice) searches the same; blocks without the row scalars (an
+    index built before format 4) are read as format 3 and searched with the one global bound
+    per query: same results."""
+    old = _older(index, tmp_path, fmt)
     mu_q, lv_q = queries
     with IndexReader.open(old) as a, IndexReader.open(index) as b:
-        assert not a.list_blocks("image").row_stats and b.list_blocks("image").row_stats
+        assert a.list_blocks("image").row_stats == (fmt == 4) and b.list_blocks("image").row_stats
+        assert a.list_blocks("image").where is None     # reads by id use `.vec`
         ra = BatchSearcher(a, 5.0, 5.0).search("image", mu_q, lv_q, K, "elk")
         rb = BatchSearcher(b, 5.0, 5.0).search("image", mu_q, lv_q, K, "elk")
+        np.testing.assert_array_equal(a.fetch("image", ra.ids[0])[1], b.fetch("image", ra.ids[0])[1])
     np.testing.assert_array_equal(ra.ids, rb.ids)
-    assert "bound_ms" not in ra.timings_ms and ra.shortlist.mean() > rb.shortlist.mean()
+    if fmt == 3:
+        assert "bound_ms" not in ra.timings_ms and ra.shortlist.mean() > rb.shortlist.mean()
 
 
 def test_too_few_probed_rows_widen_the_probe(index, queries):
@@ -169,12 +242,7 @@ def test_too_few_probed_rows_widen_the_probe(index, queries):
 
 
 def test_format_2_index_opens_and_searches_id_by_id(index, queries, tmp_path):
-    old = tmp_path / "old"
-    shutil.copytree(index, old)
-    manifest = json.loads((old / "manifest.json").read_text())
-    manifest["store"] = {k: v for k, v in manifest["store"].items() if k != "lists"}
-    manifest["store"]["format"] = 2
-    (old / "manifest.json").write_text(json.dumps(manifest))
+    old = _older(index, tmp_path, 2)
     mu_q, lv_q = queries
     with SearchEngine(old) as a, SearchEngine(index) as b:
         assert a.reader.list_blocks("image") is None
