@@ -134,38 +134,38 @@ class BatchSearcher:
         if by_row:
             timings["bound_ms"] = 0.0
         out_ids, out_keys, sizes, hits = [], [], [], []
-        with blocks.reading() as read:
-            for i in range(len(mu_q)):
-                t = time.perf_counter()
-                parts = [read(int(n)) for n in lists[i] if n >= 0]
-                timings["fetch_ms"] += _ms(t)
-                t = time.perf_counter()
-                ids = np.concatenate([p.ids for p in parts])
-                if by_row:   # rows in order of their own bound (engine/row_bounds.py)
-                    q = row_bounds.QueryBounds(score, mu_q[i], lv_q[i])
-                    rank = q.blocks(parts)
-                    timings["bound_ms"] += _ms(t)
-                else:        # rows in order of ⟨μ_q, μ⟩, one bound for all (indexer/variance.py)
-                    ip = rank = np.concatenate([p.mu @ mu_q[i] for p in parts])
-                    timings["ann_ms"] += _ms(t)
-                pick = np.argpartition(-rank, first - 1)[:first] if first < len(rank) \
-                    else np.arange(len(rank))
-                keys = self._rescore_rows(score, mu_q[i], lv_q[i], parts, pick, ids, timings)
-                if bounds is not None:
-                    if by_row:
-                        more = np.flatnonzero(rank > margin(kth_key(keys, k)))
-                    else:
-                        t_req = required_ip(score, kth_key(keys, k), mu_q[i], lv_q[i], bounds)
-                        more = np.flatnonzero(ip > t_req)
-                    more = more[~_marked(len(rank), pick)[more]]
-                    if len(more):
-                        keys = np.concatenate([keys, self._rescore_rows(
-                            score, mu_q[i], lv_q[i], parts, more, ids, timings)])
-                        pick = np.concatenate([pick, more])
-                top = np.argsort(-keys, kind="stable")[:k]
-                out_ids.append(ids[pick[top]]), out_keys.append(keys[top])
-                sizes.append(len(pick))
-                hits.append(_gather(parts, pick[top]))   # p_match needs them: no second read
+        read = blocks.read   # decoded once, kept (indexer/lists.py)
+        for i in range(len(mu_q)):
+            t = time.perf_counter()
+            parts = [read(int(n)) for n in lists[i] if n >= 0]
+            timings["fetch_ms"] += _ms(t)
+            t = time.perf_counter()
+            ids = np.concatenate([p.ids for p in parts])
+            if by_row:   # rows in order of their own bound (engine/row_bounds.py)
+                q = row_bounds.QueryBounds(score, mu_q[i], lv_q[i])
+                rank = q.blocks(parts)
+                timings["bound_ms"] += _ms(t)
+            else:        # rows in order of ⟨μ_q, μ⟩, one bound for all (indexer/variance.py)
+                ip = rank = np.concatenate([p.mu @ mu_q[i] for p in parts])
+                timings["ann_ms"] += _ms(t)
+            pick = np.argpartition(-rank, first - 1)[:first] if first < len(rank) \
+                else np.arange(len(rank))
+            keys = self._rescore_rows(score, mu_q[i], lv_q[i], parts, pick, ids, timings)
+            if bounds is not None:
+                if by_row:
+                    more = np.flatnonzero(rank > margin(kth_key(keys, k)))
+                else:
+                    t_req = required_ip(score, kth_key(keys, k), mu_q[i], lv_q[i], bounds)
+                    more = np.flatnonzero(ip > t_req)
+                more = more[~_marked(len(rank), pick)[more]]
+                if len(more):
+                    keys = np.concatenate([keys, self._rescore_rows(
+                        score, mu_q[i], lv_q[i], parts, more, ids, timings)])
+                    pick = np.concatenate([pick, more])
+            top = np.argsort(-keys, kind="stable")[:k]
+            out_ids.append(ids[pick[top]]), out_keys.append(keys[top])
+            sizes.append(len(pick))
+            hits.append(_gather(parts, pick[top]))   # p_match needs them: no second read
         return BatchResult(np.stack(out_ids), np.stack(out_keys), np.asarray(sizes), timings,
                            tuple(np.stack([h[j] for h in hits]) for j in (0, 1)))
 

@@ -9,9 +9,8 @@ those lists whole instead of the shortlist id by id: one LMDB value per list,
                       float16 [n, D] (columns, so each is one zero-copy numpy view);
                       format 4 appends the row bounds' scalars (engine/row_bounds.py):
                       rho, lv_sum float32 [n], then lv_ref float32 [D], rho0 float32
-  `<modality>.where`  (format 5) key: id // WHERE_CHUNK, 4-byte big-endian
-                      value: int32 list numbers [c], then int32 positions in them [c], of the
-                      ids chunk·WHERE_CHUNK onwards (c = WHERE_CHUNK but in the last chunk)
+  `<modality>.where`  (format 5) one value under key 0: int32 list number [N], then int32
+                      position in that list [N], by id (80 MB at 10M: one zero-copy view)
 
 At 1M × 256 a list is ~1,000 rows (1.5 MiB, contiguous overflow pages): two reads per query
 instead of ~800 B-tree lookups, and the pages a query touches are few and sequential, which
@@ -26,7 +25,7 @@ takes the id-by-id path.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,14 +40,11 @@ from indexer.store import encode_ids, row_bytes
 logger = logging.getLogger(__name__)
 
 COMMIT_BYTES = 256 << 20   # blocks per write transaction, by size
-WHERE_CHUNK = 1 << 16      # ids per `.where` value (512 KiB)
 
 
 def list_key(number: int) -> bytes:
     return int(number).to_bytes(4, "big")
 
-
-where_key = list_key   # a `.where` chunk's number, the same 4-byte big-endian key
 
 
 def list_ids(index: faiss.Index, number: int) -> np.ndarray:
@@ -174,9 +170,7 @@ def write_list_blocks(store_path: Path, rows_path: Path, modality: str, index: f
         if rows != index.ntotal or (home < 0).any():
             raise ValueError(f"{store_path}: list blocks hold {rows} rows, the index {index.ntotal}")
         where = env.open_db(f"{modality}.where".encode())
-        _put_growing(env, where, [
-            (where_key(c), home[s:s + WHERE_CHUNK].tobytes() + place[s:s + WHERE_CHUNK].tobytes())
-            for c, s in enumerate(range(0, index.ntotal, WHERE_CHUNK))])
+        _put_growing(env, where, [(list_key(0), home.tobytes() + place.tobytes())])
         env.sync(True)
     finally:
         env.close()
@@ -197,8 +191,13 @@ def _put_growing(env, db, items: list) -> None:
 
 class ListBlocks:
     """Reads the list blocks of one modality: which lists a query probes (the IVF quantizer),
-    then those lists' rows, zero-copy, inside one read transaction. `by_id` (format 5): the
-    rows live only here, and `fetch`/`scan` serve reads by id and exhaustive passes."""
+    then those lists' rows, zero-copy. `by_id` (format 5): the rows live only here, and
+    `fetch`/`scan` serve reads by id and exhaustive passes.
+
+    A block is decoded once per process and kept (numpy views into LMDB's map, a few hundred
+    bytes each): one read transaction stays open for the reader's life, which is safe because
+    an index directory is never written once built. Looking a ~1 MB block up again cost ~10 µs
+    (B-tree walk and overflow pages), which a read by id of k hits in k lists paid per hit."""
 
     def __init__(self, env, modality: str, index: faiss.Index, dim: int, nprobe: int,
                  row_stats: bool = True, by_id: bool = False):
@@ -206,6 +205,10 @@ class ListBlocks:
         self.modality, self.ivf = modality, fx.ivf_of(index)
         self.db = env.open_db(f"{modality}.lists".encode(), create=False)
         self.where = env.open_db(f"{modality}.where".encode(), create=False) if by_id else None
+        self._blocks: dict[int, Block] = {}
+        self._where: np.ndarray | None = None
+        self._txn = None
+        self._lock = threading.Lock()     # a transaction serves one thread at a time
 
     def probe(self, queries: np.ndarray, nprobe: int | None = None) -> np.ndarray:
         """[Q, nprobe] list numbers, nearest centroid first (-1 where there are fewer lists)."""
@@ -218,58 +221,64 @@ class ListBlocks:
         return np.array([invlists.list_size(int(n)) if n >= 0 else 0 for n in lists.ravel()],
                         np.int64).reshape(lists.shape)
 
-    def _block(self, txn, number: int) -> Block:
-        value = txn.get(list_key(number), db=self.db)
-        if value is None:
-            return Block(np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32),
-                         np.zeros((0, self.dim), np.float16))
-        return decode_block(value, self.dim, self.row_stats)
+    def _value(self, key: bytes, db):
+        with self._lock:
+            if self._txn is None:
+                self._txn = self.env.begin(buffers=True)
+            return self._txn.get(key, db=db)
 
-    @contextmanager
-    def reading(self):
-        """Yields read(number) -> Block; the blocks' arrays are valid only inside the with."""
-        with self.env.begin(buffers=True) as txn:
-            cache: dict[int, Block] = {}
+    def read(self, number: int) -> Block:
+        """The rows of list `number` (views, valid until the reader closes)."""
+        block = self._blocks.get(number)
+        if block is None:
+            value = self._value(list_key(number), self.db)
+            block = self._blocks[number] = decode_block(value, self.dim, self.row_stats) \
+                if value is not None else Block(np.zeros(0, np.int64),
+                                                np.zeros((0, self.dim), np.float32),
+                                                np.zeros((0, self.dim), np.float16))
+        return block
 
-            def read(number: int) -> Block:
-                if number not in cache:
-                    cache[number] = self._block(txn, number)
-                return cache[number]
-            yield read
+    def _locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(list number, position in it) of each id, from `.where` (a view, read once)."""
+        if self._where is None:
+            value = self._value(list_key(0), self.where)
+            self._where = (np.frombuffer(value, np.int32) if value is not None
+                           else np.zeros(0, np.int32)).reshape(2, -1)
+        if len(ids) and ids.max() >= self._where.shape[1]:
+            raise PcmeError(f"{self.env.path()}: {self.modality}.where has no entry for id "
+                            f"{int(ids.max())}")
+        return self._where[0, ids], self._where[1, ids]
 
     def fetch(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(μ float32 [M, D], log_var float32 [M, D]) of `ids` (in range, any order) through
-        `.where`: one read transaction, each chunk of the map and each list read once."""
+        """(μ float32 [M, D], log_var float32 [M, D]) of `ids` (in range, any order): their
+        places from `.where`, then each of their lists read once."""
         mu = np.empty((len(ids), self.dim), np.float32)
         lv = np.empty((len(ids), self.dim), np.float32)
-        home, place = np.empty(len(ids), np.int64), np.empty(len(ids), np.int64)
-        with self.env.begin(buffers=True) as txn:
-            for chunk, at in _groups(ids // WHERE_CHUNK):
-                value = txn.get(where_key(chunk), db=self.where)
-                table = np.frombuffer(value, np.int32) if value is not None else np.zeros(0)
-                off = ids[at] - chunk * WHERE_CHUNK
-                if (off >= len(table) // 2).any():
-                    missing = int(ids[at][off >= len(table) // 2][0])
-                    raise PcmeError(f"{self.env.path()}: {self.modality}.where has no entry "
-                                    f"for id {missing}")
-                home[at], place[at] = table[off], table[len(table) // 2 + off]
-            for number, at in _groups(home):
-                block = self._block(txn, number)
-                if (place[at] >= len(block.ids)).any() or \
-                        (block.ids[np.minimum(place[at], len(block.ids) - 1)] != ids[at]).any():
-                    raise PcmeError(f"{self.env.path()}: {self.modality}.where and list "
-                                    f"{number} disagree (a damaged store: rebuild the index)")
-                mu[at], lv[at] = block.mu[place[at]], block.log_var[place[at]]
+        home, place = self._locate(ids)
+        for number, at in _groups(home):
+            block, rows = self.read(number), place[at]
+            try:
+                mu[at], lv[at] = block.mu[rows], block.log_var[rows]
+            except IndexError:
+                raise PcmeError(f"{self.env.path()}: {self.modality}.where points past the end "
+                                f"of list {number} (a damaged store: rebuild the index)") from None
         return mu, lv
 
     def scan(self):
         """(ids, μ float32, log_var float32) copies of every non-empty block, in list order:
-        every row once, in one read transaction (the exhaustive pass of format 5)."""
+        every row once (the exhaustive pass of format 5). Not kept: a pass reads them all."""
         with self.env.begin(buffers=True) as txn:
             for number in range(self.ivf.nlist):
-                b = self._block(txn, number)
-                if len(b.ids):
+                value = txn.get(list_key(number), db=self.db)
+                if value is not None:
+                    b = decode_block(value, self.dim, self.row_stats)
                     yield b.ids.copy(), b.mu.copy(), b.log_var.astype(np.float32)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._txn is not None:
+                self._txn.abort()
+            self._txn, self._blocks, self._where = None, {}, None
 
 
 def _groups(keys: np.ndarray):

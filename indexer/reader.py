@@ -167,6 +167,9 @@ class IndexReader:
             yield tuple(np.concatenate(column) for column in zip(*pending))
 
     def close(self) -> None:
+        for blocks in self._lists.values():
+            if blocks is not None:
+                blocks.close()
         self._store.close()
         self._indexes, self._augmented, self._gpu, self._lists = {}, {}, {}, {}
 

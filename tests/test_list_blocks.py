@@ -131,16 +131,15 @@ def test_blocks_hold_every_row_once_in_its_nearest_list(index):
         centroids = _centroids(r)
         blocks = r.list_blocks("image")
         seen = []
-        with blocks.reading() as read:
-            for number in range(NLIST):
-                b = read(number)
-                assert np.all(np.diff(b.ids) > 0)
-                np.testing.assert_array_equal(b.mu, mu[b.ids])
-                np.testing.assert_array_equal(b.log_var.astype(np.float32), lv[b.ids])
-                # IVF assigns each row to its nearest centroid by inner product
-                np.testing.assert_array_equal(np.argmax(b.mu @ centroids.T, axis=1),
-                                              np.full(len(b.ids), number))
-                seen.append(b.ids.copy())
+        for number in range(NLIST):
+            b = blocks.read(number)
+            assert np.all(np.diff(b.ids) > 0)
+            np.testing.assert_array_equal(b.mu, mu[b.ids])
+            np.testing.assert_array_equal(b.log_var.astype(np.float32), lv[b.ids])
+            # IVF assigns each row to its nearest centroid by inner product
+            np.testing.assert_array_equal(np.argmax(b.mu @ centroids.T, axis=1),
+                                          np.full(len(b.ids), number))
+            seen.append(b.ids.copy())
     np.testing.assert_array_equal(np.sort(np.concatenate(seen)), ids)
 
 
