@@ -282,10 +282,13 @@ def _gather(parts, rows: np.ndarray, convert: bool = True) -> tuple:
     `parts`: (μ, log_var float32), or with convert=False (μ, log_var float16, lv_sum or None)."""
     order = np.argsort(rows, kind="stable")
     ordered, back = rows[order], np.argsort(order)
-    ends = np.cumsum([len(p.ids) for p in parts])
-    cuts = np.searchsorted(ordered, ends)            # part j holds ordered[cuts[j-1]:cuts[j]]
-    pieces = [(p, ordered[a:b] - off) for p, a, b, off in zip(parts, np.r_[0, cuts[:-1]], cuts,
-                                                              np.r_[0, ends[:-1]]) if b > a]
+    sizes = [len(p.ids) for p in parts]
+    cuts = np.searchsorted(ordered, np.cumsum(sizes)).tolist()  # part j ends at cuts[j]
+    pieces, start, offset = [], 0, 0
+    for p, cut, size in zip(parts, cuts, sizes):
+        if cut > start:
+            pieces.append((p, ordered[start:cut] - offset))
+        start, offset = cut, offset + size
     mu = np.concatenate([p.mu[at] for p, at in pieces])[back]
     lv = np.concatenate([p.log_var[at] for p, at in pieces])[back]
     if convert:
