@@ -15,12 +15,12 @@ those lists whole instead of the shortlist id by id: one LMDB value per list,
 At 1M × 256 a list is ~1,000 rows (1.5 MiB, contiguous overflow pages): two reads per query
 instead of ~800 B-tree lookups, and the pages a query touches are few and sequential, which
 is what matters once the store outgrows RAM. Formats 3 and 4 also kept every row by id
-(`.vec`), so the store held each row twice (35 GB at 10M × 256, more than this machine's
-RAM: most queries then read their lists from the disk). Format 5 keeps the rows only here:
-a read by id (hits, the service's item lookups) finds the row through `.where` (8 bytes per
-id), and exhaustive search walks the blocks (`scan_blocks`). Indexes without inverted lists
-(Flat) have no blocks and keep `.vec`; format-2 stores open without blocks and the engine
-takes the id-by-id path.
+(`.vec`), so the store held each row twice (35 GB at 10M × 256, more than this machine's RAM:
+most queries then read their lists from the disk). Format 5 keeps the rows only here: a read
+by id (hits, the service's item lookups) finds the row through `.where` (8 bytes per id), and
+exhaustive search walks the blocks (`ListBlocks.scan`). Indexes without inverted lists (Flat)
+have no blocks and keep `.vec`; format-2 stores open without blocks and the engine takes the
+id-by-id path.
 """
 from __future__ import annotations
 

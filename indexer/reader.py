@@ -1,11 +1,12 @@
 """Open an index directory for the engine: FAISS search on μ, exact μ and log σ² from LMDB.
 
-Exact μ and log_var come from whole inverted lists (indexer/lists.py: a guaranteed
-shortlist reads its probed lists; a read by id finds its row's list through `.where`), or, for
-an index without inverted lists or a store older than format 5, from one LMDB row per id
-(indexer/store.py, one `getmulti` call); FAISS only ranks. When faiss reports GPUs, each modality's μ index is
-also copied to all of them at open time and serves `search` (faiss_index.GpuSearch); the CPU
-copy stays for range search and for k beyond what the GPU kernels select.
+Exact μ and log_var come from whole inverted lists (indexer/lists.py: a guaranteed shortlist
+reads its probed lists; a read by id finds its row's list through `.where`), or, for an index
+without inverted lists or a store older than format 5, from one LMDB row per id
+(indexer/store.py, one `getmulti` call); FAISS only ranks. When faiss reports GPUs, each
+modality's μ index is also copied to all of them at open time and serves `search`
+(faiss_index.GpuSearch); the CPU copy stays for range search and for k beyond what the GPU
+kernels select.
 """
 
 from __future__ import annotations
