@@ -7,7 +7,9 @@ nprobe and N, fetch with the shortlist length (LMDB reads), rescore with shortli
 from __future__ import annotations
 
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,13 +21,19 @@ from core.errors import PcmeError
 from engine.exact import ExactSearcher
 from core.montecarlo import MC_SAMPLES
 from core.scores import score_name
-from engine.rescore import CHUNK_FLOATS, rescore_gathered, rescore_rows
+from engine.rescore import CHUNK_FLOATS, block_row_keys, rescore_gathered
 from engine.shortlist import BOUNDED, kth_key, prefetch_depth, shortlist_size
-from engine import row_bounds
-from indexer.variance import VarianceBounds, margin, required_ip
+from engine import kernels, row_bounds
+from indexer.variance import VarianceBounds, required_ip
 
 logger = logging.getLogger(__name__)
 
+MIN_PER_THREAD = 4   # queries a search thread must have to be worth starting
+
+
+def default_threads() -> int:
+    """Search threads of a batch: the cores this process may use."""
+    return len(os.sched_getaffinity(0))
 
 
 @dataclass
@@ -42,12 +50,17 @@ class BatchSearcher:
     index; `a`, `b` are the match-probability parameters of the `mc` score. `initial` sets
     the first shortlist's length; `guarantee=False` keeps it fixed (no bound, no growth):
     the calibrated mode, whose recall `bench --shortlist N` measures. `lists=False` reads a
-    shortlist id by id even where the store has list blocks (the format-2 path)."""
+    shortlist id by id even where the store has list blocks (the format-2 path). A batch read
+    from list blocks runs on `threads` threads (default: the usable cores), each a contiguous
+    run of its queries: the row kernels release the GIL (engine/kernels.py)."""
 
     def __init__(self, reader, a: float, b: float, initial: int | None = None,
-                 guarantee: bool = True, mc_samples: int = MC_SAMPLES, lists: bool = True):
+                 guarantee: bool = True, mc_samples: int = MC_SAMPLES, lists: bool = True,
+                 threads: int | None = None):
         self.reader, self.a, self.b, self.initial = reader, a, b, initial
         self.lists = lists
+        self.threads = threads or default_threads()
+        self._pool: ThreadPoolExecutor | None = None
         self.mc_samples = mc_samples
         self.guarantee = guarantee
         self._exact: dict[str, ExactSearcher] = {}
@@ -133,57 +146,77 @@ class BatchSearcher:
         by_row = bounds is not None and score in row_bounds.SCORES and blocks.row_stats
         if by_row:
             timings["bound_ms"] = 0.0
-        out_ids, out_keys, sizes, hits = [], [], [], []
-        read = blocks.read   # decoded once, kept (indexer/lists.py)
-        for i in range(len(mu_q)):
-            t = time.perf_counter()
-            parts = [read(int(n)) for n in lists[i] if n >= 0]
-            timings["fetch_ms"] += _ms(t)
-            t = time.perf_counter()
-            ids = np.concatenate([p.ids for p in parts])
-            if by_row:   # rows in order of their own bound (engine/row_bounds.py)
-                q = row_bounds.QueryBounds(score, mu_q[i], lv_q[i])
-                rank = q.blocks(parts)
-                timings["bound_ms"] += _ms(t)
-            else:        # rows in order of ⟨μ_q, μ⟩, one bound for all (indexer/variance.py)
-                ip = rank = np.concatenate([p.mu @ mu_q[i] for p in parts])
-                timings["ann_ms"] += _ms(t)
-            pick = np.argpartition(-rank, first - 1)[:first] if first < len(rank) \
-                else np.arange(len(rank))
-            keys = self._rescore_rows(score, mu_q[i], lv_q[i], parts, pick, ids, timings)
-            if bounds is not None:
-                if by_row:
-                    more = np.flatnonzero(rank > margin(kth_key(keys, k)))
-                else:
-                    t_req = required_ip(score, kth_key(keys, k), mu_q[i], lv_q[i], bounds)
-                    more = np.flatnonzero(ip > t_req)
-                more = more[~_marked(len(rank), pick)[more]]
-                if len(more):
-                    keys = np.concatenate([keys, self._rescore_rows(
-                        score, mu_q[i], lv_q[i], parts, more, ids, timings)])
-                    pick = np.concatenate([pick, more])
-            top = np.argsort(-keys, kind="stable")[:k]
-            out_ids.append(ids[pick[top]]), out_keys.append(keys[top])
-            sizes.append(len(pick))
-            hits.append(_gather(parts, pick[top]))   # p_match needs them: no second read
-        return BatchResult(np.stack(out_ids), np.stack(out_keys), np.asarray(sizes), timings,
-                           tuple(np.stack([h[j] for h in hits]) for j in (0, 1)))
 
-    def _rescore_rows(self, score, mu_q, lv_q, parts, rows, ids, timings) -> np.ndarray:
-        """Keys of the items at positions `rows` of the concatenated list blocks `parts`,
-        gathered and scored a cache-sized piece at a time (engine/rescore.py)."""
+        dim = mu_q.shape[1]
+        out = (np.empty((len(mu_q), k), np.int64), np.empty((len(mu_q), k, dim), np.float32),
+               np.empty((len(mu_q), k, dim), np.float16))   # the hits: ids, μ, log_var
+        keys, sizes = np.empty((len(mu_q), k), np.float32), np.empty(len(mu_q), np.int64)
+
+        def run(queries: range, times: dict) -> None:
+            read = blocks.read   # decoded once, kept (indexer/lists.py)
+            for i in queries:
+                t = time.perf_counter()
+                parts = [read(int(n)) for n in lists[i] if n >= 0]
+                times["fetch_ms"] += _ms(t)
+                hits, keys[i], sizes[i] = self._from_blocks(parts, mu_q[i], lv_q[i], k, score,
+                                                            first, bounds, by_row, times)
+                _gather(parts, hits, tuple(o[i] for o in out))   # p_match needs them
+
+        chunks = _split(len(mu_q), self.threads)
+        if len(chunks) == 1:
+            run(chunks[0], timings)
+        else:   # the kernels release the GIL: one thread per core (see __init__)
+            times = [dict.fromkeys(timings, 0.0) for _ in chunks]
+            list(self._workers().map(run, chunks, times))
+            for name in timings:
+                timings[name] += sum(tm[name] for tm in times)
+        return BatchResult(out[0], keys, sizes, timings, (out[1], _float(out[2])))
+
+    def _from_blocks(self, parts, mu_q, lv_q, k, score, first, bounds, by_row, timings):
+        """(positions of the top k in the concatenation of the blocks `parts`, their keys, the
+        shortlist's size) of one query over its probed blocks."""
         t = time.perf_counter()
+        if by_row:   # each row's own bound, and the rescoring it drives: one compiled call
+            found = row_bounds.QueryBounds(score, mu_q, lv_q).topk(parts, first, k)
+            timings["bound_ms"] += _ms(t)
+            return found
+        # rows in order of ⟨μ_q, μ⟩, one bound for all (indexer/variance.py)
+        ip = np.concatenate([p.mu @ mu_q for p in parts])
+        timings["ann_ms"] += _ms(t)
+        pick = np.argpartition(-ip, first - 1)[:first] if first < len(ip) \
+            else np.arange(len(ip))
+        keys = self._rescore_rows(score, mu_q, lv_q, parts, pick, timings)
+        if bounds is not None:
+            t_req = required_ip(score, kth_key(keys, k), mu_q, lv_q, bounds)
+            more = np.flatnonzero(ip > t_req)
+            more = more[~_marked(len(ip), pick)[more]]
+            if len(more):
+                keys = np.concatenate([keys, self._rescore_rows(score, mu_q, lv_q, parts, more,
+                                                                timings)])
+                pick = np.concatenate([pick, more])
+        top = np.argsort(-keys, kind="stable")[:k]
+        return pick[top], keys[top], len(pick)
+
+    def _workers(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="batch")
+        return self._pool
+
+    def _rescore_rows(self, score, mu_q, lv_q, parts, rows, timings) -> np.ndarray:
+        """Keys of the items at positions `rows` of the concatenated list blocks `parts`: elk and
+        bhattacharyya in place (engine/rescore.py: block_row_keys), the other scores gathered
+        and scored a cache-sized piece at a time."""
+        t = time.perf_counter()
+        if score in row_bounds.SCORES:
+            keys = block_row_keys(score, mu_q, lv_q, parts, rows)
+            timings["rescore_ms"] += _ms(t)
+            return keys
         keys = np.empty(len(rows), np.float32)
         step = max(1, CHUNK_FLOATS // len(lv_q))        # rows per piece (lv_q is one query)
         for s in range(0, len(rows), step):
-            at = rows[s:s + step]
-            if score in row_bounds.SCORES:              # straight from the float16 log_var
-                keys[s:s + step] = rescore_rows(score, mu_q, lv_q,
-                                                *_gather(parts, at, convert=False))
-                continue
-            mu, lv = _gather(parts, at)
+            ids, mu, lv = _gather(parts, rows[s:s + step])
             keys[s:s + step] = rescore_gathered(score, mu_q[None], lv_q[None], mu[None],
-                                                lv[None], ids[at][None], self.a, self.b,
+                                                _float(lv)[None], ids[None], self.a, self.b,
                                                 self.mc_samples)[0]
         timings["rescore_ms"] += _ms(t)  # gather and math together: they interleave
         return keys
@@ -270,6 +303,13 @@ class BatchSearcher:
         return VarianceBounds.from_json(stats)
 
 
+def _split(n: int, parts: int) -> list[range]:
+    """0..n−1 in at most `parts` contiguous ranges of at least MIN_PER_THREAD queries."""
+    parts = max(1, min(parts, n // MIN_PER_THREAD))
+    cuts = np.linspace(0, n, parts + 1).astype(int)
+    return [range(a, b) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
 def _marked(n: int, rows: np.ndarray) -> np.ndarray:
     """[n] bool, True at `rows` (cheaper than np.isin for a few hundred of a few thousand)."""
     mask = np.zeros(n, bool)
@@ -277,25 +317,24 @@ def _marked(n: int, rows: np.ndarray) -> np.ndarray:
     return mask
 
 
-def _gather(parts, rows: np.ndarray, convert: bool = True) -> tuple:
-    """Copies of the rows at positions `rows` (any order) of the concatenated list blocks
-    `parts`: (μ, log_var float32), or with convert=False (μ, log_var float16, lv_sum or None)."""
-    order = np.argsort(rows, kind="stable")
-    ordered, back = rows[order], np.argsort(order)
-    sizes = [len(p.ids) for p in parts]
-    cuts = np.searchsorted(ordered, np.cumsum(sizes)).tolist()  # part j ends at cuts[j]
-    pieces, start, offset = [], 0, 0
-    for p, cut, size in zip(parts, cuts, sizes):
-        if cut > start:
-            pieces.append((p, ordered[start:cut] - offset))
-        start, offset = cut, offset + size
-    mu = np.concatenate([p.mu[at] for p, at in pieces])[back]
-    lv = np.concatenate([p.log_var[at] for p, at in pieces])[back]
-    if convert:
-        return mu, torch.from_numpy(lv).float().numpy()   # ~10x numpy's float16 conversion
-    sums = np.concatenate([p.lv_sum[at] for p, at in pieces])[back] \
-        if parts[0].lv_sum is not None else None
-    return mu, lv, sums
+def _gather(parts, rows: np.ndarray, out: tuple | None = None) -> tuple:
+    """(ids, μ, log_var float16) of the rows at positions `rows` (any order) of the
+    concatenated list blocks `parts`, copied into `out` (three arrays of len(rows) rows) or
+    fresh arrays."""
+    if out is None:
+        dim = parts[0].mu.shape[1]
+        out = (np.empty(len(rows), np.int64), np.empty((len(rows), dim), np.float32),
+               np.empty((len(rows), dim), np.float16))
+    rows, first = np.ascontiguousarray(rows, np.int64), 0
+    for p in parts:
+        kernels.copy_rows(p.ids, p.mu, p.log_var.view(np.uint16), rows, first, out[0], out[1],
+                          out[2].view(np.uint16))
+        first += len(p.ids)
+    return out
+
+
+def _float(log_var16: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(log_var16).float().numpy()   # ~10x numpy's float16 conversion
 
 
 def _ms(t0: float) -> float:

@@ -8,12 +8,15 @@ share the shortlist, and exact search (and eval) give the same number.
 from __future__ import annotations
 
 import logging
+import math
 from functools import lru_cache
 
 import numpy as np
 import torch
 
+from core.constants import LOG_2PI
 from core.errors import PcmeError
+from engine import kernels
 from core.montecarlo import MC_SAMPLES, fixed_match_prob
 from core.scores import (SCORES, bhattacharyya_from_kernel, elk_from_kernel, rank_key,
                          score_name, spread_kernel)
@@ -72,26 +75,38 @@ def _spread_keys(score, mu_q, lv_q, mu_d, var_d, lv_sum_d) -> np.ndarray:
 
 
 @lru_cache(maxsize=1)
-def _half_exp() -> np.ndarray:
-    """exp of every float16 value, as float32 (256 KiB): the store keeps log_var in float16,
-    so a row's variances are a table lookup instead of a conversion and an exp."""
+def half_exp_table() -> np.ndarray:
+    """exp of every float16 value, as float32 (256 KiB), indexed by the value's bits: the store
+    keeps log_var in float16, so a row's variances are a table lookup instead of an exp."""
     with np.errstate(over="ignore", invalid="ignore"):   # inf and nan codes: never stored
         return np.exp(np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32))
 
 
-def half_variance(log_var16: np.ndarray) -> np.ndarray:
-    """exp(log_var) of float16 log variances, equal to np.exp(log_var.astype(np.float32))."""
-    return np.take(_half_exp(), log_var16.view(np.uint16))
-
-
-def rescore_rows(score: str, mu_q: np.ndarray, lv_q: np.ndarray, mu: np.ndarray,
-                 log_var16: np.ndarray, lv_sum: np.ndarray | None = None) -> np.ndarray:
-    """elk or bhattacharyya rank keys [M] of one query ([D], float32) against rows read from the
-    store (μ [M, D] float32, log_var float16 [M, D]; lv_sum [M] its row sums when known): the
-    same numbers as rescore_gathered, without the float32 copy of log_var."""
-    return _spread_keys(score, mu_q, lv_q, mu, half_variance(log_var16),
-                        lambda: lv_sum if lv_sum is not None
-                        else log_var16.astype(np.float32).sum(-1))
+def block_row_keys(score: str, mu_q: np.ndarray, lv_q: np.ndarray, parts: list,
+                   rows: np.ndarray) -> np.ndarray:
+    """elk or bhattacharyya rank keys [M] of one query ([D], float32) against the rows at
+    positions `rows` of the concatenated list blocks `parts` (indexer/lists.py), read in place:
+    no gathered copy, the float16 log variances through an exp table (engine/kernels.py). The
+    same numbers as rescore_gathered to float32 rounding (tests/test_list_blocks.py compares)."""
+    score = score_name(score)
+    if score not in ("elk", "bhattacharyya"):
+        raise PcmeError(f"rescore: {score} has no spread kernel")
+    dim = len(mu_q)
+    if score == "elk":
+        c, key_const = 1.0, -0.5 * dim * LOG_2PI
+    else:
+        c, key_const = 0.5, 0.5 * dim * math.log(2.0) + 0.25 * float(lv_q.sum(dtype=np.float64))
+    keys = np.empty(len(rows), np.float32)
+    rows = np.ascontiguousarray(rows, np.int64)
+    mu_q, v_q, table = mu_q.astype(np.float32), np.exp(lv_q.astype(np.float32)), half_exp_table()
+    first = 0
+    for p in parts:
+        if len(p.ids):
+            lv_sum = p.lv_sum if p.lv_sum is not None else p.log_var.astype(np.float32).sum(1)
+            kernels.spread_row_keys(mu_q, v_q, c, p.mu, p.log_var.view(np.uint16), lv_sum,
+                                    table, rows, first, score == "elk", key_const, keys)
+        first += len(p.ids)
+    return keys
 
 
 def rescore(score: str, mu_q, lv_q, mu_d, lv_d, a: float, b: float,

@@ -87,7 +87,8 @@ def encode_block(ids: np.ndarray, mu: np.ndarray, log_var: np.ndarray,
 @dataclass
 class Block:
     """One inverted list: ids [n], μ float32 [n, D], log_var float16 [n, D] (views), and in
-    format 4 the row bounds' scalars (row_scalars; None in format 3)."""
+    format 4 the row bounds' scalars (row_scalars; None in format 3) and, derived from them
+    when read, each row's geometric-mean variance."""
     ids: np.ndarray
     mu: np.ndarray
     log_var: np.ndarray
@@ -95,6 +96,7 @@ class Block:
     lv_sum: np.ndarray | None = None
     lv_ref: np.ndarray | None = None
     rho0: float | None = None
+    geo: np.ndarray | None = None    # exp(lv_sum / D) float64: each row's geometric-mean variance
 
 
 ROW_SCALARS = 2   # float32 scalars per row in format 4
@@ -116,7 +118,8 @@ def decode_block(value, dim: int, row_stats: bool = False) -> Block:
     at += 2 * n * dim
     scalars = raw[at:at + 4 * ROW_SCALARS * n].view(np.float32).reshape(ROW_SCALARS, n)
     tail = raw[at + 4 * ROW_SCALARS * n:].view(np.float32)
-    return Block(ids, mu, log_var, *scalars, tail[:dim], float(tail[dim]))
+    geo = np.exp(scalars[1].astype(np.float64) / dim)   # computed once per decoded block
+    return Block(ids, mu, log_var, *scalars, tail[:dim], float(tail[dim]), geo)
 
 
 def write_list_blocks(store_path: Path, rows_path: Path, modality: str, index: faiss.Index,

@@ -16,6 +16,7 @@ from benchmarks.synthetic import SyntheticSpec, write_synthetic_shards
 from engine.batch import BatchSearcher
 from engine.search import SearchEngine
 from indexer.build import build_index
+from engine.rescore import block_row_keys
 from engine.row_bounds import QueryBounds
 from indexer.lists import Block, decode_block, encode_block, list_key
 from indexer.reader import IndexReader
@@ -258,15 +259,53 @@ def test_decode_block_refuses_partial_rows():
         decode_block(b"\0" * 13, D)
 
 
-def test_rows_scored_in_small_pieces_equal_one_piece(index, queries, monkeypatch):
+@pytest.mark.parametrize("score", ("csd", "mc"))
+def test_rows_scored_in_small_pieces_equal_one_piece(index, queries, monkeypatch, score):
+    """The gathered scores (those without row bounds) rescore cache-sized pieces of rows."""
     import engine.batch as batch_mod
     mu_q, lv_q = queries
     with IndexReader.open(index) as r:
-        whole = BatchSearcher(r, 5.0, 5.0, initial=K).search("image", mu_q, lv_q, K,
-                                                             "bhattacharyya")
+        whole = BatchSearcher(r, 5.0, 5.0).search("image", mu_q, lv_q, K, score)
         monkeypatch.setattr(batch_mod, "CHUNK_FLOATS", 5 * D)   # 5 rows a piece, ragged ends
-        pieces = BatchSearcher(r, 5.0, 5.0, initial=K).search("image", mu_q, lv_q, K,
-                                                              "bhattacharyya")
+        pieces = BatchSearcher(r, 5.0, 5.0).search("image", mu_q, lv_q, K, score)
     np.testing.assert_array_equal(whole.ids, pieces.ids)
     np.testing.assert_allclose(whole.keys, pieces.keys, rtol=1e-6)
-    assert whole.shortlist.max() > K
+    assert whole.shortlist.min() > 5    # several 5-row pieces
+
+
+@pytest.mark.parametrize("score", ("elk", "bhattacharyya", "csd"))
+def test_a_batch_on_several_threads_equals_one_thread(index, queries, score):
+    """Queries split over threads (engine/batch.py: _split) give what one thread gives, hits'
+    rows included; a batch too small to split runs inline."""
+    mu_q, lv_q = queries   # 24 queries: two runs of 12
+    with IndexReader.open(index) as r:
+        one = BatchSearcher(r, 5.0, 5.0, threads=1).search("image", mu_q, lv_q, K, score)
+        two = BatchSearcher(r, 5.0, 5.0, threads=2)
+        got = two.search("image", mu_q, lv_q, K, score)
+        assert two._pool is not None
+        small = BatchSearcher(r, 5.0, 5.0, threads=2)
+        small.search("image", mu_q[:3], lv_q[:3], K, score)
+        assert small._pool is None
+    for a, b in ((one.ids, got.ids), (one.keys, got.keys), (one.shortlist, got.shortlist),
+                 *zip(one.vectors, got.vectors)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("score", ("elk", "bhattacharyya"))
+def test_rows_scored_in_place_equal_the_float64_score(score):
+    """engine/rescore.py: block_row_keys reads rows of several blocks (one empty) in place,
+    through the float16 exp table; against the contract's score in float64."""
+    rng = np.random.default_rng(3)
+    dim, n = 20, 90    # D not a multiple of the kernel's 8-term products
+    mu = rng.standard_normal((n, dim)).astype(np.float32)
+    lv = (-3 + 2 * rng.standard_normal((n, dim))).astype(np.float16)
+    parts = [decode_block(encode_block(np.arange(a, z), mu[a:z], lv[a:z]), dim, row_stats=True)
+             for a, z in ((0, 40), (40, n))]
+    parts.insert(1, Block(np.zeros(0, np.int64), np.zeros((0, dim), np.float32),
+                          np.zeros((0, dim), np.float16)))
+    mq = rng.standard_normal(dim).astype(np.float32)
+    lq = (-3 + rng.standard_normal(dim)).astype(np.float32)
+    rows = rng.permutation(n)[:50]
+    got = block_row_keys(score, mq, lq, parts, rows)
+    ref = brute(score, mq, lq, mu[rows], lv[rows].astype(np.float32))
+    np.testing.assert_allclose(got, ref, rtol=1e-6)

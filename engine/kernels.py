@@ -1,0 +1,177 @@
+"""Compiled loops of the guaranteed search (numba): each reads a list block's μ once.
+
+numpy needs four passes over a block's μ for a row bound (μ·a, μ⊙μ into a buffer, its product
+with w, then ~15 element-wise passes over the per-row results), each a separate call with its
+own temporaries; at 1M × 256 a query probes ~2,000 rows (2 MB), so those passes, not the
+arithmetic, were the bound's 0.4–0.5 ms. Here one loop per row computes both dot products and
+the whole bound. Every function releases the GIL (nogil), so several threads can run them on
+several cores (engine/batch.py does, for a batch of queries).
+
+fastmath allows only reassociation (vectorised sums) and contraction (fused multiply-add):
+either leaves a length-D dot product within the worst-case error the bound already takes off
+((D + 16)·2⁻²³ of its absolute terms, for any summation order), and no flag here assumes away
+NaN, infinity or exact division. Compiled code is cached beside this file (numba's cache; a
+read-only install falls back to the user's cache directory), so only the first use in a fresh
+install compiles (~1 s).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+FAST = {"reassoc", "contract"}
+
+
+@njit(nogil=True, cache=True, fastmath=FAST)
+def row_bound_keys(mu, rho, lv_sum, geo, lv_ref, rho0, mu_q, v_q, g_q, err, c, elk, key_const,
+                   out):
+    """out[i] = the bound of engine/row_bounds.py for row i of one block: μ float32 [n, D],
+    rho, lv_sum and geo = exp(lv_sum / D) [n], lv_ref [D] and rho0 the block's terms, mu_q and v_q (float64 [D]) and
+    the scalars the query's (QueryBounds). The block's weights w, A = Σ w μ_q² and t* come
+    first (float64); the two dot products per row run in float32 against w rounded to
+    float32, the per-row remainder in float64, which only rounds less than the float32 it is
+    accounted for."""
+    n, dim = mu.shape
+    w = np.empty(dim, np.float32)
+    w_mu = np.empty(dim, np.float32)
+    a = 0.0
+    t_lo, t_hi = np.inf, -np.inf
+    for d in range(dim):
+        b = math.exp(float(lv_ref[d]))
+        wd = 1.0 / (v_q[d] + rho0 * b)
+        w[d] = wd
+        w_mu[d] = -2.0 * wd * mu_q[d]
+        a += wd * mu_q[d] * mu_q[d]
+        t = v_q[d] / b
+        t_lo, t_hi = min(t_lo, t), max(t_hi, t)
+    sqrt_a = math.sqrt(a)
+    for i in range(n):
+        s_mu = np.float32(0.0)
+        s_sq = np.float32(0.0)
+        for d in range(dim):
+            m = mu[i, d]
+            s_mu += m * w_mu[d]
+            s_sq += m * m * w[d]
+        h = float(s_mu) + float(s_sq) + a
+        spread = math.sqrt(max(float(s_sq), 0.0)) + sqrt_a
+        h = max(h - err * spread * spread, 0.0)           # |terms| ≤ (√A + √C_i)²
+        r = float(rho[i])
+        if r >= rho0:
+            h *= (t_lo + rho0) / (t_lo + r)
+        else:
+            h *= (t_hi + rho0) / (t_hi + r)
+        h *= c * (1.0 - err)
+        log_det = dim * math.log(geo[i] + g_q)
+        log_det -= err * abs(log_det)
+        kernel = h + log_det
+        if elk:
+            out[i] = key_const - 0.5 * kernel
+        else:
+            out[i] = key_const - 0.5 * kernel + 0.25 * float(lv_sum[i])
+
+
+@njit(nogil=True, cache=True, fastmath=FAST)
+def spread_key(mu_q, v_q, c, mu, lv_bits, lv_sum, half_exp, i, elk, key_const):
+    """Exact elk or Bhattacharyya key of row i of one block, read in place: the kernel of
+    core/scores.py (spread_kernel), Σ_d c·Δμ_d²/s_d + log s_d with s = v_q + v_i, v_i from the
+    float16 log variance's bits through the exp table (half_exp), Σ log s as the log of
+    float64 products of 8 terms (one log per 8 dimensions; 8 variances above e⁻⁸⁸ cannot
+    underflow float64), then elk_from_kernel or bhattacharyya_from_kernel (lv_sum: the rows'
+    Σ log v; Σ lv_q and the constants are in key_const)."""
+    dim = mu.shape[1]
+    quad = 0.0
+    log_s = 0.0
+    for d0 in range(0, dim, 8):
+        prod = 1.0
+        for d in range(d0, min(d0 + 8, dim)):
+            s = float(v_q[d]) + float(half_exp[lv_bits[i, d]])
+            x = float(mu_q[d]) - float(mu[i, d])
+            quad += x * x / s
+            prod *= s
+        log_s += math.log(prod)
+    kernel = c * quad + log_s
+    if elk:
+        return key_const - 0.5 * kernel
+    return key_const - 0.5 * kernel + 0.25 * float(lv_sum[i])
+
+
+@njit(nogil=True, cache=True)
+def spread_row_keys(mu_q, v_q, c, mu, lv_bits, lv_sum, half_exp, rows, first, elk, key_const,
+                    out):
+    """spread_key of the rows of one block among `rows` (positions in the concatenation of a
+    query's blocks; this block holds positions first .. first + n − 1): out[j] for each such
+    rows[j], the others untouched."""
+    n = mu.shape[0]
+    for j in range(len(rows)):
+        i = rows[j] - first
+        if 0 <= i < n:
+            out[j] = spread_key(mu_q, v_q, c, mu, lv_bits, lv_sum, half_exp, i, elk, key_const)
+
+
+@njit(nogil=True, cache=True)
+def guaranteed_topk(mus, lv_bits, rhos, lv_sums, geos, lv_refs, rho0s, mu_q, v_q, g_q, err, c,
+                    elk, key_const, half_exp, first, k, rel_tol, out_rows, out_keys):
+    """One query's exact top k over its probed blocks (tuples of the blocks' arrays, none
+    empty) by the row bounds, in one call: every row's bound (row_bound_keys), the `first`
+    rows of best bound scored exactly (spread_key), then every row whose bound beats the k-th
+    key less the rescoring margin (indexer/variance.py: margin, with rel_tol = REL_TOL).
+    Writes the k best rows' positions (in the blocks' concatenation) and keys, best first;
+    returns the number of rows scored exactly (the shortlist)."""
+    nb = len(mus)
+    starts = np.zeros(nb + 1, np.int64)
+    for b in range(nb):
+        starts[b + 1] = starts[b] + mus[b].shape[0]
+    total = starts[nb]
+    rank = np.empty(total, np.float32)
+    for b in range(nb):
+        row_bound_keys(mus[b], rhos[b], lv_sums[b], geos[b], lv_refs[b], rho0s[b], mu_q, v_q,
+                       g_q, err, c, elk, key_const, rank[starts[b]:starts[b + 1]])
+    first = min(first, total)
+    cut = np.partition(rank, total - first)[total - first]   # the first-th best bound
+    rows = np.empty(total, np.int64)
+    keys = np.empty(total, np.float32)
+    scored = np.zeros(total, np.bool_)
+    m = 0
+    for level in range(2):   # above the cut, then equal to it until `first` are taken
+        for r in range(total):
+            if m < first and not scored[r] and (rank[r] > cut if level == 0 else rank[r] == cut):
+                rows[m] = r
+                scored[r] = True
+                m += 1
+    b = 0
+    for j in range(m):
+        r = rows[j]
+        while r >= starts[b + 1] or r < starts[b]:
+            b = (b + 1) % nb
+        keys[j] = spread_key(mu_q, v_q, c, mus[b], lv_bits[b], lv_sums[b], half_exp,
+                             r - starts[b], elk, key_const)
+    kth = np.partition(keys[:m], m - k)[m - k]
+    margin = kth - rel_tol * (1.0 + abs(kth))
+    for b in range(nb):
+        for r in range(starts[b], starts[b + 1]):
+            if not scored[r] and rank[r] > margin:
+                rows[m] = r
+                keys[m] = spread_key(mu_q, v_q, c, mus[b], lv_bits[b], lv_sums[b], half_exp,
+                                     r - starts[b], elk, key_const)
+                m += 1
+    best = np.argsort(-keys[:m], kind="mergesort")[:k]
+    for j in range(len(best)):
+        out_rows[j] = rows[best[j]]
+        out_keys[j] = keys[best[j]]
+    return m
+
+
+@njit(nogil=True, cache=True)
+def copy_rows(ids, mu, lv_bits, rows, first, out_ids, out_mu, out_lv):
+    """Copy the rows of one block among `rows` (positions in a concatenation of blocks, this
+    block holding first .. first + n − 1) to out_*[j] for each such rows[j]: id, μ, and the
+    log variance's float16 bits."""
+    n = len(ids)
+    for j in range(len(rows)):
+        i = rows[j] - first
+        if 0 <= i < n:
+            out_ids[j] = ids[i]
+            out_mu[j, :] = mu[i]
+            out_lv[j, :] = lv_bits[i]
