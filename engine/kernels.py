@@ -76,22 +76,25 @@ def row_bound_keys(mu, rho, lv_sum, geo, lv_ref, rho0, mu_q, v_q, g_q, err, c, e
 def spread_key(mu_q, v_q, c, mu, lv_bits, lv_sum, half_exp, i, elk, key_const):
     """Exact elk or Bhattacharyya key of row i of one block, read in place: the kernel of
     core/scores.py (spread_kernel), Σ_d c·Δμ_d²/s_d + log s_d with s = v_q + v_i, v_i from the
-    float16 log variance's bits through the exp table (half_exp), Σ log s as the log of
-    float64 products of 8 terms (one log per 8 dimensions; 8 variances above e⁻⁸⁸ cannot
-    underflow float64), then elk_from_kernel or bhattacharyya_from_kernel (lv_sum: the rows'
-    Σ log v; Σ lv_q and the constants are in key_const)."""
+    float16 log variance's bits through the exp table (half_exp), Σ log s as the log of a
+    float64 product, taken early whenever it leaves [1e-100, 1e100] (4 more factors of s
+    in float32's range, e^±103, cannot then leave float64's: e^±642), then elk_from_kernel
+    or bhattacharyya_from_kernel (lv_sum: the rows' Σ log v; Σ lv_q and the constants are in
+    key_const)."""
     dim = mu.shape[1]
     quad = 0.0
     log_s = 0.0
-    for d0 in range(0, dim, 8):
-        prod = 1.0
-        for d in range(d0, min(d0 + 8, dim)):
+    prod = 1.0
+    for d0 in range(0, dim, 4):
+        for d in range(d0, min(d0 + 4, dim)):
             s = float(v_q[d]) + float(half_exp[lv_bits[i, d]])
             x = float(mu_q[d]) - float(mu[i, d])
             quad += x * x / s
             prod *= s
-        log_s += math.log(prod)
-    kernel = c * quad + log_s
+        if not 1e-100 < prod < 1e100:   # 4 more factors (each within e^±103) cannot overflow
+            log_s += math.log(prod)
+            prod = 1.0
+    kernel = c * quad + log_s + math.log(prod)
     if elk:
         return key_const - 0.5 * kernel
     return key_const - 0.5 * kernel + 0.25 * float(lv_sum[i])
