@@ -28,7 +28,8 @@ from indexer.variance import VarianceBounds, required_ip
 
 logger = logging.getLogger(__name__)
 
-MIN_PER_THREAD = 4   # queries a search thread must have to be worth starting
+MIN_PER_THREAD = 4      # queries a piece of a batch must have to be worth a thread's hand-off
+CHUNKS_PER_THREAD = 4   # pieces per thread: one slow query delays a quarter of a share, not all
 
 
 def default_threads() -> int:
@@ -162,7 +163,7 @@ class BatchSearcher:
                                                             first, bounds, by_row, times)
                 _gather(parts, hits, tuple(o[i] for o in out))   # p_match needs them
 
-        chunks = _split(len(mu_q), self.threads)
+        chunks = _split(len(mu_q), 1 if self.threads == 1 else CHUNKS_PER_THREAD * self.threads)
         if len(chunks) == 1:
             run(chunks[0], timings)
         else:   # the kernels release the GIL: one thread per core (see __init__)
@@ -304,7 +305,8 @@ class BatchSearcher:
 
 
 def _split(n: int, parts: int) -> list[range]:
-    """0..n−1 in at most `parts` contiguous ranges of at least MIN_PER_THREAD queries."""
+    """0..n−1 in at most `parts` contiguous ranges of at least MIN_PER_THREAD queries (the
+    threads take them in turn as they finish)."""
     parts = max(1, min(parts, n // MIN_PER_THREAD))
     cuts = np.linspace(0, n, parts + 1).astype(int)
     return [range(a, b) for a, b in zip(cuts[:-1], cuts[1:])]
