@@ -116,3 +116,56 @@ def _spread(ys: list[float], gap: float) -> list[float]:
         out[i] = max(ys[i], last + gap)
         last = out[i]
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Cost curves of build and search over N.")
+    p.add_argument("--sizes", default="100000,1000000,10000000")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--scores", default=",".join(ALL_SCORES))
+    p.add_argument("--workdir", default="scale_work")
+    p.add_argument("--out", default="scale.json")
+    p.add_argument("--plot", default="scale.png")
+    p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child: measure one size
+    args = p.parse_args(argv)
+    configure_process()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    scores = tuple(s for s in args.scores.split(",") if s)
+    work = Path(args.workdir)
+    if args.one:
+        report = measure_one(args.one, args.dim, work / f"n{args.one}", args.queries, scores)
+        shutil.rmtree(work / f"n{args.one}", ignore_errors=True)
+        print(json.dumps(report))
+        return 0
+    rows = []
+    for n in (int(s) for s in args.sizes.split(",")):
+        cmd = [sys.executable, "-m", "benchmarks.scale", "--one", str(n), "--dim", str(args.dim),
+               "--queries", str(args.queries), "--scores", args.scores, "--workdir", str(work)]
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            print(f"scale: N={n} failed (exit {done.returncode}); stopping", file=sys.stderr)
+            break
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        Path(args.out).write_text(json.dumps({"sizes": rows}, indent=2))  # resumable record
+    if not rows:
+        return 1
+    result = {"sizes": rows, "p50_growth_exponent": growth_exponents(rows)}
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    if len(rows) >= 2:
+        plot_scale(rows, Path(args.plot))
+    print(json.dumps(_table(result), indent=2))
+    return 0
+
+
+def _table(result: dict) -> dict:
+    """The compact view: per size build, sizes, RSS and per score p50/p99/recall."""
+    return {"p50_growth_exponent": result["p50_growth_exponent"], "sizes": [
+        {"n": r["n"], "factory": r["factory"], "build_s": r["build_s"], "faiss_mb": r["faiss_mb"],
+         "store_mb": r["store_mb"], "peak_rss_mb": r["peak_rss_mb"],
+         "scores": {s: [v["p50_ms"], v["p99_ms"], v["recall@10"], v["shortlist_p50"]]
+                    for s, v in r["scores"].items()}} for r in result["sizes"]]}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

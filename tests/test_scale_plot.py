@@ -1,5 +1,6 @@
 """benchmarks/scale.py: the fitted growth exponent and the cost-curve plot's label placement."""
 import numpy as np
+import pytest
 
 from benchmarks.scale import _spread, growth_exponents, plot_scale
 
@@ -27,3 +28,23 @@ def test_labels_keep_their_gap_and_their_order():
 def test_plot_is_written(tmp_path):
     path = plot_scale(_rows({"mu": 0.0, "elk": 0.0, "mc": 0.001}), tmp_path / "scale.png")
     assert path.stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_the_cost_curve_command_measures_every_size(tmp_path):
+    """`python -m benchmarks.scale` end to end on two tiny sizes: one child per size, the
+    JSON record with a growth exponent per score, and the plot."""
+    import json
+    import subprocess
+    import sys
+    out, plot = tmp_path / "scale.json", tmp_path / "scale.png"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--sizes", "3000,6000",
+                           "--dim", "8", "--queries", "8", "--scores", "mu,elk",
+                           "--workdir", str(tmp_path / "work"), "--out", str(out),
+                           "--plot", str(plot)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [r["n"] for r in result["sizes"]] == [3000, 6000]
+    assert set(result["p50_growth_exponent"]) == {"mu", "elk"}
+    assert all(r["scores"]["elk"]["recall@10"] == 1.0 for r in result["sizes"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
