@@ -12,7 +12,8 @@ either leaves a length-D dot product within the worst-case error the bound alrea
 ((D + 16)·2⁻²³ of its absolute terms, for any summation order), and no flag here assumes away
 NaN, infinity or exact division. Compiled code is cached beside this file (numba's cache; a
 read-only install falls back to the user's cache directory), so only the first use in a fresh
-install compiles (~1 s).
+install compiles: ~10 s, and ~2 s more for each new number of probed lists (guaranteed_topk
+takes the blocks as tuples, typed by their length).
 """
 from __future__ import annotations
 
@@ -21,7 +22,10 @@ import math
 import numpy as np
 from numba import njit
 
+from indexer.variance import margin
+
 FAST = {"reassoc", "contract"}
+_margin = njit(nogil=True, cache=True)(margin)   # the rescoring margin, compiled from its source
 
 
 @njit(nogil=True, cache=True, fastmath=FAST)
@@ -115,11 +119,11 @@ def spread_row_keys(mu_q, v_q, c, mu, lv_bits, lv_sum, half_exp, rows, first, el
 
 @njit(nogil=True, cache=True)
 def guaranteed_topk(mus, lv_bits, rhos, lv_sums, geos, lv_refs, rho0s, mu_q, v_q, g_q, err, c,
-                    elk, key_const, half_exp, first, k, rel_tol, out_rows, out_keys):
+                    elk, key_const, half_exp, first, k, out_rows, out_keys):
     """One query's exact top k over its probed blocks (tuples of the blocks' arrays, none
     empty) by the row bounds, in one call: every row's bound (row_bound_keys), the `first`
     rows of best bound scored exactly (spread_key), then every row whose bound beats the k-th
-    key less the rescoring margin (indexer/variance.py: margin, with rel_tol = REL_TOL).
+    key less the rescoring margin (indexer/variance.py: margin).
     Writes the k best rows' positions (in the blocks' concatenation) and keys, best first;
     returns the number of rows scored exactly (the shortlist)."""
     nb = len(mus)
@@ -151,10 +155,10 @@ def guaranteed_topk(mus, lv_bits, rhos, lv_sums, geos, lv_refs, rho0s, mu_q, v_q
         keys[j] = spread_key(mu_q, v_q, c, mus[b], lv_bits[b], lv_sums[b], half_exp,
                              r - starts[b], elk, key_const)
     kth = np.partition(keys[:m], m - k)[m - k]
-    margin = kth - rel_tol * (1.0 + abs(kth))
+    below = _margin(kth)
     for b in range(nb):
         for r in range(starts[b], starts[b + 1]):
-            if not scored[r] and rank[r] > margin:
+            if not scored[r] and rank[r] > below:
                 rows[m] = r
                 keys[m] = spread_key(mu_q, v_q, c, mus[b], lv_bits[b], lv_sums[b], half_exp,
                                      r - starts[b], elk, key_const)

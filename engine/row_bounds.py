@@ -43,7 +43,6 @@ import numpy as np
 from core.constants import LOG_2PI
 from engine import kernels
 from engine.rescore import half_exp_table
-from indexer.variance import REL_TOL
 
 SCORES = ("elk", "bhattacharyya")  # the scores with the spread kernel; csd/w2 bounds are tight
 
@@ -92,5 +91,5 @@ class QueryBounds:
             tuple(p.rho for p in live), tuple(p.lv_sum for p in live),
             tuple(p.geo for p in live), tuple(p.lv_ref for p in live), np.array([p.rho0 for p in live]), self.mu_q,
             self.v_q, self.g_q, self.err, self.c, self.elk, self.key_const, half_exp_table(),
-            first, k, REL_TOL, rows, keys)
+            first, k, rows, keys)
         return rows, keys, int(m)
