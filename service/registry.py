@@ -158,7 +158,8 @@ class Registry:
 def _warm(engine) -> None:
     """Fill the engine's lazy caches now, on this thread, so the worker never builds them
     while serving: LMDB sub-databases, the IVF id maps, the shortlist bounds, the fixed
-    Monte-Carlo noise behind every hit's p_match."""
+    Monte-Carlo noise behind every hit's p_match, the compiled search kernels (numba:
+    compiled on a fresh install, loaded from its cache after)."""
     draw_all_noise(engine.batch.mc_samples, engine.reader.dim)
     for modality in ("image", "text"):
         if engine.reader.count(modality):
