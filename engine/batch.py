@@ -21,7 +21,7 @@ from core.errors import PcmeError
 from engine.exact import ExactSearcher
 from core.montecarlo import MC_SAMPLES
 from core.scores import score_name
-from engine.rescore import CHUNK_FLOATS, block_row_keys, rescore_gathered
+from engine.rescore import CHUNK_FLOATS, IN_PLACE, block_row_keys, rescore_gathered
 from engine.shortlist import BOUNDED, kth_key, prefetch_depth, shortlist_size
 from engine import kernels, row_bounds
 from indexer.variance import VarianceBounds, required_ip
@@ -204,11 +204,11 @@ class BatchSearcher:
         return self._pool
 
     def _rescore_rows(self, score, mu_q, lv_q, parts, rows, timings) -> np.ndarray:
-        """Keys of the items at positions `rows` of the concatenated list blocks `parts`: elk and
-        bhattacharyya in place (engine/rescore.py: block_row_keys), the other scores gathered
-        and scored a cache-sized piece at a time."""
+        """Keys of the items at positions `rows` of the concatenated list blocks `parts`: the
+        closed forms in place (engine/rescore.py: block_row_keys), mc gathered and scored a
+        cache-sized piece at a time."""
         t = time.perf_counter()
-        if score in row_bounds.SCORES:
+        if score in IN_PLACE:
             keys = block_row_keys(score, mu_q, lv_q, parts, rows)
             timings["rescore_ms"] += _ms(t)
             return keys

@@ -117,6 +117,31 @@ def spread_row_keys(mu_q, v_q, c, mu, lv_bits, lv_sum, half_exp, rows, first, el
             out[j] = spread_key(mu_q, v_q, c, mu, lv_bits, lv_sum, half_exp, i, elk, key_const)
 
 
+@njit(nogil=True, cache=True, fastmath=FAST)
+def distance_row_keys(w2, mu_q, v_q, mu, lv_bits, half_exp, rows, first, out):
+    """Rank keys (minus the distance) of the rows of one block among `rows`, positioned as in
+    spread_row_keys: csd = ‖Δμ‖² + Σ v_q + Σ v_i or, with w2, the squared 2-Wasserstein
+    distance ‖Δμ‖² + Σ (σ_q − σ_i)² (core/scores.py: csd, w2), in float64, v_i through the
+    float16 exp table."""
+    n, dim = mu.shape
+    sum_vq = 0.0
+    for d in range(dim):
+        sum_vq += float(v_q[d])
+    for j in range(len(rows)):
+        i = rows[j] - first
+        if 0 <= i < n:
+            dist = 0.0
+            for d in range(dim):
+                x = float(mu_q[d]) - float(mu[i, d])
+                v = float(half_exp[lv_bits[i, d]])
+                if w2:
+                    y = math.sqrt(float(v_q[d])) - math.sqrt(v)
+                    dist += x * x + y * y
+                else:
+                    dist += x * x + v
+            out[j] = -dist if w2 else -(dist + sum_vq)
+
+
 @njit(nogil=True, cache=True)
 def guaranteed_topk(mus, lv_bits, rhos, lv_sums, geos, lv_refs, rho0s, mu_q, v_q, g_q, err, c,
                     elk, key_const, half_exp, first, k, out_rows, out_keys):

@@ -82,26 +82,33 @@ def half_exp_table() -> np.ndarray:
         return np.exp(np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32))
 
 
+IN_PLACE = ("elk", "bhattacharyya", "csd", "w2")   # the closed forms block_row_keys scores
+
+
 def block_row_keys(score: str, mu_q: np.ndarray, lv_q: np.ndarray, parts: list,
                    rows: np.ndarray) -> np.ndarray:
-    """elk or bhattacharyya rank keys [M] of one query ([D], float32) against the rows at
-    positions `rows` of the concatenated list blocks `parts` (indexer/lists.py), read in place:
-    no gathered copy, the float16 log variances through an exp table (engine/kernels.py). The
-    same numbers as rescore_gathered to float32 rounding (tests/test_list_blocks.py compares)."""
+    """Rank keys [M] of a closed-form score (IN_PLACE) of one query ([D], float32) against the
+    rows at positions `rows` of the concatenated list blocks `parts` (indexer/lists.py), read
+    in place: no gathered copy, the float16 log variances through an exp table
+    (engine/kernels.py). The same numbers as rescore_gathered to float32 rounding
+    (tests/test_list_blocks.py compares both with a float64 brute force)."""
     score = score_name(score)
-    if score not in ("elk", "bhattacharyya"):
-        raise PcmeError(f"rescore: {score} has no spread kernel")
+    if score not in IN_PLACE:
+        raise PcmeError(f"rescore: {score} is not a closed form")
     dim = len(mu_q)
+    keys = np.empty(len(rows), np.float32)
+    rows = np.ascontiguousarray(rows, np.int64)
+    mu_q, v_q, table = mu_q.astype(np.float32), np.exp(lv_q.astype(np.float32)), half_exp_table()
     if score == "elk":
         c, key_const = 1.0, -0.5 * dim * LOG_2PI
     else:
         c, key_const = 0.5, 0.5 * dim * math.log(2.0) + 0.25 * float(lv_q.sum(dtype=np.float64))
-    keys = np.empty(len(rows), np.float32)
-    rows = np.ascontiguousarray(rows, np.int64)
-    mu_q, v_q, table = mu_q.astype(np.float32), np.exp(lv_q.astype(np.float32)), half_exp_table()
     first = 0
     for p in parts:
-        if len(p.ids):
+        if len(p.ids) and score in ("csd", "w2"):
+            kernels.distance_row_keys(score == "w2", mu_q, v_q, p.mu, p.log_var.view(np.uint16),
+                                      table, rows, first, keys)
+        elif len(p.ids):
             lv_sum = p.lv_sum if p.lv_sum is not None else p.log_var.astype(np.float32).sum(1)
             kernels.spread_row_keys(mu_q, v_q, c, p.mu, p.log_var.view(np.uint16), lv_sum,
                                     table, rows, first, score == "elk", key_const, keys)

@@ -259,9 +259,9 @@ def test_decode_block_refuses_partial_rows():
         decode_block(b"\0" * 13, D)
 
 
-@pytest.mark.parametrize("score", ("csd", "mc"))
-def test_rows_scored_in_small_pieces_equal_one_piece(index, queries, monkeypatch, score):
-    """The gathered scores (those without row bounds) rescore cache-sized pieces of rows."""
+def test_rows_scored_in_small_pieces_equal_one_piece(index, queries, monkeypatch):
+    """mc, the one score not scored in place, rescores gathered cache-sized pieces of rows."""
+    score = "mc"
     import engine.batch as batch_mod
     mu_q, lv_q = queries
     with IndexReader.open(index) as r:
@@ -291,7 +291,7 @@ def test_a_batch_on_several_threads_equals_one_thread(index, queries, score):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("score", ("elk", "bhattacharyya"))
+@pytest.mark.parametrize("score", ("elk", "bhattacharyya", "csd", "w2"))
 @pytest.mark.parametrize("lv_mean, lv_sd", ((-3.0, 2.0), (-40.0, 20.0)))
 def test_rows_scored_in_place_equal_the_float64_score(score, lv_mean, lv_sd):
     """engine/rescore.py: block_row_keys reads rows of several blocks (one empty) in place,
