@@ -52,8 +52,9 @@ class BatchSearcher:
     the first shortlist's length; `guarantee=False` keeps it fixed (no bound, no growth):
     the calibrated mode, whose recall `bench --shortlist N` measures. `lists=False` reads a
     shortlist id by id even where the store has list blocks (the format-2 path). A batch read
-    from list blocks runs on `threads` threads (default: the usable cores), each a contiguous
-    run of its queries: the row kernels release the GIL (engine/kernels.py)."""
+    from list blocks runs on `threads` threads (default: the usable cores), which take its
+    queries in contiguous pieces: the row kernels release the GIL (engine/kernels.py).
+    `close()` stops the threads."""
 
     def __init__(self, reader, a: float, b: float, initial: int | None = None,
                  guarantee: bool = True, mc_samples: int = MC_SAMPLES, lists: bool = True,
@@ -202,6 +203,11 @@ class BatchSearcher:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="batch")
         return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def _rescore_rows(self, score, mu_q, lv_q, parts, rows, timings) -> np.ndarray:
         """Keys of the items at positions `rows` of the concatenated list blocks `parts`: the

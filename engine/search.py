@@ -119,6 +119,7 @@ class SearchEngine:
         self.batch = BatchSearcher(self.reader, a, b, mc_samples=mc_samples)
 
     def close(self) -> None:
+        self.batch.close()
         self.reader.close()
 
     def __enter__(self) -> "SearchEngine":

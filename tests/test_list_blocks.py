@@ -282,7 +282,10 @@ def test_a_batch_on_several_threads_equals_one_thread(index, queries, score):
         one = BatchSearcher(r, 5.0, 5.0, threads=1).search("image", mu_q, lv_q, K, score)
         two = BatchSearcher(r, 5.0, 5.0, threads=2)
         got = two.search("image", mu_q, lv_q, K, score)
-        assert two._pool is not None
+        workers = set(two._pool._threads)   # started as pieces were handed out: 1 or 2
+        assert workers and all(t.name.startswith("batch") for t in workers)
+        two.close()
+        assert two._pool is None and not any(t.is_alive() for t in workers)
         small = BatchSearcher(r, 5.0, 5.0, threads=2)
         small.search("image", mu_q[:3], lv_q[:3], K, score)
         assert small._pool is None
