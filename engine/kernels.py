@@ -32,11 +32,11 @@ _margin = njit(nogil=True, cache=True)(margin)   # the rescoring margin, compile
 def row_bound_keys(mu, rho, lv_sum, geo, lv_ref, rho0, mu_q, v_q, g_q, err, c, elk, key_const,
                    out):
     """out[i] = the bound of engine/row_bounds.py for row i of one block: μ float32 [n, D],
-    rho, lv_sum and geo = exp(lv_sum / D) [n], lv_ref [D] and rho0 the block's terms, mu_q and v_q (float64 [D]) and
-    the scalars the query's (QueryBounds). The block's weights w, A = Σ w μ_q² and t* come
-    first (float64); the two dot products per row run in float32 against w rounded to
-    float32, the per-row remainder in float64, which only rounds less than the float32 it is
-    accounted for."""
+    rho, lv_sum and geo = exp(lv_sum / D) [n], lv_ref [D] and rho0 the block's terms; mu_q
+    and v_q (float64 [D]) and the scalars the query's (QueryBounds). The block's weights w,
+    A = Σ w μ_q² and t* come first (float64); the two dot products per row run in float32
+    against w rounded to float32, the per-row remainder in float64, which only rounds less
+    than the float32 it is accounted for."""
     n, dim = mu.shape
     w = np.empty(dim, np.float32)
     w_mu = np.empty(dim, np.float32)

@@ -85,6 +85,17 @@ def half_exp_table() -> np.ndarray:
 IN_PLACE = ("elk", "bhattacharyya", "csd", "w2")   # the closed forms block_row_keys scores
 
 
+def spread_terms(score: str, lv_q: np.ndarray) -> tuple[float, float]:
+    """(c, key_const) of the compiled spread kernels (engine/kernels.py) for one query: the
+    kernel's weight c and the query's constant part of the rank key, so that
+    elk key = key_const − ½K and bhattacharyya key = key_const − ½K + ¼Σlv_i
+    (core/scores.py: elk_from_kernel, bhattacharyya_from_kernel, negated for bhattacharyya)."""
+    dim = len(lv_q)
+    if score == "elk":
+        return 1.0, -0.5 * dim * LOG_2PI
+    return 0.5, 0.5 * dim * math.log(2.0) + 0.25 * float(lv_q.sum(dtype=np.float64))
+
+
 def block_row_keys(score: str, mu_q: np.ndarray, lv_q: np.ndarray, parts: list,
                    rows: np.ndarray) -> np.ndarray:
     """Rank keys [M] of a closed-form score (IN_PLACE) of one query ([D], float32) against the
@@ -95,14 +106,10 @@ def block_row_keys(score: str, mu_q: np.ndarray, lv_q: np.ndarray, parts: list,
     score = score_name(score)
     if score not in IN_PLACE:
         raise PcmeError(f"rescore: {score} is not a closed form")
-    dim = len(mu_q)
     keys = np.empty(len(rows), np.float32)
     rows = np.ascontiguousarray(rows, np.int64)
+    c, key_const = spread_terms(score, lv_q)
     mu_q, v_q, table = mu_q.astype(np.float32), np.exp(lv_q.astype(np.float32)), half_exp_table()
-    if score == "elk":
-        c, key_const = 1.0, -0.5 * dim * LOG_2PI
-    else:
-        c, key_const = 0.5, 0.5 * dim * math.log(2.0) + 0.25 * float(lv_q.sum(dtype=np.float64))
     first = 0
     for p in parts:
         if len(p.ids) and score in ("csd", "w2"):

@@ -28,11 +28,11 @@ synthetic 1M × 256 set 54 rows; the scenes model's 10k training images (128-d, 
 the bound with the exact Δμ part would need ~11 on both, so the row's variance spread is what
 is left.
 
-Rounding: the two dot products run in float32 (the rest of a row in float64), so h_i is lowered by (D + 16)·2⁻²³·(√A + √C_i)²
-(A = Σ w μ_q², C_i = (μ_i⊙μ_i)·w: the worst-case error of a length-D dot product, whose absolute
-terms that square bounds, plus a few roundings), and the other terms by the same relative
-amount; ρ_i was rounded up at build time. The engine compares with the REL_TOL margin of the
-other bounds (indexer/variance.py: margin).
+Rounding: the two dot products run in float32 (the rest of a row in float64), so h_i is
+lowered by (D + 16)·2⁻²³·(√A + √C_i)² (A = Σ w μ_q², C_i = (μ_i⊙μ_i)·w: the worst-case error
+of a length-D dot product, whose absolute terms that square bounds, plus a few roundings), and
+the other terms by the same relative amount; ρ_i was rounded up at build time. The engine
+compares with the REL_TOL margin of the other bounds (indexer/variance.py: margin).
 """
 from __future__ import annotations
 
@@ -40,11 +40,10 @@ import math
 
 import numpy as np
 
-from core.constants import LOG_2PI
 from engine import kernels
-from engine.rescore import half_exp_table
+from engine.rescore import half_exp_table, spread_terms
 
-SCORES = ("elk", "bhattacharyya")  # the scores with the spread kernel; csd/w2 bounds are tight
+SCORES = ("elk", "bhattacharyya")   # the scores with the spread kernel; csd/w2 bounds are tight
 
 
 class QueryBounds:
@@ -53,7 +52,8 @@ class QueryBounds:
     def __init__(self, score: str, mu_q: np.ndarray, lv_q: np.ndarray):
         if score not in SCORES:
             raise ValueError(f"row bounds: {score} has no spread kernel")
-        self.score, self.c = score, 1.0 if score == "elk" else 0.5
+        self.score = score
+        self.c, self.key_const = spread_terms(score, lv_q)
         self.mu_q = mu_q.astype(np.float64)
         self.lv_q = lv_q.astype(np.float64)
         self.v_q = np.exp(self.lv_q)
@@ -63,8 +63,6 @@ class QueryBounds:
         # float32 evaluation: the dot product's worst case plus a few roundings per row
         self.err = (self.dim + 16) * 2.0 ** -23
         self.elk = score == "elk"
-        self.key_const = -0.5 * self.dim * LOG_2PI if self.elk \
-            else 0.5 * self.dim * math.log(2.0) + 0.25 * self.lsum_q
 
     def blocks(self, parts: list) -> np.ndarray:
         """[Σ n] upper bounds on the rank key (higher is better) of the rows of format-4 blocks,
@@ -89,7 +87,7 @@ class QueryBounds:
         m = kernels.guaranteed_topk(
             tuple(p.mu for p in live), tuple(p.log_var.view(np.uint16) for p in live),
             tuple(p.rho for p in live), tuple(p.lv_sum for p in live),
-            tuple(p.geo for p in live), tuple(p.lv_ref for p in live), np.array([p.rho0 for p in live]), self.mu_q,
-            self.v_q, self.g_q, self.err, self.c, self.elk, self.key_const, half_exp_table(),
-            first, k, rows, keys)
+            tuple(p.geo for p in live), tuple(p.lv_ref for p in live),
+            np.array([p.rho0 for p in live]), self.mu_q, self.v_q, self.g_q, self.err, self.c,
+            self.elk, self.key_const, half_exp_table(), first, k, rows, keys)
         return rows, keys, int(m)
