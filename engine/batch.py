@@ -33,8 +33,11 @@ CHUNKS_PER_THREAD = 4   # pieces per thread: one slow query delays a quarter of 
 
 
 def default_threads() -> int:
-    """Search threads of a batch: the cores this process may use."""
-    return len(os.sched_getaffinity(0))
+    """Search threads of a batch: the cores this process may use (all of them where the
+    platform cannot say, e.g. macOS)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 @dataclass

@@ -314,3 +314,11 @@ def test_rows_scored_in_place_equal_the_float64_score(score, lv_mean, lv_sd):
     got = block_row_keys(score, mq, lq, parts, rows)
     ref = brute(score, mq, lq, mu[rows], lv[rows].astype(np.float32))
     np.testing.assert_allclose(got, ref, rtol=1e-6)
+
+
+def test_search_threads_default_to_the_usable_cores(monkeypatch):
+    import os
+    from engine.batch import default_threads
+    assert default_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.delattr(os, "sched_getaffinity")   # as on macOS
+    assert default_threads() == os.cpu_count()
