@@ -83,6 +83,8 @@ class QueryBounds:
         format-4 blocks, in one compiled call (engine/kernels.py: guaranteed_topk). Empty
         blocks hold no positions, so leaving them out changes none."""
         live = [p for p in parts if len(p.ids)]
+        if sum(len(p.ids) for p in live) < k:   # the probe widens until it cannot happen
+            raise ValueError(f"row bounds: fewer than k = {k} rows in the probed lists")
         rows, keys = np.empty(k, np.int64), np.empty(k, np.float32)
         m = kernels.guaranteed_topk(
             tuple(p.mu for p in live), tuple(p.log_var.view(np.uint16) for p in live),

@@ -322,3 +322,14 @@ def test_search_threads_default_to_the_usable_cores(monkeypatch):
     assert default_threads() == len(os.sched_getaffinity(0))
     monkeypatch.delattr(os, "sched_getaffinity")   # as on macOS
     assert default_threads() == os.cpu_count()
+
+
+def test_row_bound_top_k_refuses_fewer_rows_than_k():
+    rng = np.random.default_rng(0)
+    mu = rng.standard_normal((5, D)).astype(np.float32)
+    lv = np.full((5, D), -3.0, np.float16)
+    block = decode_block(encode_block(np.arange(5), mu, lv), D, row_stats=True)
+    with pytest.raises(ValueError, match="fewer than k = 6"):
+        QueryBounds("elk", mu[0], lv[0].astype(np.float32)).topk([block], 6, 6)
+    rows, keys, m = QueryBounds("elk", mu[0], lv[0].astype(np.float32)).topk([block], 5, 5)
+    assert rows[0] == 0 and m == 5 and sorted(rows) == list(range(5))
