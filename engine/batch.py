@@ -148,9 +148,8 @@ class BatchSearcher:
                 lists[i] = row
             short = [i for i in short if blocks.sizes(lists[i]).sum() < first]
         timings["ann_ms"] += _ms(t)
-        by_row = bounds is not None and score in row_bounds.SCORES and blocks.row_stats
-        if by_row:
-            timings["bound_ms"] = 0.0
+        if bounds is not None and score in row_bounds.SCORES and blocks.row_stats:
+            timings["bound_ms"] = 0.0   # the row bounds' stage (_from_blocks)
 
         dim = mu_q.shape[1]
         out = (np.empty((len(mu_q), k), np.int64), np.empty((len(mu_q), k, dim), np.float32),
@@ -164,7 +163,8 @@ class BatchSearcher:
                 parts = [read(int(n)) for n in lists[i] if n >= 0]
                 times["fetch_ms"] += _ms(t)
                 hits, keys[i], sizes[i] = self._from_blocks(parts, mu_q[i], lv_q[i], k, score,
-                                                            first, bounds, by_row, times)
+                                                            first, bounds, blocks.row_stats,
+                                                            times)
                 _gather(parts, hits, tuple(o[i] for o in out))   # p_match needs them
 
         chunks = _split(len(mu_q), 1 if self.threads == 1 else CHUNKS_PER_THREAD * self.threads)
@@ -177,13 +177,17 @@ class BatchSearcher:
                 timings[name] += sum(tm[name] for tm in times)
         return BatchResult(out[0], keys, sizes, timings, (out[1], _float(out[2])))
 
-    def _from_blocks(self, parts, mu_q, lv_q, k, score, first, bounds, by_row, timings):
+    def _from_blocks(self, parts, mu_q, lv_q, k, score, first, bounds, row_stats, timings):
         """(positions of the top k in the concatenation of the blocks `parts`, their keys, the
-        shortlist's size) of one query over its probed blocks."""
+        shortlist's size) of one query over its probed blocks; `row_stats`: format-4 blocks."""
         t = time.perf_counter()
-        if by_row:   # each row's own bound, and the rescoring it drives: one compiled call
+        if row_stats and bounds is not None and score in row_bounds.SCORES:   # each row's own bound, and the rescoring it drives: one compiled call
             found = row_bounds.QueryBounds(score, mu_q, lv_q).topk(parts, first, k)
             timings["bound_ms"] += _ms(t)
+            return found
+        if score == "csd" and bounds is not None and row_stats:
+            found = _csd_exhaustive(parts, mu_q, lv_q, k)   # exact for every row: no bound
+            timings["rescore_ms"] += _ms(t)
             return found
         # rows in order of ⟨μ_q, μ⟩, one bound for all (indexer/variance.py)
         ip = np.concatenate([p.mu @ mu_q for p in parts])
@@ -311,6 +315,25 @@ class BatchSearcher:
                            "no recall guarantee", self.reader.index_dir)
             return None
         return VarianceBounds.from_json(stats)
+
+
+def _csd_exhaustive(parts, mu_q: np.ndarray, lv_q: np.ndarray, k: int) -> tuple:
+    """(positions, keys, rows scored) of the exact csd top k over every row of the blocks
+    `parts`: csd is an inner product plus per-row terms (engine/kernels.py: csd_keys), so one
+    pass over the probed lists scores all of them, as the guaranteed shortlist would
+    (indexer/variance.py bounds it to the same top k)."""
+    mu64 = mu_q.astype(np.float64)
+    const = float(mu64 @ mu64) + float(np.exp(lv_q.astype(np.float32)).sum(dtype=np.float64))
+    keys = np.empty(sum(len(p.ids) for p in parts), np.float32)
+    first = 0
+    for p in parts:
+        if len(p.ids):
+            kernels.csd_keys(p.mu, p.sq_norm, p.var_sum, mu64, const,
+                             keys[first:first + len(p.ids)])
+        first += len(p.ids)
+    top = np.argpartition(-keys, k - 1)[:k] if k < len(keys) else np.arange(len(keys))
+    top = top[np.argsort(-keys[top], kind="stable")]
+    return top, keys[top], len(keys)
 
 
 def _split(n: int, parts: int) -> list[range]:

@@ -142,6 +142,20 @@ def distance_row_keys(w2, mu_q, v_q, mu, lv_bits, half_exp, rows, first, out):
             out[j] = -dist if w2 else -(dist + sum_vq)
 
 
+@njit(nogil=True, cache=True, fastmath=FAST)
+def csd_keys(mu, sq_norm, var_sum, mu_q, const, out):
+    """−csd of every row of one block from one pass over its μ (core/scores.py: csd):
+    ‖μ_q − μ_i‖² + Σv_q + Σv_i = const + ‖μ_i‖² − 2 μ_q·μ_i + Σv_i with const = ‖μ_q‖² + Σv_q
+    and the per-row ‖μ_i‖², Σv_i of the decoded block (float64); the inner product is
+    accumulated in float64."""
+    n, dim = mu.shape
+    for i in range(n):
+        ip = 0.0
+        for d in range(dim):
+            ip += float(mu[i, d]) * mu_q[d]
+        out[i] = -(const + sq_norm[i] - 2.0 * ip + var_sum[i])
+
+
 @njit(nogil=True, cache=True)
 def guaranteed_topk(mus, lv_bits, rhos, lv_sums, geos, lv_refs, rho0s, mu_q, v_q, g_q, err, c,
                     elk, key_const, half_exp, first, k, out_rows, out_keys):

@@ -87,8 +87,8 @@ def encode_block(ids: np.ndarray, mu: np.ndarray, log_var: np.ndarray,
 @dataclass
 class Block:
     """One inverted list: ids [n], μ float32 [n, D], log_var float16 [n, D] (views), and in
-    format 4 the row bounds' scalars (row_scalars; None in format 3) and, derived from them
-    when read, each row's geometric-mean variance."""
+    format 4 the row bounds' scalars (row_scalars; None in format 3) and, derived when read,
+    each row's geometric-mean variance, squared norm and variance sum."""
     ids: np.ndarray
     mu: np.ndarray
     log_var: np.ndarray
@@ -97,6 +97,8 @@ class Block:
     lv_ref: np.ndarray | None = None
     rho0: float | None = None
     geo: np.ndarray | None = None    # exp(lv_sum / D) float64: each row's geometric-mean variance
+    sq_norm: np.ndarray | None = None   # ‖μ_i‖² float64
+    var_sum: np.ndarray | None = None   # Σ_d v_i,d float64
 
 
 ROW_SCALARS = 2   # float32 scalars per row in format 4
@@ -118,8 +120,12 @@ def decode_block(value, dim: int, row_stats: bool = False) -> Block:
     at += 2 * n * dim
     scalars = raw[at:at + 4 * ROW_SCALARS * n].view(np.float32).reshape(ROW_SCALARS, n)
     tail = raw[at + 4 * ROW_SCALARS * n:].view(np.float32)
-    geo = np.exp(scalars[1].astype(np.float64) / dim)   # computed once per decoded block
-    return Block(ids, mu, log_var, *scalars, tail[:dim], float(tail[dim]), geo)
+    # per-row terms the engine reads on every query, computed once per decoded block
+    geo = np.exp(scalars[1].astype(np.float64) / dim)
+    sq_norm = np.einsum("nd,nd->n", mu, mu, dtype=np.float64)
+    var_sum = np.exp(log_var.astype(np.float32)).sum(axis=1, dtype=np.float64)
+    return Block(ids, mu, log_var, *scalars, tail[:dim], float(tail[dim]), geo, sq_norm,
+                 var_sum)
 
 
 def write_list_blocks(store_path: Path, rows_path: Path, modality: str, index: faiss.Index,

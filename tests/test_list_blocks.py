@@ -333,3 +333,20 @@ def test_row_bound_top_k_refuses_fewer_rows_than_k():
         QueryBounds("elk", mu[0], lv[0].astype(np.float32)).topk([block], 6, 6)
     rows, keys, m = QueryBounds("elk", mu[0], lv[0].astype(np.float32)).topk([block], 5, 5)
     assert rows[0] == 0 and m == 5 and sorted(rows) == list(range(5))
+
+
+def test_csd_scores_every_probed_row_and_equals_the_bounded_path(index, queries, tmp_path):
+    """csd is an inner product plus per-row terms: with format-4 blocks every probed row is
+    scored exactly in one pass (shortlist = the probed rows); format-3 blocks (no per-row
+    terms) take the bounded shortlist; same top k."""
+    mu_q, lv_q = queries
+    older = _older(index, tmp_path, 3)
+    with IndexReader.open(index) as r, IndexReader.open(older) as old:
+        got = BatchSearcher(r, 5.0, 5.0).search("image", mu_q, lv_q, K, "csd")
+        bounded = BatchSearcher(old, 5.0, 5.0).search("image", mu_q, lv_q, K, "csd")
+        blocks = r.list_blocks("image")
+        probed = blocks.sizes(blocks.probe(mu_q)).sum(axis=1)
+    np.testing.assert_array_equal(got.shortlist, probed)
+    assert bounded.shortlist.max() < probed.min()
+    np.testing.assert_array_equal(got.ids, bounded.ids)
+    np.testing.assert_allclose(got.keys, bounded.keys, rtol=1e-5)
