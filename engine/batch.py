@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from indexer import augmented as aug
 
@@ -23,7 +22,7 @@ from core.montecarlo import MC_SAMPLES
 from core.scores import score_name
 from engine.rescore import CHUNK_FLOATS, IN_PLACE, block_row_keys, rescore_gathered
 from engine.shortlist import BOUNDED, kth_key, prefetch_depth, shortlist_size
-from engine import kernels, row_bounds
+from engine import block_rows, row_bounds
 from indexer.variance import VarianceBounds, required_ip
 
 logger = logging.getLogger(__name__)
@@ -165,7 +164,7 @@ class BatchSearcher:
                 hits, keys[i], sizes[i] = self._from_blocks(parts, mu_q[i], lv_q[i], k, score,
                                                             first, bounds, blocks.row_stats,
                                                             times)
-                _gather(parts, hits, tuple(o[i] for o in out))   # p_match needs them
+                block_rows.gather_rows(parts, hits, tuple(o[i] for o in out))   # p_match needs them
 
         chunks = _split(len(mu_q), 1 if self.threads == 1 else CHUNKS_PER_THREAD * self.threads)
         if len(chunks) == 1:
@@ -175,18 +174,19 @@ class BatchSearcher:
             list(self._workers().map(run, chunks, times))
             for name in timings:
                 timings[name] += sum(tm[name] for tm in times)
-        return BatchResult(out[0], keys, sizes, timings, (out[1], _float(out[2])))
+        return BatchResult(out[0], keys, sizes, timings, (out[1], block_rows.half_to_float(out[2])))
 
     def _from_blocks(self, parts, mu_q, lv_q, k, score, first, bounds, row_stats, timings):
         """(positions of the top k in the concatenation of the blocks `parts`, their keys, the
         shortlist's size) of one query over its probed blocks; `row_stats`: format-4 blocks."""
         t = time.perf_counter()
-        if row_stats and bounds is not None and score in row_bounds.SCORES:   # each row's own bound, and the rescoring it drives: one compiled call
+        if row_stats and bounds is not None and score in row_bounds.SCORES:
+            # each row's own bound, and the rescoring it drives: one compiled call
             found = row_bounds.QueryBounds(score, mu_q, lv_q).topk(parts, first, k)
             timings["bound_ms"] += _ms(t)
             return found
         if score == "csd" and bounds is not None and row_stats:
-            found = _csd_exhaustive(parts, mu_q, lv_q, k)   # exact for every row: no bound
+            found = block_rows.csd_topk(parts, mu_q, lv_q, k)   # exact for every row: no bound
             timings["rescore_ms"] += _ms(t)
             return found
         # rows in order of ⟨μ_q, μ⟩, one bound for all (indexer/variance.py)
@@ -228,9 +228,10 @@ class BatchSearcher:
         keys = np.empty(len(rows), np.float32)
         step = max(1, CHUNK_FLOATS // len(lv_q))        # rows per piece (lv_q is one query)
         for s in range(0, len(rows), step):
-            ids, mu, lv = _gather(parts, rows[s:s + step])
+            ids, mu, lv = block_rows.gather_rows(parts, rows[s:s + step])
+            lv = block_rows.half_to_float(lv)
             keys[s:s + step] = rescore_gathered(score, mu_q[None], lv_q[None], mu[None],
-                                                _float(lv)[None], ids[None], self.a, self.b,
+                                                lv[None], ids[None], self.a, self.b,
                                                 self.mc_samples)[0]
         timings["rescore_ms"] += _ms(t)  # gather and math together: they interleave
         return keys
@@ -317,25 +318,6 @@ class BatchSearcher:
         return VarianceBounds.from_json(stats)
 
 
-def _csd_exhaustive(parts, mu_q: np.ndarray, lv_q: np.ndarray, k: int) -> tuple:
-    """(positions, keys, rows scored) of the exact csd top k over every row of the blocks
-    `parts`: csd is an inner product plus per-row terms (engine/kernels.py: csd_keys), so one
-    pass over the probed lists scores all of them, as the guaranteed shortlist would
-    (indexer/variance.py bounds it to the same top k)."""
-    mu64 = mu_q.astype(np.float64)
-    const = float(mu64 @ mu64) + float(np.exp(lv_q.astype(np.float32)).sum(dtype=np.float64))
-    keys = np.empty(sum(len(p.ids) for p in parts), np.float32)
-    first = 0
-    for p in parts:
-        if len(p.ids):
-            kernels.csd_keys(p.mu, p.sq_norm, p.var_sum, mu64, const,
-                             keys[first:first + len(p.ids)])
-        first += len(p.ids)
-    top = np.argpartition(-keys, k - 1)[:k] if k < len(keys) else np.arange(len(keys))
-    top = top[np.argsort(-keys[top], kind="stable")]
-    return top, keys[top], len(keys)
-
-
 def _split(n: int, parts: int) -> list[range]:
     """0..n−1 in at most `parts` contiguous ranges of at least MIN_PER_THREAD queries (the
     threads take them in turn as they finish)."""
@@ -349,26 +331,6 @@ def _marked(n: int, rows: np.ndarray) -> np.ndarray:
     mask = np.zeros(n, bool)
     mask[rows] = True
     return mask
-
-
-def _gather(parts, rows: np.ndarray, out: tuple | None = None) -> tuple:
-    """(ids, μ, log_var float16) of the rows at positions `rows` (any order) of the
-    concatenated list blocks `parts`, copied into `out` (three arrays of len(rows) rows) or
-    fresh arrays."""
-    if out is None:
-        dim = parts[0].mu.shape[1]
-        out = (np.empty(len(rows), np.int64), np.empty((len(rows), dim), np.float32),
-               np.empty((len(rows), dim), np.float16))
-    rows, first = np.ascontiguousarray(rows, np.int64), 0
-    for p in parts:
-        kernels.copy_rows(p.ids, p.mu, p.log_var.view(np.uint16), rows, first, out[0], out[1],
-                          out[2].view(np.uint16))
-        first += len(p.ids)
-    return out
-
-
-def _float(log_var16: np.ndarray) -> np.ndarray:
-    return torch.from_numpy(log_var16).float().numpy()   # ~10x numpy's float16 conversion
 
 
 def _ms(t0: float) -> float:

@@ -16,9 +16,7 @@ from benchmarks.synthetic import SyntheticSpec, write_synthetic_shards
 from engine.batch import BatchSearcher
 from engine.search import SearchEngine
 from indexer.build import build_index
-from engine.rescore import block_row_keys
-from engine.row_bounds import QueryBounds
-from indexer.lists import Block, decode_block, encode_block, list_key
+from indexer.lists import decode_block, encode_block, list_key
 from indexer.reader import IndexReader
 from indexer.shards import read_shards
 from indexer.store import encode_ids, stored_log_var
@@ -182,36 +180,6 @@ def test_row_bounds_grow_a_short_first_shortlist_to_the_same_top_k(index, querie
     assert got.shortlist.max() > K and "bound_ms" in got.timings_ms
 
 
-@pytest.mark.parametrize("score", ("elk", "bhattacharyya"))
-@pytest.mark.parametrize("spread", (0.3, 3.0))
-def test_row_bound_is_above_every_rows_exact_key(score, spread):
-    """The bound of every row against a float64 brute force, on rows whose variances vary per
-    dimension (spread 3: e^±9 between dimensions) and per row, and queries unlike the rows."""
-    rng = np.random.default_rng(7)
-    n, dim = 400, 32
-    mu = rng.standard_normal((n, dim)).astype(np.float32)
-    mu /= np.linalg.norm(mu, axis=1, keepdims=True)
-    lv = (-4 + spread * rng.standard_normal((n, dim)) + rng.standard_normal((n, 1))
-          ).astype(np.float16)
-    # three blocks, one empty, each with its own reference: bounds come back concatenated
-    cut = 137
-    blocks = [decode_block(encode_block(np.arange(a, z), mu[a:z], lv[a:z]), dim, row_stats=True)
-              for a, z in ((0, cut), (cut, n))]
-    blocks.insert(1, Block(np.zeros(0, np.int64), np.zeros((0, dim), np.float32),
-                           np.zeros((0, dim), np.float16)))
-    pruned = []
-    for _ in range(20):
-        mq = rng.standard_normal(dim).astype(np.float32)
-        mq /= np.linalg.norm(mq)
-        lq = (-4 + spread * rng.standard_normal(dim)).astype(np.float32)
-        bound = QueryBounds(score, mq, lq).blocks(blocks)
-        exact = brute(score, mq, lq, mu, lv.astype(np.float32))
-        assert np.all(bound >= exact - 1e-9 * np.abs(exact))
-        pruned.append(np.mean(bound < np.sort(exact)[-K]))   # rows it rules out of the top k
-    if spread < 1:   # a bound, and not a vacuous one
-        assert np.median(pruned) > 0.4   # 0.58 measured with this seed
-
-
 @pytest.mark.parametrize("fmt", (3, 4))
 def test_older_block_formats_open_and_search_alike(index, queries, tmp_path, fmt):
     """A format-4 store (rows twice) searches the same; blocks without the row scalars (an
@@ -292,47 +260,6 @@ def test_a_batch_on_several_threads_equals_one_thread(index, queries, score):
     for a, b in ((one.ids, got.ids), (one.keys, got.keys), (one.shortlist, got.shortlist),
                  *zip(one.vectors, got.vectors)):
         np.testing.assert_array_equal(a, b)
-
-
-@pytest.mark.parametrize("score", ("elk", "bhattacharyya", "csd", "w2"))
-@pytest.mark.parametrize("lv_mean, lv_sd", ((-3.0, 2.0), (-40.0, 20.0)))
-def test_rows_scored_in_place_equal_the_float64_score(score, lv_mean, lv_sd):
-    """engine/rescore.py: block_row_keys reads rows of several blocks (one empty) in place,
-    through the float16 exp table; against the contract's score in float64. Variances down
-    to e⁻⁸⁰ and up to e⁶⁰ make the kernel's running product of s leave [1e-100, 1e100]."""
-    rng = np.random.default_rng(3)
-    dim, n = 62, 90    # D not a multiple of the kernel's 4-term groups
-    mu = rng.standard_normal((n, dim)).astype(np.float32)
-    lv = np.clip(lv_mean + lv_sd * rng.standard_normal((n, dim)), -80, 60).astype(np.float16)
-    parts = [decode_block(encode_block(np.arange(a, z), mu[a:z], lv[a:z]), dim, row_stats=True)
-             for a, z in ((0, 40), (40, n))]
-    parts.insert(1, Block(np.zeros(0, np.int64), np.zeros((0, dim), np.float32),
-                          np.zeros((0, dim), np.float16)))
-    mq = rng.standard_normal(dim).astype(np.float32)
-    lq = np.clip(lv_mean + lv_sd * rng.standard_normal(dim), -80, 60).astype(np.float32)
-    rows = rng.permutation(n)[:50]
-    got = block_row_keys(score, mq, lq, parts, rows)
-    ref = brute(score, mq, lq, mu[rows], lv[rows].astype(np.float32))
-    np.testing.assert_allclose(got, ref, rtol=1e-6)
-
-
-def test_search_threads_default_to_the_usable_cores(monkeypatch):
-    import os
-    from engine.batch import default_threads
-    assert default_threads() == len(os.sched_getaffinity(0))
-    monkeypatch.delattr(os, "sched_getaffinity")   # as on macOS
-    assert default_threads() == os.cpu_count()
-
-
-def test_row_bound_top_k_refuses_fewer_rows_than_k():
-    rng = np.random.default_rng(0)
-    mu = rng.standard_normal((5, D)).astype(np.float32)
-    lv = np.full((5, D), -3.0, np.float16)
-    block = decode_block(encode_block(np.arange(5), mu, lv), D, row_stats=True)
-    with pytest.raises(ValueError, match="fewer than k = 6"):
-        QueryBounds("elk", mu[0], lv[0].astype(np.float32)).topk([block], 6, 6)
-    rows, keys, m = QueryBounds("elk", mu[0], lv[0].astype(np.float32)).topk([block], 5, 5)
-    assert rows[0] == 0 and m == 5 and sorted(rows) == list(range(5))
 
 
 def test_csd_scores_every_probed_row_and_equals_the_bounded_path(index, queries, tmp_path):
