@@ -4,7 +4,8 @@ numpy needs four passes over a block's μ for a row bound (μ·a, μ⊙μ into a
 with w, then ~15 element-wise passes over the per-row results), each a separate call with its
 own temporaries; at 1M × 256 a query probes ~2,000 rows (2 MB), so those passes, not the
 arithmetic, were the bound's 0.4–0.5 ms. Here one loop per row computes both dot products and
-the whole bound. Every function releases the GIL (nogil), so several threads can run them on
+the whole bound, from μ's 16-bit codes (store format 6): the loop is memory-bound, and the
+codes are half the bytes of float32 μ. Every function releases the GIL (nogil), so several threads can run them on
 several cores (engine/batch.py does, for a batch of queries).
 
 fastmath allows only reassociation (vectorised sums) and contraction (fused multiply-add):
@@ -29,18 +30,21 @@ _margin = njit(nogil=True, cache=True)(margin)   # the rescoring margin, compile
 
 
 @njit(nogil=True, cache=True, fastmath=FAST)
-def row_bound_keys(mu, rho, lv_sum, geo, lv_ref, rho0, mu_q, v_q, g_q, err, c, elk, key_const,
-                   out):
-    """out[i] = the bound of engine/row_bounds.py for row i of one block: μ float32 [n, D],
-    rho, lv_sum and geo = exp(lv_sum / D) [n], lv_ref [D] and rho0 the block's terms; mu_q
-    and v_q (float64 [D]) and the scalars the query's (QueryBounds). The block's weights w,
-    A = Σ w μ_q² and t* come first (float64); the two dot products per row run in float32
+def row_bound_keys(codes, scale, code_err, rho, lv_sum, geo, lv_ref, rho0, mu_q, v_q, g_q, err,
+                   c, elk, key_const, out):
+    """out[i] = the bound of engine/row_bounds.py for row i of one block, read from μ's 16-bit
+    codes (indexer/lists.py: mu_codes): codes int16 [n, D], scale and code_err [n] (μ̂_i =
+    scale_i·codes_i, ‖μ_i − μ̂_i‖ ≤ code_err_i); rho, lv_sum and geo = exp(lv_sum / D) [n],
+    lv_ref [D] and rho0 the block's terms; mu_q and v_q (float64 [D]) and the scalars the
+    query's (QueryBounds). The block's weights w, A = Σ w μ_q² and t* come first (float64);
+    the two dot products per row run in float32 (codes are integers, exact in float32)
     against w rounded to float32, the per-row remainder in float64, which only rounds less
     than the float32 it is accounted for."""
-    n, dim = mu.shape
+    n, dim = codes.shape
     w = np.empty(dim, np.float32)
     w_mu = np.empty(dim, np.float32)
     a = 0.0
+    w_max = 0.0
     t_lo, t_hi = np.inf, -np.inf
     for d in range(dim):
         b = math.exp(float(lv_ref[d]))
@@ -48,19 +52,27 @@ def row_bound_keys(mu, rho, lv_sum, geo, lv_ref, rho0, mu_q, v_q, g_q, err, c, e
         w[d] = wd
         w_mu[d] = -2.0 * wd * mu_q[d]
         a += wd * mu_q[d] * mu_q[d]
+        w_max = max(w_max, wd)
         t = v_q[d] / b
         t_lo, t_hi = min(t_lo, t), max(t_hi, t)
     sqrt_a = math.sqrt(a)
+    sqrt_w_max = math.sqrt(w_max) * (1.0 + err)   # max_d w_d (float64), rounded up
     for i in range(n):
         s_mu = np.float32(0.0)
         s_sq = np.float32(0.0)
         for d in range(dim):
-            m = mu[i, d]
+            m = np.float32(codes[i, d])
             s_mu += m * w_mu[d]
             s_sq += m * m * w[d]
-        h = float(s_mu) + float(s_sq) + a
-        spread = math.sqrt(max(float(s_sq), 0.0)) + sqrt_a
+        sc = float(scale[i])
+        sq = float(s_sq) * sc * sc                      # C_i = (μ̂_i⊙μ̂_i)·w
+        h = float(s_mu) * sc + sq + a                   # Σ w (μ̂_i − μ_q)²
+        spread = math.sqrt(max(sq, 0.0)) + sqrt_a
         h = max(h - err * spread * spread, 0.0)           # |terms| ≤ (√A + √C_i)²
+        q_err = float(code_err[i])
+        if q_err > 0.0:   # ‖√w⊙(μ_i − μ_q)‖ ≥ ‖√w⊙(μ̂_i − μ_q)‖ − √max(w)·‖μ_i − μ̂_i‖
+            root = max(math.sqrt(h) - sqrt_w_max * q_err, 0.0)
+            h = root * root
         r = float(rho[i])
         if r >= rho0:
             h *= (t_lo + rho0) / (t_lo + r)
@@ -157,10 +169,12 @@ def csd_keys(mu, sq_norm, var_sum, mu_q, const, out):
 
 
 @njit(nogil=True, cache=True)
-def guaranteed_topk(mus, lv_bits, rhos, lv_sums, geos, lv_refs, rho0s, mu_q, v_q, g_q, err, c,
-                    elk, key_const, half_exp, first, k, out_rows, out_keys):
+def guaranteed_topk(codes, scales, code_errs, mus, lv_bits, rhos, lv_sums, geos, lv_refs, rho0s,
+                    mu_q, v_q, g_q, err, c, elk, key_const, half_exp, first, k, out_rows,
+                    out_keys):
     """One query's exact top k over its probed blocks (tuples of the blocks' arrays, none
-    empty) by the row bounds, in one call: every row's bound (row_bound_keys), the `first`
+    empty) by the row bounds, in one call: every row's bound from μ's codes
+    (row_bound_keys), the `first`
     rows of best bound scored exactly (spread_key), then every row whose bound beats the k-th
     key less the rescoring margin (indexer/variance.py: margin).
     Writes the k best rows' positions (in the blocks' concatenation) and keys, best first;
@@ -172,8 +186,9 @@ def guaranteed_topk(mus, lv_bits, rhos, lv_sums, geos, lv_refs, rho0s, mu_q, v_q
     total = starts[nb]
     rank = np.empty(total, np.float32)
     for b in range(nb):
-        row_bound_keys(mus[b], rhos[b], lv_sums[b], geos[b], lv_refs[b], rho0s[b], mu_q, v_q,
-                       g_q, err, c, elk, key_const, rank[starts[b]:starts[b + 1]])
+        row_bound_keys(codes[b], scales[b], code_errs[b], rhos[b], lv_sums[b], geos[b],
+                       lv_refs[b], rho0s[b], mu_q, v_q, g_q, err, c, elk, key_const,
+                       rank[starts[b]:starts[b + 1]])
     first = min(first, total)
     cut = np.partition(rank, total - first)[total - first]   # the first-th best bound
     rows = np.empty(total, np.int64)

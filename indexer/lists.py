@@ -1,4 +1,4 @@
-"""List blocks: the store's rows grouped by IVF inverted list (store formats 3 to 5).
+"""List blocks: the store's rows grouped by IVF inverted list (store formats 3 to 6).
 
 A guaranteed shortlist lies inside the query's probed inverted lists (the bound of
 indexer/variance.py only ever admits items the ANN stage could return), so the engine reads
@@ -8,7 +8,9 @@ those lists whole instead of the shortlist id by id: one LMDB value per list,
                       value: n int64 ids (ascending), then μ float32 [n, D], then log_var
                       float16 [n, D] (columns, so each is one zero-copy numpy view);
                       format 4 appends the row bounds' scalars (engine/row_bounds.py):
-                      rho, lv_sum float32 [n], then lv_ref float32 [D], rho0 float32
+                      rho, lv_sum float32 [n], then lv_ref float32 [D], rho0 float32;
+                      format 6 also each row's μ code (mu_codes): scale, err float32 [n]
+                      after lv_sum, and the codes int16 [n, D] before lv_ref
   `<modality>.where`  (format 5) one value under key 0: int32 list number [N], then int32
                       position in that list [N], by id (80 MB at 10M: one zero-copy view)
 
@@ -21,6 +23,14 @@ by id (hits, the service's item lookups) finds the row through `.where` (8 bytes
 exhaustive search walks the blocks (`ListBlocks.scan`). Indexes without inverted lists (Flat)
 have no blocks and keep `.vec`; format-2 stores open without blocks and the engine takes the
 id-by-id path.
+
+Format 6 adds a 16-bit copy of μ for the row bounds: a guaranteed query reads every probed
+row's μ once to bound it and only ~50 rows exactly, so the bound pass's 1 KB of float32 a
+row was most of a query's memory traffic (the same 2 MB a μ-only FAISS scan reads). The codes
+halve it; the bound stays exact by taking off each row's stored quantisation error (see
+engine/row_bounds.py). Exact scores and hits still read the float32 μ. The store grows by
+2·D + 8 bytes a row (+0.5 GB at 1M × 256); blocks of formats 4 and 5 get their codes computed
+when first read (~1 ms a 1,000-row block).
 """
 from __future__ import annotations
 
@@ -74,21 +84,46 @@ def _rounded(x: np.ndarray, towards: float) -> np.ndarray:
     return np.where(off, np.nextafter(y, np.float32(towards)), y).astype(np.float32)
 
 
+CODE_MAX = 32767   # μ codes: int16, symmetric
+
+
+def mu_codes(mu: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes int16 [n, D], scale float32 [n], err float32 [n]) of float32 μ rows: each row
+    scaled by its own largest |μ| to ±CODE_MAX, so μ̂_i = scale_i·codes_i, and err_i ≥ ‖μ_i − μ̂_i‖
+    (computed in float64, rounded up). An all-zero row has scale 1 and error 0."""
+    mu = np.asarray(mu, np.float32)
+    top = np.abs(mu).max(axis=1) if mu.size else np.zeros(len(mu), np.float32)
+    scale = np.where(top > 0, top.astype(np.float64) / CODE_MAX, 1.0).astype(np.float32)
+    q = mu / scale[:, None]
+    codes = np.clip(np.rint(q, out=q), -CODE_MAX, CODE_MAX, out=q).astype(np.int16)
+    rest = mu.astype(np.float64)
+    rest -= codes * scale.astype(np.float64)[:, None]   # exact products: 15 + 24 bits
+    err = np.sqrt(np.einsum("nd,nd->n", rest, rest)) * (1 + 1e-6)
+    return codes, scale, _rounded(err, np.inf)
+
+
 def encode_block(ids: np.ndarray, mu: np.ndarray, log_var: np.ndarray,
-                 row_stats: bool = True) -> bytes:
-    """A block's value; `row_stats=False` writes the format-3 layout (no scalars)."""
+                 row_stats: bool = True, codes: bool = True) -> bytes:
+    """A block's value: format 6; `codes=False` the format-4/5 layout, `row_stats=False` the
+    format-3 one (neither scalars nor codes)."""
     parts = [np.ascontiguousarray(ids, "<i8"), np.ascontiguousarray(mu, np.float32),
              np.ascontiguousarray(log_var, np.float16)]
     if row_stats:
-        parts += row_scalars(parts[2])
+        rho, lv_sum, ref, rho0 = row_scalars(parts[2])
+        parts += [rho, lv_sum]
+        if codes:
+            code, scale, err = mu_codes(parts[1])
+            parts += [scale, err, code]
+        parts += [ref, rho0]
     return b"".join(p.tobytes() for p in parts)
 
 
 @dataclass
 class Block:
-    """One inverted list: ids [n], μ float32 [n, D], log_var float16 [n, D] (views), and in
-    format 4 the row bounds' scalars (row_scalars; None in format 3) and, derived when read,
-    each row's geometric-mean variance, squared norm and variance sum."""
+    """One inverted list: ids [n], μ float32 [n, D], log_var float16 [n, D] (views), and from
+    format 4 the row bounds' scalars (row_scalars), μ's codes (mu_codes: stored from format
+    6, computed when read before) and, derived when read, each row's geometric-mean variance,
+    squared norm and variance sum (None in format 3)."""
     ids: np.ndarray
     mu: np.ndarray
     log_var: np.ndarray
@@ -99,14 +134,23 @@ class Block:
     geo: np.ndarray | None = None    # exp(lv_sum / D) float64: each row's geometric-mean variance
     sq_norm: np.ndarray | None = None   # ‖μ_i‖² float64
     var_sum: np.ndarray | None = None   # Σ_d v_i,d float64
+    codes: np.ndarray | None = None     # μ ≈ scale·codes, int16 [n, D] (mu_codes)
+    code_scale: np.ndarray | None = None
+    code_err: np.ndarray | None = None
 
 
-ROW_SCALARS = 2   # float32 scalars per row in format 4
+def row_scalar_count(codes: bool) -> int:
+    """float32 scalars per row: rho, lv_sum (format 4), and the codes' scale, err (format 6)."""
+    return 4 if codes else 2
 
 
-def decode_block(value, dim: int, row_stats: bool = False) -> Block:
+def decode_block(value, dim: int, row_stats: bool = False, codes: bool = False,
+                 derive: bool = True) -> Block:
+    """A block's views; `row_stats`: format 4 or later, `codes`: format 6 (stored codes);
+    `derive=False`: ids, μ and log_var only (a pass that reads every row once)."""
     raw = np.frombuffer(value, np.uint8)
-    per_row = 8 + row_bytes(dim) + (4 * ROW_SCALARS if row_stats else 0)
+    scalars_n = row_scalar_count(codes) if row_stats else 0
+    per_row = 8 + row_bytes(dim) + 4 * scalars_n + (2 * dim if codes else 0)
     fixed = 4 * (dim + 1) if row_stats else 0
     n = (len(raw) - fixed) // per_row
     if n < 0 or n * per_row + fixed != len(raw):
@@ -115,17 +159,24 @@ def decode_block(value, dim: int, row_stats: bool = False) -> Block:
     at = 8 * n + 4 * n * dim
     mu = raw[8 * n:at].view(np.float32).reshape(n, dim)
     log_var = raw[at:at + 2 * n * dim].view(np.float16).reshape(n, dim)
-    if not row_stats:
+    if not (row_stats and derive):
         return Block(ids, mu, log_var)
     at += 2 * n * dim
-    scalars = raw[at:at + 4 * ROW_SCALARS * n].view(np.float32).reshape(ROW_SCALARS, n)
-    tail = raw[at + 4 * ROW_SCALARS * n:].view(np.float32)
+    scalars = raw[at:at + 4 * scalars_n * n].view(np.float32).reshape(scalars_n, n)
+    at += 4 * scalars_n * n
+    if codes:
+        code = raw[at:at + 2 * n * dim].view(np.int16).reshape(n, dim)
+        at += 2 * n * dim
+        scale, err = scalars[2], scalars[3]
+    else:   # an older block: its codes made now, the same as a format-6 build stores
+        code, scale, err = mu_codes(mu)
+    tail = raw[at:].view(np.float32)
     # per-row terms the engine reads on every query, computed once per decoded block
     geo = np.exp(scalars[1].astype(np.float64) / dim)
     sq_norm = np.einsum("nd,nd->n", mu, mu, dtype=np.float64)
     var_sum = np.exp(log_var.astype(np.float32)).sum(axis=1, dtype=np.float64)
-    return Block(ids, mu, log_var, *scalars, tail[:dim], float(tail[dim]), geo, sq_norm,
-                 var_sum)
+    return Block(ids, mu, log_var, scalars[0], scalars[1], tail[:dim], float(tail[dim]), geo,
+                 sq_norm, var_sum, code, scale, err)
 
 
 def write_list_blocks(store_path: Path, rows_path: Path, modality: str, index: faiss.Index,
@@ -144,7 +195,8 @@ def write_list_blocks(store_path: Path, rows_path: Path, modality: str, index: f
                     max_dbs=8, subdir=True, sync=False, metasync=False, writemap=True)
     page = env.stat()["psize"]
     used = (env.info()["last_pgno"] + 1) * page
-    blocks_bytes = (index.ntotal * (8 + 8 + 4 * ROW_SCALARS + row_bytes(dim))
+    blocks_bytes = (index.ntotal * (8 + 8 + 4 * row_scalar_count(True) + 2 * dim
+                                    + row_bytes(dim))
                     + ivf.nlist * (3 * page + 4 * (dim + 1)))
     env.set_mapsize(int(1.02 * (used + blocks_bytes)) + (16 << 20))
     home = np.full(index.ntotal, -1, np.int32)       # id -> (list, position): `.where`
@@ -209,8 +261,9 @@ class ListBlocks:
     (B-tree walk and overflow pages), which a read by id of k hits in k lists paid per hit."""
 
     def __init__(self, env, modality: str, index: faiss.Index, dim: int, nprobe: int,
-                 row_stats: bool = True, by_id: bool = False):
+                 row_stats: bool = True, by_id: bool = False, codes: bool = False):
         self.env, self.dim, self.nprobe, self.row_stats = env, dim, nprobe, row_stats
+        self.codes = codes
         self.modality, self.ivf = modality, fx.ivf_of(index)
         self.db = env.open_db(f"{modality}.lists".encode(), create=False)
         self.where = env.open_db(f"{modality}.where".encode(), create=False) if by_id else None
@@ -241,7 +294,8 @@ class ListBlocks:
         block = self._blocks.get(number)
         if block is None:
             value = self._value(list_key(number), self.db)
-            block = self._blocks[number] = decode_block(value, self.dim, self.row_stats) \
+            block = self._blocks[number] = decode_block(value, self.dim, self.row_stats,
+                                                        self.codes) \
                 if value is not None else Block(np.zeros(0, np.int64),
                                                 np.zeros((0, self.dim), np.float32),
                                                 np.zeros((0, self.dim), np.float16))
@@ -280,7 +334,8 @@ class ListBlocks:
             for number in range(self.ivf.nlist):
                 value = txn.get(list_key(number), db=self.db)
                 if value is not None:
-                    b = decode_block(value, self.dim, self.row_stats)
+                    b = decode_block(value, self.dim, self.row_stats, self.codes,
+                                     derive=False)
                     yield b.ids.copy(), b.mu.copy(), b.log_var.astype(np.float32)
 
     def close(self) -> None:

@@ -30,9 +30,10 @@ from core.errors import PcmeError
 logger = logging.getLogger(__name__)
 
 # 3: format 2 + rows grouped by IVF list (indexer/lists.py); 4: + row scalars; 5: IVF rows only
-# in the list blocks, found by id through `.where` (the store half the size)
-STORE_FORMAT = 5
-READABLE_FORMATS = (2, 3, 4, 5)
+# in the list blocks, found by id through `.where` (the store half the size); 6: + 16-bit μ
+# codes in the blocks for the row bounds
+STORE_FORMAT = 6
+READABLE_FORMATS = (2, 3, 4, 5, 6)
 LOG_VAR_CLIP = 20.0  # |log σ²| beyond 20 (σ² < 2e-9 or > 5e8) carries no ranking information
 _PAGE = 4096
 

@@ -25,7 +25,7 @@ def test_row_bound_is_above_every_rows_exact_key(score, spread):
           ).astype(np.float16)
     # three blocks, one empty, each with its own reference: bounds come back concatenated
     cut = 137
-    blocks = [decode_block(encode_block(np.arange(a, z), mu[a:z], lv[a:z]), dim, row_stats=True)
+    blocks = [decode_block(encode_block(np.arange(a, z), mu[a:z], lv[a:z]), dim, row_stats=True, codes=True)
               for a, z in ((0, cut), (cut, n))]
     blocks.insert(1, Block(np.zeros(0, np.int64), np.zeros((0, dim), np.float32),
                            np.zeros((0, dim), np.float16)))
@@ -52,7 +52,7 @@ def test_rows_scored_in_place_equal_the_float64_score(score, lv_mean, lv_sd):
     dim, n = 62, 90    # D not a multiple of the kernel's 4-term groups
     mu = rng.standard_normal((n, dim)).astype(np.float32)
     lv = np.clip(lv_mean + lv_sd * rng.standard_normal((n, dim)), -80, 60).astype(np.float16)
-    parts = [decode_block(encode_block(np.arange(a, z), mu[a:z], lv[a:z]), dim, row_stats=True)
+    parts = [decode_block(encode_block(np.arange(a, z), mu[a:z], lv[a:z]), dim, row_stats=True, codes=True)
              for a, z in ((0, 40), (40, n))]
     parts.insert(1, Block(np.zeros(0, np.int64), np.zeros((0, dim), np.float32),
                           np.zeros((0, dim), np.float16)))
@@ -76,8 +76,47 @@ def test_row_bound_top_k_refuses_fewer_rows_than_k():
     rng = np.random.default_rng(0)
     mu = rng.standard_normal((5, D)).astype(np.float32)
     lv = np.full((5, D), -3.0, np.float16)
-    block = decode_block(encode_block(np.arange(5), mu, lv), D, row_stats=True)
+    block = decode_block(encode_block(np.arange(5), mu, lv), D, row_stats=True, codes=True)
     with pytest.raises(ValueError, match="fewer than k = 6"):
         QueryBounds("elk", mu[0], lv[0].astype(np.float32)).topk([block], 6, 6)
     rows, keys, m = QueryBounds("elk", mu[0], lv[0].astype(np.float32)).topk([block], 5, 5)
     assert rows[0] == 0 and m == 5 and sorted(rows) == list(range(5))
+
+
+def test_mu_codes_error_covers_the_rounding():
+    """indexer/lists.py: mu_codes, against a float64 reconstruction: the stored error is at
+    least ‖μ − scale·codes‖ and within a few of the 16-bit step; a zero row codes exactly."""
+    from indexer.lists import CODE_MAX, mu_codes
+    rng = np.random.default_rng(5)
+    mu = (rng.standard_normal((50, 24)) * np.exp(rng.uniform(-8, 8, (50, 1)))).astype(np.float32)
+    mu[7] = 0
+    codes, scale, err = mu_codes(mu)
+    assert codes.dtype == np.int16 and np.abs(codes).max() == CODE_MAX
+    back = codes.astype(np.float64) * scale.astype(np.float64)[:, None]
+    true = np.sqrt(((mu.astype(np.float64) - back) ** 2).sum(axis=1))
+    assert np.all(err >= true) and err[7] == 0 and scale[7] == 1
+    step = np.abs(mu).max(axis=1) / CODE_MAX
+    assert np.all(err[step > 0] <= 0.5 * step[step > 0] * np.sqrt(24) * 1.01)
+
+
+@pytest.mark.parametrize("score", ("elk", "bhattacharyya"))
+def test_row_bound_holds_against_the_codes_own_error(score):
+    """Rows whose codes err as much as 16 bits can (one component 10⁴ times the others, so the
+    step top/32767 exceeds the small ones), all variances 1 (the ρ and log-det parts of the
+    bound are then exact), and each query placed along its row's rounding error δ = μ̂ − μ,
+    at μ_q = μ − 2‖μ‖·δ/‖δ‖: the codes' Δμ part then exceeds the true one by ~4w‖μ‖‖δ‖,
+    about three times the float32 slack, so only the stored error keeps the bound above."""
+    rng = np.random.default_rng(11)
+    n, dim = 60, 64
+    mu = (0.01 * rng.standard_normal((n, dim))).astype(np.float32)
+    mu[:, 0] = 100.0
+    lv = np.zeros((n, dim), np.float16)
+    block = decode_block(encode_block(np.arange(n), mu, lv), dim, row_stats=True, codes=True)
+    back = block.codes.astype(np.float64) * block.code_scale.astype(np.float64)[:, None]
+    for i in range(0, n, 6):
+        delta = back[i] - mu[i]
+        mq = (mu[i] - 2 * np.linalg.norm(mu[i]) * delta / np.linalg.norm(delta)).astype(np.float32)
+        lq = np.zeros(dim, np.float32)
+        bound = QueryBounds(score, mq, lq).blocks([block])
+        exact = brute(score, mq, lq, mu, lv.astype(np.float32))
+        assert bound[i] >= exact[i] - 1e-9 * abs(exact[i])

@@ -84,7 +84,7 @@ def test_build_manifest(shards, index):
     assert m["counts"] == {"image": 6000, "text": 1200}
     assert m["factory"] == {"image": "IVF128,Flat", "text": "Flat"}
     assert m["nprobe"]["text"] is None and 1 <= m["nprobe"]["image"] <= 128
-    assert m["store"]["format"] == 5 and m["store"]["lists"] == ["image"]
+    assert m["store"]["format"] == 6 and m["store"]["lists"] == ["image"]
     assert m["producer"] == {"checkpoint": "runs/x.pt", "sha256": "ab"}
     assert m["shards"]["dir"] == str(shards.absolute())
     assert sorted(p.name for p in index.iterdir()) == ["image.faiss", "manifest.json", "store.lmdb", "text.faiss"]

@@ -1,6 +1,6 @@
-"""Store formats 3 to 5: rows grouped by IVF inverted list (indexer/lists.py), the per-row
-bounds of format 4 (engine/row_bounds.py), format 5's reads by id through `.where`, and the
-engine path that reads them. References: the shards' rows, nearest-centroid assignment
+"""Store formats 3 to 6: rows grouped by IVF inverted list (indexer/lists.py), the per-row
+bounds of format 4 (engine/row_bounds.py), format 5's reads by id through `.where`, format
+6's μ codes, and the engine path that reads them. References: the shards' rows, nearest-centroid assignment
 recomputed in numpy, a float64 brute force over the probed lists, and the id-by-id path of
 an older store written here from the same rows."""
 import json
@@ -41,9 +41,9 @@ def index(built):
 
 
 def _older(index, tmp_path, fmt: int):
-    """A copy of `index` laid out as a build before format 5 wrote it: every image row also by
-    id in `image.vec` and no `image.where`; format 3 blocks without the row scalars; format 2
-    without blocks in the manifest."""
+    """A copy of `index` laid out as a build of format `fmt` wrote it: blocks without μ codes
+    (before 6); every image row also by id in `image.vec` and no `image.where` (before 5);
+    format 3 blocks without the row scalars; format 2 without blocks in the manifest."""
     old = tmp_path / f"format{fmt}"
     shutil.copytree(index, old)
     with IndexReader.open(index) as r:
@@ -57,16 +57,16 @@ def _older(index, tmp_path, fmt: int):
     env = lmdb.open(str(path), max_dbs=8, subdir=True,
                     map_size=4 * (path / "data.mdb").stat().st_size)
     with env.begin(write=True) as txn:
-        vec = env.open_db(b"image.vec", txn=txn)
-        for key, m, v in zip(encode_ids(ids), mu, lv):
-            txn.put(key, m.tobytes() + v.astype(np.float16).tobytes(), db=vec)
-        txn.drop(env.open_db(b"image.where", txn=txn), delete=True)
-        if fmt == 3:
-            db = env.open_db(b"image.lists", txn=txn)
-            for number in range(NLIST):
-                b = decode_block(txn.get(list_key(number), db=db), D, row_stats=True)
-                txn.put(list_key(number), encode_block(b.ids, b.mu, b.log_var, row_stats=False),
-                        db=db)
+        if fmt < 5:
+            vec = env.open_db(b"image.vec", txn=txn)
+            for key, m, v in zip(encode_ids(ids), mu, lv):
+                txn.put(key, m.tobytes() + v.astype(np.float16).tobytes(), db=vec)
+            txn.drop(env.open_db(b"image.where", txn=txn), delete=True)
+        db = env.open_db(b"image.lists", txn=txn)
+        for number in range(NLIST):
+            b = decode_block(txn.get(list_key(number), db=db), D, row_stats=True, codes=True)
+            txn.put(list_key(number), encode_block(b.ids, b.mu, b.log_var, row_stats=fmt > 3,
+                                                   codes=False), db=db)
     env.close()
     return old
 
@@ -81,7 +81,7 @@ def test_format_5_reads_by_id_and_in_full_give_the_shards_rows(built):
     lv = stored_log_var(np.concatenate([b.log_var for b in batches]))[np.argsort(ids)]
     pick = np.random.default_rng(3).integers(0, N, 500)
     with IndexReader.open(index) as r:
-        assert r.manifest["store"]["format"] == 5
+        assert r.manifest["store"]["format"] == 6
         with pytest.raises(lmdb.Error):
             r._store.env.open_db(b"image.vec", create=False)
         got_mu, got_lv = r.fetch("image", pick)
@@ -100,15 +100,15 @@ def test_format_5_reads_by_id_and_in_full_give_the_shards_rows(built):
 
 
 def test_format_5_store_is_smaller_than_rows_twice(index, tmp_path):
-    """The point of format 5: the store no longer holds each row twice."""
+    """The point of format 5: the store no longer holds each row twice (both without codes)."""
     def used(path):
         env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=8, subdir=True)
         pages = env.info()["last_pgno"] + 1
         env.close()
         return pages
-    old = _older(index, tmp_path, 4)
+    old, new = _older(index, tmp_path, 4), _older(index, tmp_path, 5)
     row = 8 + 6 * D   # id + μ float32 + log_var float16: the bytes one copy of a row needs
-    grown = used(old / "store.lmdb") - used(index / "store.lmdb")
+    grown = used(old / "store.lmdb") - used(new / "store.lmdb")
     assert grown * 4096 > 0.9 * N * row
 
 
@@ -180,16 +180,18 @@ def test_row_bounds_grow_a_short_first_shortlist_to_the_same_top_k(index, querie
     assert got.shortlist.max() > K and "bound_ms" in got.timings_ms
 
 
-@pytest.mark.parametrize("fmt", (3, 4))
+@pytest.mark.parametrize("fmt", (3, 4, 5))
 def test_older_block_formats_open_and_search_alike(index, queries, tmp_path, fmt):
-    """A format-4 store (rows twice) searches the same; blocks without the row scalars (an
-    index built before format 4) are read as format 3 and searched with the one global bound
-    per query: same results."""
+    """Format-4 and -5 stores (no μ codes: made when a block is read; format 4 also holds
+    rows twice) search the same; blocks without the row scalars (an index built before
+    format 4) are read as format 3 and searched with the one global bound per query: same
+    results."""
     old = _older(index, tmp_path, fmt)
     mu_q, lv_q = queries
     with IndexReader.open(old) as a, IndexReader.open(index) as b:
-        assert a.list_blocks("image").row_stats == (fmt == 4) and b.list_blocks("image").row_stats
-        assert a.list_blocks("image").where is None     # reads by id use `.vec`
+        assert a.list_blocks("image").row_stats == (fmt > 3) and b.list_blocks("image").row_stats
+        assert not a.list_blocks("image").codes and b.list_blocks("image").codes
+        assert (a.list_blocks("image").where is None) == (fmt < 5)   # by id: `.vec` or `.where`
         ra = BatchSearcher(a, 5.0, 5.0).search("image", mu_q, lv_q, K, "elk")
         rb = BatchSearcher(b, 5.0, 5.0).search("image", mu_q, lv_q, K, "elk")
         np.testing.assert_array_equal(a.fetch("image", ra.ids[0])[1], b.fetch("image", ra.ids[0])[1])
