@@ -236,3 +236,21 @@ def copy_rows(ids, mu, lv_bits, rows, first, out_ids, out_mu, out_lv):
             out_ids[j] = ids[i]
             out_mu[j, :] = mu[i]
             out_lv[j, :] = lv_bits[i]
+
+
+@njit(nogil=True, cache=True)
+def top_columns(keys, n, out):
+    """out[q] = the columns of the n largest keys[q] (float32 [Q, C]), largest first, the
+    lower column first among equal keys: each query's nearest inverted lists from its keys
+    for every centroid."""
+    for q in range(keys.shape[0]):
+        row = keys[q]
+        m = 0
+        for c in range(row.shape[0]):
+            if m < n or row[c] > row[out[q, n - 1]]:
+                j = min(m, n - 1)
+                while j > 0 and row[c] > row[out[q, j - 1]]:   # insertion: n is small
+                    out[q, j] = out[q, j - 1]
+                    j -= 1
+                out[q, j] = c
+                m += 1
