@@ -8,6 +8,15 @@ passive against 0.35 s active on 2 cores (torch's many short parallel regions pa
 sleeping threads); `eval` 38–41 against 31–37 s. `encode` gained nothing (Lite0 images: 119
 passive against 115 images/s active, with more CPU time per image) and stays passive. The
 policy must be set before either library loads; an explicit setting wins.
+
+numpy's own BLAS (the OpenBLAS in its wheel) runs on one thread. Its thread pool does not
+follow OMP_WAIT_POLICY: after any numpy product big enough to split, its idle threads spin for
+~2^28 cycles (~0.1 s), and the search makes such products on every batch, so on 2 cores one
+core was always taken (seen as CPU time of numpy's pool thread during μ-only batches). With
+one thread there is no pool to spin: 1M × 256 batch QPS in one bench run went μ 4,389 → 7,816,
+elk 2,245 → 5,225, mc 221 → 472. numpy's products here are small (torch does the big ones);
+an explicit OPENBLAS_NUM_THREADS wins. The limit is set at run time (threadpoolctl), because
+numpy is usually imported before this runs, after which its environment variables are read.
 PIL's decompression-bomb limit bounds what one uploaded or query image may cost.
 """
 from __future__ import annotations
@@ -23,6 +32,23 @@ TORCH_ONLY = frozenset({"train", "eval"})   # cli.py commands that never load fa
 def configure_process(command: str | None = None) -> None:
     """`command`: the cli.py command about to run (None: a process that may search)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE" if command in TORCH_ONLY else "PASSIVE")
+    if "OPENBLAS_NUM_THREADS" not in os.environ:
+        numpy_blas_threads(1)
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+
+def numpy_blas_threads(n: int) -> None:
+    """Limit the BLAS libraries that numpy's wheel brought (numpy.libs) to n threads; torch's
+    and faiss' own libraries are left alone."""
+    import numpy
+    from threadpoolctl import ThreadpoolController
+
+    home = os.path.dirname(os.path.dirname(numpy.__file__))
+    ours = (os.path.join(home, "numpy") + os.sep, os.path.join(home, "numpy.libs") + os.sep)
+    controller = ThreadpoolController()
+    paths = [lib["filepath"] for lib in controller.info()
+             if lib["user_api"] == "blas" and lib["filepath"].startswith(ours)]
+    if paths:
+        controller.select(filepath=paths).limit(limits=n)

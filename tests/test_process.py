@@ -1,9 +1,43 @@
-"""Process-wide settings (core/process.py): the OpenMP wait policy by command."""
+"""Process-wide settings (core/process.py): the OpenMP wait policy by command, numpy's BLAS
+on one thread."""
 import os
 
+import numpy
+import pytest
+from threadpoolctl import ThreadpoolController
 from typer.testing import CliRunner
 
-from core.process import TORCH_ONLY, configure_process
+from core.process import TORCH_ONLY, configure_process, numpy_blas_threads
+
+
+def _blas_threads() -> dict:
+    """{library path: threads} of every BLAS library loaded in this process."""
+    return {i["filepath"]: i["num_threads"] for i in ThreadpoolController().info()
+            if i["user_api"] == "blas"}
+
+
+@pytest.fixture(autouse=True)
+def _restore_numpy_blas():
+    before = _blas_threads()
+    yield
+    numpy_blas_threads(max(n for path, n in before.items() if "numpy" in path))
+
+
+def test_numpy_blas_runs_on_one_thread_and_the_others_keep_theirs(monkeypatch):
+    import faiss  # noqa: F401  (its own OpenBLAS, OpenMP-threaded: not numpy's)
+    numpy_blas_threads(2)
+    before = _blas_threads()
+    numpy_dir = os.path.dirname(os.path.dirname(numpy.__file__))
+    ours = [p for p in before if p.startswith(os.path.join(numpy_dir, "numpy"))]
+    assert ours and len(before) > len(ours)        # numpy's and faiss' libraries both loaded
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")   # an explicit setting wins
+    configure_process("query")
+    assert _blas_threads() == before
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS")
+    configure_process("query")
+    after = _blas_threads()
+    assert all(after[p] == 1 for p in ours)
+    assert all(after[p] == before[p] for p in before if p not in ours)
 
 
 def test_training_and_eval_wait_actively_the_rest_passively(monkeypatch):
