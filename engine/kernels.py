@@ -30,24 +30,25 @@ _margin = njit(nogil=True, cache=True)(margin)   # the rescoring margin, compile
 
 
 @njit(nogil=True, cache=True, fastmath=FAST)
-def row_bound_keys(codes, scale, code_err, rho, lv_sum, geo, lv_ref, rho0, mu_q, v_q, g_q, err,
-                   c, elk, key_const, out):
+def row_bound_keys(codes, terms, ref, geo, mu_q, v_q, g_q, err, c, elk, key_const, out):
     """out[i] = the bound of engine/row_bounds.py for row i of one block, read from μ's 16-bit
-    codes (indexer/lists.py: mu_codes): codes int16 [n, D], scale and code_err [n] (μ̂_i =
-    scale_i·codes_i, ‖μ_i − μ̂_i‖ ≤ code_err_i); rho, lv_sum and geo = exp(lv_sum / D) [n],
-    lv_ref [D] and rho0 the block's terms; mu_q and v_q (float64 [D]) and the scalars the
-    query's (QueryBounds). The block's weights w, A = Σ w μ_q² and t* come first (float64);
+    codes (indexer/lists.py: mu_codes): codes int16 [n, D]; terms float32 [4, n] the rows' rho,
+    lv_sum, scale and code_err (μ̂_i = scale_i·codes_i, ‖μ_i − μ̂_i‖ ≤ code_err_i); ref
+    float32 [D + 1] the block's lv_ref and rho0; geo = exp(lv_sum / D) [n]; mu_q and v_q
+    (float64 [D]) and the scalars the query's (QueryBounds). The block's weights w, A = Σ w μ_q² and t* come first (float64);
     the two dot products per row run in float32 (codes are integers, exact in float32)
     against w rounded to float32, the per-row remainder in float64, which only rounds less
     than the float32 it is accounted for."""
     n, dim = codes.shape
+    rho, lv_sum, scale, code_err = terms[0], terms[1], terms[2], terms[3]
+    rho0 = float(ref[dim])
     w = np.empty(dim, np.float32)
     w_mu = np.empty(dim, np.float32)
     a = 0.0
     w_max = 0.0
     t_lo, t_hi = np.inf, -np.inf
     for d in range(dim):
-        b = math.exp(float(lv_ref[d]))
+        b = math.exp(float(ref[d]))
         wd = 1.0 / (v_q[d] + rho0 * b)
         w[d] = wd
         w_mu[d] = -2.0 * wd * mu_q[d]
@@ -169,9 +170,8 @@ def csd_keys(mu, sq_norm, var_sum, mu_q, const, out):
 
 
 @njit(nogil=True, cache=True)
-def guaranteed_topk(codes, scales, code_errs, mus, lv_bits, rhos, lv_sums, geos, lv_refs, rho0s,
-                    mu_q, v_q, g_q, err, c, elk, key_const, half_exp, first, k, out_rows,
-                    out_keys):
+def guaranteed_topk(codes, terms, refs, geos, mus, lv_bits, mu_q, v_q, g_q, err, c, elk,
+                    key_const, half_exp, first, k, out_rows, out_keys):
     """One query's exact top k over its probed blocks (tuples of the blocks' arrays, none
     empty) by the row bounds, in one call: every row's bound from μ's codes
     (row_bound_keys), the `first`
@@ -186,9 +186,8 @@ def guaranteed_topk(codes, scales, code_errs, mus, lv_bits, rhos, lv_sums, geos,
     total = starts[nb]
     rank = np.empty(total, np.float32)
     for b in range(nb):
-        row_bound_keys(codes[b], scales[b], code_errs[b], rhos[b], lv_sums[b], geos[b],
-                       lv_refs[b], rho0s[b], mu_q, v_q, g_q, err, c, elk, key_const,
-                       rank[starts[b]:starts[b + 1]])
+        row_bound_keys(codes[b], terms[b], refs[b], geos[b], mu_q, v_q, g_q, err, c, elk,
+                       key_const, rank[starts[b]:starts[b + 1]])
     first = min(first, total)
     cut = np.partition(rank, total - first)[total - first]   # the first-th best bound
     rows = np.empty(total, np.int64)
@@ -206,7 +205,7 @@ def guaranteed_topk(codes, scales, code_errs, mus, lv_bits, rhos, lv_sums, geos,
         r = rows[j]
         while r >= starts[b + 1] or r < starts[b]:
             b = (b + 1) % nb
-        keys[j] = spread_key(mu_q, v_q, c, mus[b], lv_bits[b], lv_sums[b], half_exp,
+        keys[j] = spread_key(mu_q, v_q, c, mus[b], lv_bits[b], terms[b][1], half_exp,
                              r - starts[b], elk, key_const)
     kth = np.partition(keys[:m], m - k)[m - k]
     below = _margin(kth)
@@ -214,7 +213,7 @@ def guaranteed_topk(codes, scales, code_errs, mus, lv_bits, rhos, lv_sums, geos,
         for r in range(starts[b], starts[b + 1]):
             if not scored[r] and rank[r] > below:
                 rows[m] = r
-                keys[m] = spread_key(mu_q, v_q, c, mus[b], lv_bits[b], lv_sums[b], half_exp,
+                keys[m] = spread_key(mu_q, v_q, c, mus[b], lv_bits[b], terms[b][1], half_exp,
                                      r - starts[b], elk, key_const)
                 m += 1
     best = np.argsort(-keys[:m], kind="mergesort")[:k]

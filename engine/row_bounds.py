@@ -79,9 +79,9 @@ class QueryBounds:
         for p in parts:
             if len(p.ids):
                 at, end = end, end + len(p.ids)
-                kernels.row_bound_keys(p.codes, p.code_scale, p.code_err, p.rho, p.lv_sum, p.geo,
-                                       p.lv_ref, p.rho0, self.mu_q, self.v_q, self.g_q, self.err,
-                                       self.c, self.elk, self.key_const, out[at:end])
+                kernels.row_bound_keys(p.codes, p.terms, p.ref, p.geo, self.mu_q, self.v_q,
+                                       self.g_q, self.err, self.c, self.elk, self.key_const,
+                                       out[at:end])
         return out
 
     def topk(self, parts: list, first: int, k: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -94,10 +94,8 @@ class QueryBounds:
             raise ValueError(f"row bounds: fewer than k = {k} rows in the probed lists")
         rows, keys = np.empty(k, np.int64), np.empty(k, np.float32)
         m = kernels.guaranteed_topk(
-            tuple(p.codes for p in live), tuple(p.code_scale for p in live),
-            tuple(p.code_err for p in live), tuple(p.mu for p in live), tuple(p.log_var.view(np.uint16) for p in live),
-            tuple(p.rho for p in live), tuple(p.lv_sum for p in live),
-            tuple(p.geo for p in live), tuple(p.lv_ref for p in live),
-            np.array([p.rho0 for p in live]), self.mu_q, self.v_q, self.g_q, self.err, self.c,
+            tuple(p.codes for p in live), tuple(p.terms for p in live),
+            tuple(p.ref for p in live), tuple(p.geo for p in live), tuple(p.mu for p in live),
+            tuple(p.lv_bits for p in live), self.mu_q, self.v_q, self.g_q, self.err, self.c,
             self.elk, self.key_const, half_exp_table(), first, k, rows, keys)
         return rows, keys, int(m)

@@ -137,6 +137,10 @@ class Block:
     codes: np.ndarray | None = None     # μ ≈ scale·codes, int16 [n, D] (mu_codes)
     code_scale: np.ndarray | None = None
     code_err: np.ndarray | None = None
+    # what the compiled bound reads, packed (each array handed to numba costs ~1 µs a call):
+    terms: np.ndarray | None = None     # float32 [4, n]: rho, lv_sum, code_scale, code_err
+    ref: np.ndarray | None = None       # float32 [D + 1]: lv_ref, rho0
+    lv_bits: np.ndarray | None = None   # log_var's float16 bits (uint16 view)
 
 
 def row_scalar_count(codes: bool) -> int:
@@ -167,16 +171,18 @@ def decode_block(value, dim: int, row_stats: bool = False, codes: bool = False,
     if codes:
         code = raw[at:at + 2 * n * dim].view(np.int16).reshape(n, dim)
         at += 2 * n * dim
-        scale, err = scalars[2], scalars[3]
+        terms = scalars
     else:   # an older block: its codes made now, the same as a format-6 build stores
         code, scale, err = mu_codes(mu)
+        terms = np.stack([scalars[0], scalars[1], scale, err])
     tail = raw[at:].view(np.float32)
     # per-row terms the engine reads on every query, computed once per decoded block
     geo = np.exp(scalars[1].astype(np.float64) / dim)
     sq_norm = np.einsum("nd,nd->n", mu, mu, dtype=np.float64)
     var_sum = np.exp(log_var.astype(np.float32)).sum(axis=1, dtype=np.float64)
-    return Block(ids, mu, log_var, scalars[0], scalars[1], tail[:dim], float(tail[dim]), geo,
-                 sq_norm, var_sum, code, scale, err)
+    return Block(ids, mu, log_var, terms[0], terms[1], tail[:dim], float(tail[dim]), geo,
+                 sq_norm, var_sum, code, terms[2], terms[3], terms, tail[:dim + 1],
+                 log_var.view(np.uint16))
 
 
 def write_list_blocks(store_path: Path, rows_path: Path, modality: str, index: faiss.Index,
