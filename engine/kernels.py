@@ -5,8 +5,8 @@ with w, then ~15 element-wise passes over the per-row results), each a separate 
 own temporaries; at 1M × 256 a query probes ~2,000 rows (2 MB), so those passes, not the
 arithmetic, were the bound's 0.4–0.5 ms. Here one loop per row computes both dot products and
 the whole bound, from μ's 16-bit codes (store format 6): the loop is memory-bound, and the
-codes are half the bytes of float32 μ. Every function releases the GIL (nogil), so several threads can run them on
-several cores (engine/batch.py does, for a batch of queries).
+codes are half the bytes of float32 μ. Every function releases the GIL (nogil), so several
+threads can run them on several cores (engine/batch.py does, for a batch of queries).
 
 fastmath allows only reassociation (vectorised sums) and contraction (fused multiply-add):
 either leaves a length-D dot product within the worst-case error the bound already takes off
@@ -35,10 +35,10 @@ def row_bound_keys(codes, terms, ref, geo, mu_q, v_q, g_q, err, c, elk, key_cons
     codes (indexer/lists.py: mu_codes): codes int16 [n, D]; terms float32 [4, n] the rows' rho,
     lv_sum, scale and code_err (μ̂_i = scale_i·codes_i, ‖μ_i − μ̂_i‖ ≤ code_err_i); ref
     float32 [D + 1] the block's lv_ref and rho0; geo = exp(lv_sum / D) [n]; mu_q and v_q
-    (float64 [D]) and the scalars the query's (QueryBounds). The block's weights w, A = Σ w μ_q² and t* come first (float64);
-    the two dot products per row run in float32 (codes are integers, exact in float32)
-    against w rounded to float32, the per-row remainder in float64, which only rounds less
-    than the float32 it is accounted for."""
+    (float64 [D]) and the scalars the query's (QueryBounds). The block's weights w,
+    A = Σ w μ_q² and t* come first (float64); the two dot products per row run in float32
+    (codes are integers, exact in float32) against w rounded to float32, the per-row
+    remainder in float64, which only rounds less than the float32 it is accounted for."""
     n, dim = codes.shape
     rho, lv_sum, scale, code_err = terms[0], terms[1], terms[2], terms[3]
     rho0 = float(ref[dim])
@@ -173,10 +173,9 @@ def csd_keys(mu, sq_norm, var_sum, mu_q, const, out):
 def guaranteed_topk(codes, terms, refs, geos, mus, lv_bits, mu_q, v_q, g_q, err, c, elk,
                     key_const, half_exp, first, k, out_rows, out_keys):
     """One query's exact top k over its probed blocks (tuples of the blocks' arrays, none
-    empty) by the row bounds, in one call: every row's bound from μ's codes
-    (row_bound_keys), the `first`
-    rows of best bound scored exactly (spread_key), then every row whose bound beats the k-th
-    key less the rescoring margin (indexer/variance.py: margin).
+    empty) by the row bounds, in one call: every row's bound from μ's codes (row_bound_keys),
+    the `first` rows of best bound scored exactly from float32 μ (spread_key), then every row
+    whose bound beats the k-th key less the rescoring margin (indexer/variance.py: margin).
     Writes the k best rows' positions (in the blocks' concatenation) and keys, best first;
     returns the number of rows scored exactly (the shortlist)."""
     nb = len(mus)

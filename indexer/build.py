@@ -36,7 +36,7 @@ from core.atomic import AtomicDir, sha256_file, write_json
 from indexer.manifest import SCHEMA_VERSION, build_stamp
 from indexer.shards import MODALITIES, ShardBatch, read_shard_manifest, read_shards, validate_shards
 from indexer.store import STORE_FORMAT, StoreWriter, estimate_map_size, stored_log_var
-from indexer.lists import write_list_blocks
+from indexer.lists import codes_for, write_list_blocks
 from indexer.variance import VarianceStats
 
 logger = logging.getLogger(__name__)
@@ -121,7 +121,9 @@ def index_manifest(plans: dict, chosen: dict, counts: dict, dim: int, recall_tar
         "augmented": {m: sorted(p.augmented or {}) for m, p in plans.items()},
         "store": {"file": STORE_FILE, "format": STORE_FORMAT,
                   "row": "mu float32[dim] + log_var float16[dim]",
-                  "lists": sorted(m for m, p in plans.items() if fx.ivf_of(p.index) is not None)},
+                  "lists": sorted(m for m, p in plans.items() if fx.ivf_of(p.index) is not None),
+                  "mu_codes": sorted(m for m, p in plans.items() if fx.ivf_of(p.index) is not None
+                                     and codes_for(counts[m], dim))},
         "shards": {"dir": str(shard_dir), "manifest_sha256": shard_sha},
         "producer": producer, **build_stamp(), "calibration": read_calibration(producer),
         "build_s": round(time.perf_counter() - start, 3)}

@@ -29,8 +29,11 @@ row's μ once to bound it and only ~50 rows exactly, so the bound pass's 1 KB of
 row was most of a query's memory traffic (the same 2 MB a μ-only FAISS scan reads). The codes
 halve it; the bound stays exact by taking off each row's stored quantisation error (see
 engine/row_bounds.py). Exact scores and hits still read the float32 μ. The store grows by
-2·D + 8 bytes a row (+0.5 GB at 1M × 256); blocks of formats 4 and 5 get their codes computed
-when first read (~1 ms a 1,000-row block).
+2·D + 8 bytes a row (+0.5 GB at 1M × 256), so a modality gets codes only while its store stays
+within CODES_MAX_STORE (codes_for): at 10M × 256 they took the store from 15.3 to 20.3 GB on a
+24 GB machine and the list blocks fell out of the page cache (elk p50 2.32 → 4.13 ms). Blocks
+without codes (formats 4 and 5, and larger modalities) are bounded from float32 μ itself: the
+same bound with scale 1 and error 0, the arithmetic of format 5.
 """
 from __future__ import annotations
 
@@ -85,12 +88,22 @@ def _rounded(x: np.ndarray, towards: float) -> np.ndarray:
 
 
 CODE_MAX = 32767   # μ codes: int16, symmetric
+CODES_MAX_STORE = 8 << 30   # bytes of list blocks up to which a modality gets μ codes
+
+
+def codes_for(n: int, dim: int) -> bool:
+    """Whether a modality of n rows of dim D gets μ codes in its blocks: while its blocks with
+    codes (ids, μ, log_var, 4 scalars and the codes: 8D + 24 bytes a row) stay within
+    CODES_MAX_STORE, ~4M rows at 256-d, so they stay in the page cache of a 16-24 GB machine
+    beside the FAISS index. A function of the counts alone, so every machine of a build
+    decides the same."""
+    return n * (8 * dim + 24) <= CODES_MAX_STORE
 
 
 def mu_codes(mu: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(codes int16 [n, D], scale float32 [n], err float32 [n]) of float32 μ rows: each row
-    scaled by its own largest |μ| to ±CODE_MAX, so μ̂_i = scale_i·codes_i, and err_i ≥ ‖μ_i − μ̂_i‖
-    (computed in float64, rounded up). An all-zero row has scale 1 and error 0."""
+    scaled by its own largest |μ| to ±CODE_MAX, so μ̂_i = scale_i·codes_i, and
+    err_i ≥ ‖μ_i − μ̂_i‖ (computed in float64, rounded up). An all-zero row: scale 1, error 0."""
     mu = np.asarray(mu, np.float32)
     top = np.abs(mu).max(axis=1) if mu.size else np.zeros(len(mu), np.float32)
     scale = np.where(top > 0, top.astype(np.float64) / CODE_MAX, 1.0).astype(np.float32)
@@ -121,9 +134,9 @@ def encode_block(ids: np.ndarray, mu: np.ndarray, log_var: np.ndarray,
 @dataclass
 class Block:
     """One inverted list: ids [n], μ float32 [n, D], log_var float16 [n, D] (views), and from
-    format 4 the row bounds' scalars (row_scalars), μ's codes (mu_codes: stored from format
-    6, computed when read before) and, derived when read, each row's geometric-mean variance,
-    squared norm and variance sum (None in format 3)."""
+    format 4 the row bounds' scalars (row_scalars), what the bound reads for μ (its 16-bit
+    codes where format 6 stored them, else μ itself) and, derived when read, each row's
+    geometric-mean variance, squared norm and variance sum (None in format 3)."""
     ids: np.ndarray
     mu: np.ndarray
     log_var: np.ndarray
@@ -134,7 +147,7 @@ class Block:
     geo: np.ndarray | None = None    # exp(lv_sum / D) float64: each row's geometric-mean variance
     sq_norm: np.ndarray | None = None   # ‖μ_i‖² float64
     var_sum: np.ndarray | None = None   # Σ_d v_i,d float64
-    codes: np.ndarray | None = None     # μ ≈ scale·codes, int16 [n, D] (mu_codes)
+    codes: np.ndarray | None = None     # μ ≈ scale·codes, int16 [n, D] (mu_codes), or μ
     code_scale: np.ndarray | None = None
     code_err: np.ndarray | None = None
     # what the compiled bound reads, packed (each array handed to numba costs ~1 µs a call):
@@ -172,9 +185,10 @@ def decode_block(value, dim: int, row_stats: bool = False, codes: bool = False,
         code = raw[at:at + 2 * n * dim].view(np.int16).reshape(n, dim)
         at += 2 * n * dim
         terms = scalars
-    else:   # an older block: its codes made now, the same as a format-6 build stores
-        code, scale, err = mu_codes(mu)
-        terms = np.stack([scalars[0], scalars[1], scale, err])
+    else:   # no codes: the bound reads float32 μ, as scale 1 and error 0
+        code = mu
+        terms = np.stack([scalars[0], scalars[1], np.ones(n, np.float32),
+                          np.zeros(n, np.float32)])
     tail = raw[at:].view(np.float32)
     # per-row terms the engine reads on every query, computed once per decoded block
     geo = np.exp(scalars[1].astype(np.float64) / dim)
@@ -189,7 +203,9 @@ def write_list_blocks(store_path: Path, rows_path: Path, modality: str, index: f
                       dim: int) -> int:
     """Write `<modality>.lists` and `<modality>.where` into the store at `store_path` from the
     by-id rows `<modality>.vec` of the LMDB at `rows_path` (complete, written by the add pass)
-    and the inverted lists of `index`. Returns the rows written, which must equal ntotal."""
+    and the inverted lists of `index`, with μ codes when codes_for(ntotal, dim). Returns the
+    rows written, which must equal ntotal."""
+    codes = codes_for(index.ntotal, dim)
     ivf = fx.ivf_of(index)
     rows_env = lmdb.open(str(rows_path), readonly=True, lock=False, max_dbs=8, subdir=True,
                          readahead=False)   # rows are read by id, in list order: random
@@ -201,7 +217,7 @@ def write_list_blocks(store_path: Path, rows_path: Path, modality: str, index: f
                     max_dbs=8, subdir=True, sync=False, metasync=False, writemap=True)
     page = env.stat()["psize"]
     used = (env.info()["last_pgno"] + 1) * page
-    blocks_bytes = (index.ntotal * (8 + 8 + 4 * row_scalar_count(True) + 2 * dim
+    blocks_bytes = (index.ntotal * (8 + 8 + 4 * row_scalar_count(codes) + 2 * dim * codes
                                     + row_bytes(dim))
                     + ivf.nlist * (3 * page + 4 * (dim + 1)))
     env.set_mapsize(int(1.02 * (used + blocks_bytes)) + (16 << 20))
@@ -226,7 +242,7 @@ def write_list_blocks(store_path: Path, rows_path: Path, modality: str, index: f
                 raise ValueError(f"{rows_path}: {modality}.vec lacks ids of inverted list {number}")
             raw = np.frombuffer(b"".join(values), np.uint8).reshape(len(ids), row_bytes(dim))
             block = encode_block(ids, raw[:, :4 * dim].view(np.float32),
-                                 raw[:, 4 * dim:].view(np.float16))
+                                 raw[:, 4 * dim:].view(np.float16), codes=codes)
             home[ids], place[ids] = number, np.arange(len(ids), dtype=np.int32)
             pending.append((list_key(number), block))
             rows, size = rows + len(ids), size + len(block)

@@ -53,7 +53,9 @@ class IndexReader:
             self._lists[modality] = ListBlocks(
                 self._store.env, modality, self._indexes[modality], self.dim,
                 self.manifest["nprobe"][modality], row_stats=store["format"] >= 4,
-                by_id=store["format"] >= 5, codes=store["format"] >= 6) if has else None
+                by_id=store["format"] >= 5,
+                codes=store["format"] >= 6 and modality in store.get("mu_codes", ())) \
+                if has else None
         return self._lists[modality]
 
     def _rows_in_blocks(self, modality: str) -> ListBlocks | None:

@@ -25,8 +25,8 @@ def test_row_bound_is_above_every_rows_exact_key(score, spread):
           ).astype(np.float16)
     # three blocks, one empty, each with its own reference: bounds come back concatenated
     cut = 137
-    blocks = [decode_block(encode_block(np.arange(a, z), mu[a:z], lv[a:z]), dim, row_stats=True, codes=True)
-              for a, z in ((0, cut), (cut, n))]
+    blocks = [decode_block(encode_block(np.arange(a, z), mu[a:z], lv[a:z]), dim,
+                           row_stats=True, codes=True) for a, z in ((0, cut), (cut, n))]
     blocks.insert(1, Block(np.zeros(0, np.int64), np.zeros((0, dim), np.float32),
                            np.zeros((0, dim), np.float16)))
     pruned = []
@@ -52,8 +52,8 @@ def test_rows_scored_in_place_equal_the_float64_score(score, lv_mean, lv_sd):
     dim, n = 62, 90    # D not a multiple of the kernel's 4-term groups
     mu = rng.standard_normal((n, dim)).astype(np.float32)
     lv = np.clip(lv_mean + lv_sd * rng.standard_normal((n, dim)), -80, 60).astype(np.float16)
-    parts = [decode_block(encode_block(np.arange(a, z), mu[a:z], lv[a:z]), dim, row_stats=True, codes=True)
-             for a, z in ((0, 40), (40, n))]
+    parts = [decode_block(encode_block(np.arange(a, z), mu[a:z], lv[a:z]), dim,
+                          row_stats=True, codes=True) for a, z in ((0, 40), (40, n))]
     parts.insert(1, Block(np.zeros(0, np.int64), np.zeros((0, dim), np.float32),
                           np.zeros((0, dim), np.float16)))
     mq = rng.standard_normal(dim).astype(np.float32)

@@ -1,8 +1,8 @@
 """Store formats 3 to 6: rows grouped by IVF inverted list (indexer/lists.py), the per-row
 bounds of format 4 (engine/row_bounds.py), format 5's reads by id through `.where`, format
-6's μ codes, and the engine path that reads them. References: the shards' rows, nearest-centroid assignment
-recomputed in numpy, a float64 brute force over the probed lists, and the id-by-id path of
-an older store written here from the same rows."""
+6's μ codes, and the engine path that reads them. References: the shards' rows,
+nearest-centroid assignment recomputed in numpy, a float64 brute force over the probed lists,
+and the id-by-id path of an older store written here from the same rows."""
 import json
 import shutil
 
@@ -189,7 +189,8 @@ def test_older_block_formats_open_and_search_alike(index, queries, tmp_path, fmt
     old = _older(index, tmp_path, fmt)
     mu_q, lv_q = queries
     with IndexReader.open(old) as a, IndexReader.open(index) as b:
-        assert a.list_blocks("image").row_stats == (fmt > 3) and b.list_blocks("image").row_stats
+        assert a.list_blocks("image").row_stats == (fmt > 3)
+        assert b.list_blocks("image").row_stats
         assert not a.list_blocks("image").codes and b.list_blocks("image").codes
         assert (a.list_blocks("image").where is None) == (fmt < 5)   # by id: `.vec` or `.where`
         ra = BatchSearcher(a, 5.0, 5.0).search("image", mu_q, lv_q, K, "elk")
@@ -311,3 +312,29 @@ def test_top_columns_against_a_stable_sort():
         out = np.empty((40, n), np.int64)
         top_columns(keys, n, out)
         np.testing.assert_array_equal(out, np.argsort(-keys, axis=1, kind="stable")[:, :n])
+
+
+def test_a_modality_too_big_for_codes_is_bounded_from_float32_mu(built, queries, tmp_path,
+                                                                  monkeypatch):
+    """Past CODES_MAX_STORE a build writes no μ codes (the manifest lists none) and the bound
+    reads float32 μ (scale 1, error 0): the same top k as the index with codes, and the
+    store smaller by the codes' 2·D + 8 bytes a row."""
+    import indexer.lists as lists
+    from indexer.lists import codes_for
+    index, shards = built
+    assert codes_for(N, D) and not codes_for(10_000_000, 256) and codes_for(1_000_000, 256)
+    monkeypatch.setattr(lists, "CODES_MAX_STORE", 0)
+    plain = tmp_path / "plain"
+    build_index(shards, plain, factory=f"IVF{NLIST},Flat", nprobe=NPROBE)
+    mu_q, lv_q = queries
+    with IndexReader.open(plain) as a, IndexReader.open(index) as b:
+        assert a.manifest["store"]["mu_codes"] == [] and "image" in b.manifest["store"]["mu_codes"]
+        block = a.list_blocks("image").read(0)
+        assert block.codes is block.mu and (block.code_err == 0).all()
+        for score in ("elk", "bhattacharyya"):
+            ra = BatchSearcher(a, 5.0, 5.0).search("image", mu_q, lv_q, K, score)
+            rb = BatchSearcher(b, 5.0, 5.0).search("image", mu_q, lv_q, K, score)
+            np.testing.assert_array_equal(ra.ids, rb.ids)
+            np.testing.assert_array_equal(ra.shortlist, rb.shortlist)
+    size = [sum(f.stat().st_size for f in (d / "store.lmdb").iterdir()) for d in (plain, index)]
+    assert size[0] < size[1]
