@@ -32,7 +32,7 @@ _margin = njit(nogil=True, cache=True)(margin)   # the rescoring margin, compile
 @njit(nogil=True, cache=True, fastmath=FAST)
 def row_bound_keys(codes, terms, ref, geo, mu_q, v_q, g_q, err, c, elk, key_const, out):
     """out[i] = the bound of engine/row_bounds.py for row i of one block, read from μ's 16-bit
-    codes (indexer/lists.py: mu_codes): codes int16 [n, D]; terms float32 [4, n] the rows' rho,
+    codes (indexer/blocks.py: mu_codes): codes int16 [n, D]; terms float32 [4, n] the rows' rho,
     lv_sum, scale and code_err (μ̂_i = scale_i·codes_i, ‖μ_i − μ̂_i‖ ≤ code_err_i); ref
     float32 [D + 1] the block's lv_ref and rho0; geo = exp(lv_sum / D) [n]; mu_q and v_q
     (float64 [D]) and the scalars the query's (QueryBounds). The block's weights w,

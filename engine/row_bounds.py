@@ -8,7 +8,7 @@ Both scores rest on the kernel of core/scores.py (spread_kernel), with v = exp(l
   elk key = −½(K_i + D log 2π);  bhattacharyya = ½K_i − ½D log 2 − ¼(Σlv_q + Σlv_i) (lower better)
 
 so a lower bound on K_i bounds the key from above. The build stores per block the
-per-dimension mean r_d of the rows' stored log v (b_d = e^{r_d}), and per row (indexer/lists.py:
+per-dimension mean r_d of the rows' stored log v (b_d = e^{r_d}), and per row (indexer/blocks.py:
 row_scalars) ρ_i = exp(max_d(lv_i,d − r_d)), so that v_i,d ≤ ρ_i·b_d, and L_i = Σ_d lv_i,d.
 
 Δμ part. Σ_d Δμ_d²/(v_q,d + v_i,d) ≥ Σ_d Δμ_d²/(v_q,d + ρ_i·b_d). At the block's median ρ0,
@@ -28,7 +28,7 @@ synthetic 1M × 256 set 54 rows; the scenes model's 10k training images (128-d, 
 the bound with the exact Δμ part would need ~11 on both, so the row's variance spread is what
 is left.
 
-Codes. The two dot products read μ's 16-bit codes (store format 6, indexer/lists.py:
+Codes. The two dot products read μ's 16-bit codes (store format 6, indexer/blocks.py:
 mu_codes), μ̂_i = s_i·codes_i with ‖μ_i − μ̂_i‖ ≤ e_i stored per row (~2⁻¹⁵·‖μ_i‖). By the
 triangle inequality in the w-weighted norm,
   √h_i = ‖√w⊙(μ_i − μ_q)‖ ≥ ‖√w⊙(μ̂_i − μ_q)‖ − √max_d w_d · e_i,

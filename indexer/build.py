@@ -36,7 +36,8 @@ from core.atomic import AtomicDir, sha256_file, write_json
 from indexer.manifest import SCHEMA_VERSION, build_stamp
 from indexer.shards import MODALITIES, ShardBatch, read_shard_manifest, read_shards, validate_shards
 from indexer.store import STORE_FORMAT, StoreWriter, estimate_map_size, stored_log_var
-from indexer.lists import codes_for, write_list_blocks
+from indexer.blocks import codes_for
+from indexer.lists import write_list_blocks
 from indexer.variance import VarianceStats
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ import pytest
 
 from engine.rescore import block_row_keys
 from engine.row_bounds import QueryBounds
-from indexer.lists import Block, decode_block, encode_block
+from indexer.blocks import Block, decode_block, encode_block
 from tests.test_engine_search import brute
 
 D, K = 16, 10
@@ -84,9 +84,9 @@ def test_row_bound_top_k_refuses_fewer_rows_than_k():
 
 
 def test_mu_codes_error_covers_the_rounding():
-    """indexer/lists.py: mu_codes, against a float64 reconstruction: the stored error is at
+    """indexer/blocks.py: mu_codes, against a float64 reconstruction: the stored error is at
     least ‖μ − scale·codes‖ and within a few of the 16-bit step; a zero row codes exactly."""
-    from indexer.lists import CODE_MAX, mu_codes
+    from indexer.blocks import CODE_MAX, mu_codes
     rng = np.random.default_rng(5)
     mu = (rng.standard_normal((50, 24)) * np.exp(rng.uniform(-8, 8, (50, 1)))).astype(np.float32)
     mu[7] = 0

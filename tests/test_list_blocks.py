@@ -16,7 +16,8 @@ from benchmarks.synthetic import SyntheticSpec, write_synthetic_shards
 from engine.batch import BatchSearcher
 from engine.search import SearchEngine
 from indexer.build import build_index
-from indexer.lists import ListBlocks, decode_block, encode_block, list_key
+from indexer.blocks import decode_block, encode_block
+from indexer.lists import ListBlocks, list_key
 from indexer.reader import IndexReader
 from indexer.shards import read_shards
 from indexer.store import encode_ids, stored_log_var
@@ -319,11 +320,11 @@ def test_a_modality_too_big_for_codes_is_bounded_from_float32_mu(built, queries,
     """Past CODES_MAX_STORE a build writes no μ codes (the manifest lists none) and the bound
     reads float32 μ (scale 1, error 0): the same top k as the index with codes, and the
     store smaller by the codes' 2·D + 8 bytes a row."""
-    import indexer.lists as lists
-    from indexer.lists import codes_for
+    import indexer.blocks as blocks
+    from indexer.blocks import codes_for
     index, shards = built
     assert codes_for(N, D) and not codes_for(10_000_000, 256) and codes_for(1_000_000, 256)
-    monkeypatch.setattr(lists, "CODES_MAX_STORE", 0)
+    monkeypatch.setattr(blocks, "CODES_MAX_STORE", 0)
     plain = tmp_path / "plain"
     build_index(shards, plain, factory=f"IVF{NLIST},Flat", nprobe=NPROBE)
     mu_q, lv_q = queries
