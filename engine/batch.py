@@ -22,7 +22,8 @@ from core.montecarlo import MC_SAMPLES
 from core.scores import score_name
 from engine.rescore import CHUNK_FLOATS, IN_PLACE, block_row_keys, rescore_gathered
 from engine.shortlist import BOUNDED, kth_key, prefetch_depth, shortlist_size
-from engine import block_rows, kernels, row_bounds
+from engine import block_rows, row_bounds
+from engine.probe import probe_lists
 from indexer.variance import VarianceBounds, required_ip
 
 logger = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ class BatchSearcher:
         first are the rows of best bound, and only rows whose bound beats the k-th key follow."""
         timings = {"ann_ms": 0.0, "fetch_ms": 0.0, "rescore_ms": 0.0}
         t = time.perf_counter()
-        lists = list(_probe(blocks, mu_q))
+        lists = list(probe_lists(blocks, mu_q))
         short = np.flatnonzero(blocks.sizes(np.stack(lists)).sum(axis=1) < first).tolist()
         while short and len(lists[short[0]]) < blocks.ivf.nlist:  # too few rows: more lists
             wider = blocks.probe(mu_q[short], 2 * len(lists[short[0]]))
@@ -316,21 +317,6 @@ class BatchSearcher:
                            "no recall guarantee", self.reader.index_dir)
             return None
         return VarianceBounds.from_json(stats)
-
-
-BLAS_PROBE_MIN = 8   # queries from which one product with every centroid beats faiss' scan
-
-
-def _probe(blocks, mu_q: np.ndarray) -> np.ndarray:
-    """[Q, nprobe] lists of each query, nearest first: a batch from one BLAS product with the
-    centroids (indexer/lists.py: centroid_keys) and a compiled top-n per query; fewer queries
-    (single searches: 0.03 ms) through the quantizer's own search."""
-    keys = blocks.centroid_keys(mu_q) if len(mu_q) >= BLAS_PROBE_MIN else None
-    if keys is None:
-        return blocks.probe(mu_q)
-    out = np.empty((len(mu_q), min(blocks.nprobe, keys.shape[1])), np.int64)
-    kernels.top_columns(keys, out.shape[1], out)
-    return out
 
 
 def _split(n: int, parts: int) -> list[range]:

@@ -17,7 +17,7 @@ from engine.batch import BatchSearcher
 from engine.search import SearchEngine
 from indexer.build import build_index
 from indexer.blocks import decode_block, encode_block
-from indexer.lists import ListBlocks, list_key
+from indexer.lists import list_key
 from indexer.reader import IndexReader
 from indexer.shards import read_shards
 from indexer.store import encode_ids, stored_log_var
@@ -281,38 +281,6 @@ def test_csd_scores_every_probed_row_and_equals_the_bounded_path(index, queries,
     assert bounded.shortlist.max() < probed.min()
     np.testing.assert_array_equal(got.ids, bounded.ids)
     np.testing.assert_allclose(got.keys, bounded.keys, rtol=1e-5)
-
-
-def test_batch_probe_picks_the_quantizers_lists(index, queries):
-    """A batch picks its lists from one product with the centroids and a compiled top-n
-    (engine/batch.py: _probe); the quantizer's own search is the reference, for the index's
-    inner-product quantizer and for an L2 one over the same centroids."""
-    import faiss
-    from engine.batch import BLAS_PROBE_MIN, _probe
-    mu_q = queries[0]
-    assert len(mu_q) >= BLAS_PROBE_MIN
-    with IndexReader.open(index) as r:
-        blocks = r.list_blocks("image")
-        keys = blocks.centroid_keys(mu_q)
-        assert keys.shape == (len(mu_q), NLIST)
-        np.testing.assert_array_equal(_probe(blocks, mu_q), blocks.probe(mu_q))
-        centroids = blocks.ivf.quantizer.reconstruct_n(0, NLIST)
-    l2 = faiss.IndexIVFFlat(faiss.IndexFlatL2(D), D, NLIST, faiss.METRIC_L2)
-    l2.train(np.concatenate([centroids] * 4))
-    view = ListBlocks.__new__(ListBlocks)   # the probe needs only the index and nprobe
-    view.ivf, view.nprobe, view._centroids = l2, NPROBE, None
-    np.testing.assert_array_equal(_probe(view, mu_q), l2.quantizer.search(mu_q, NPROBE)[1])
-    assert not np.allclose(view.centroid_keys(mu_q), keys)
-
-
-def test_top_columns_against_a_stable_sort():
-    from engine.kernels import top_columns
-    rng = np.random.default_rng(2)
-    keys = rng.integers(0, 6, (40, 30)).astype(np.float32)   # many ties
-    for n in (1, 3, 30):
-        out = np.empty((40, n), np.int64)
-        top_columns(keys, n, out)
-        np.testing.assert_array_equal(out, np.argsort(-keys, axis=1, kind="stable")[:, :n])
 
 
 def test_a_modality_too_big_for_codes_is_bounded_from_float32_mu(built, queries, tmp_path,
