@@ -19,8 +19,10 @@ import torch
 
 from core.constants import MC_SAMPLES, MC_SEED, NOISE_ROWS  # noqa: F401  (re-exported)
 from core.errors import PcmeError
+from core.mc_kernel import sample_sq_dists
 
-FIXED_BLOCK_FLOATS = 1 << 19   # item samples per block of fixed_match_prob: 2 MiB of float32
+FIXED_BLOCK_FLOATS = 1 << 19   # sample-pair distances per block of fixed_match_prob: 2 MiB
+LOOP_MAX_QUERY_SAMPLES = 32   # Q·J up to which fixed_match_prob takes the compiled loop
 DIST_EPS = 1e-12       # inside the sqrt: keeps the gradient of ‖·‖ finite when samples coincide
 
 
@@ -143,33 +145,69 @@ def fixed_match_prob(mu_q, lv_q, mu_d, lv_d, item_ids, a, b, n_samples: int = MC
     """[Q, M] match probability under the fixed serving noise: queries [Q, D] against items
     [M, D] whose ids are `item_ids` [M]. What eval reports and the engine serves as mc.
 
-    The same sums as match_prob_block with item_noise (tests/test_noise_rows.py), laid out
-    for speed: the items' noise rows are gathered item-major (index_select: no strided copy)
-    and sampled a block of FIXED_BLOCK_FLOATS at a time into per-thread buffers kept between
-    calls, so the temporaries stay in cache instead of faulting in fresh pages on every step
-    (200 items × 16 samples × 256 dims on one core: 4–8 ms in one piece, ~2 ms in blocks)."""
+    The same sums as match_prob_block with item_noise (tests/test_noise_rows.py), in blocks
+    of FIXED_BLOCK_FLOATS sample-pair distances, two ways by the number of query samples
+    Q·J: up to LOOP_MAX_QUERY_SAMPLES (a served query, the p_match of its hits) the compiled
+    loop of core/mc_kernel.py makes each item's samples in cache (200 items: 0.9 against
+    2.0 ms); more (eval's blocks of queries, exact search of a batch) make the items' samples
+    as one tensor and take one matrix product per block, which BLAS runs on every core.
+    The logistic and the mean over the J×J pairs are vectorised torch ops either way."""
     item_ids = np.asarray(item_ids, dtype=np.int64)
     (n_q, dim), n_d, dtype = mu_q.shape, len(item_ids), mu_d.dtype
-    table = torch.from_numpy(_draw(np.append(item_ids % NOISE_ROWS, NOISE_ROWS), n_samples, dim))
-    rows = torch.from_numpy(item_ids % NOISE_ROWS)
-    z_q = sample(mu_q[:, None], lv_q[:, None], table[NOISE_ROWS].to(mu_q.dtype)).reshape(-1, dim)
-    sq_q = (z_q * z_q).sum(-1)[:, None]                                 # [Q·J, 1]
-    step = max(1, min(n_d, FIXED_BLOCK_FLOATS // (n_samples * dim)))   # items per block
-    eps = _buffer("eps", (step, n_samples, dim), table.dtype)
-    z_d = _buffer("z_d", (step, n_samples, dim), dtype)
-    logit = _buffer("logit", (n_q * n_samples, step * n_samples), dtype)
+    rows = item_ids % NOISE_ROWS
+    table = _draw(np.append(rows, NOISE_ROWS), n_samples, dim)
+    eps_q = torch.from_numpy(table[NOISE_ROWS]).to(dtype)
+    z_q = sample(mu_q[:, None], lv_q[:, None], eps_q).reshape(-1, dim)   # [Q·J, D]
+    sq_q = (z_q * z_q).sum(-1)
     scale_d = torch.exp(0.5 * lv_d)
+    loop = len(z_q) <= LOOP_MAX_QUERY_SAMPLES
+    dists = _LoopDists(z_q, mu_d, scale_d, rows, table) if loop else \
+        _ProductDists(z_q, mu_d, scale_d, torch.from_numpy(rows), torch.from_numpy(table))
+    width = len(z_q) if loop else max(len(z_q), dim)   # the product path also holds samples
+    step = max(1, min(n_d, FIXED_BLOCK_FLOATS // (n_samples * width)))   # items per block
     out = torch.empty(n_q, n_d, dtype=dtype)
     for s in range(0, n_d, step):
         m = min(step, n_d - s)
-        torch.index_select(table, 0, rows[s:s + m], out=eps[:m])
-        z = torch.addcmul(mu_d[s:s + m, None], scale_d[s:s + m, None], eps[:m].to(dtype),
-                          out=z_d[:m]).view(-1, dim)                  # [m·J, D]
-        sq_d = torch.linalg.vector_norm(z, dim=-1).square_()
-        sq = torch.addmm(sq_q + sq_d, z_q, z.T, alpha=-2.0, out=logit[:, :m * n_samples])
-        p = _logit(sq, a, b, inplace=True).sigmoid_()
-        out[:, s:s + m] = p.view(n_q, n_samples, m, n_samples).mean(dim=(1, 3))
+        sq = dists.block(s, m, step).add_(sq_q)   # [m, J, Q·J] (loop) or [m·J, Q·J] (product)
+        p = _logit(sq, a, b, inplace=True).sigmoid_().view(m, n_samples, n_q, n_samples)
+        out[:, s:s + m] = p.mean(dim=(1, 3)).T
     return out
+
+
+class _LoopDists:
+    """Distance blocks from the compiled loop: ‖z_d‖² − 2⟨z_q, z_d⟩ as [m, J, Q·J]."""
+
+    def __init__(self, z_q, mu_d, scale_d, rows, table):
+        self.z_q, self.mu_d, self.scale_d = z_q.numpy(), mu_d.contiguous().numpy(), scale_d.numpy()
+        self.rows, self.table, self.dtype, self.buf = rows, table, mu_d.dtype, None
+
+    def block(self, s: int, m: int, step: int) -> torch.Tensor:
+        if self.buf is None:
+            self.buf = torch.empty(step, self.table.shape[1], len(self.z_q), dtype=self.dtype)
+        sample_sq_dists(self.z_q, self.mu_d[s:s + m], self.scale_d[s:s + m], self.rows[s:s + m],
+                        self.table, self.buf[:m].numpy())
+        return self.buf[:m]
+
+
+class _ProductDists:
+    """Distance blocks from one matrix product: ‖z_d‖² − 2⟨z_d, z_q⟩ as [m·J, Q·J]. The items'
+    noise rows are gathered item-major (index_select: no strided copy) and sampled into
+    per-thread buffers kept between calls, so the temporaries stay in cache instead of
+    faulting in fresh pages on every step."""
+
+    def __init__(self, z_q, mu_d, scale_d, rows, table):
+        self.z_q, self.mu_d, self.scale_d, self.rows, self.table = z_q, mu_d, scale_d, rows, table
+
+    def block(self, s: int, m: int, step: int) -> torch.Tensor:
+        (n_zq, dim), n_samples, dtype = self.z_q.shape, self.table.shape[1], self.mu_d.dtype
+        eps = _buffer("eps", (step, n_samples, dim), self.table.dtype)
+        z_d = _buffer("z_d", (step, n_samples, dim), dtype)
+        sq = _buffer("sq", (step * n_samples, n_zq), dtype)
+        torch.index_select(self.table, 0, self.rows[s:s + m], out=eps[:m])
+        z = torch.addcmul(self.mu_d[s:s + m, None], self.scale_d[s:s + m, None],
+                          eps[:m].to(dtype), out=z_d[:m]).view(-1, dim)       # [m·J, D]
+        sq_d = torch.linalg.vector_norm(z, dim=-1).square_()[:, None]
+        return torch.addmm(sq_d, z, self.z_q.T, alpha=-2.0, out=sq[:m * n_samples])
 
 
 _buffers = threading.local()   # per thread: calls on several threads never share a buffer
@@ -180,8 +218,7 @@ def _buffer(name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     buffer per call comes from fresh pages (mmap), and faulting them in cost as much as the
     math (the same call took 2.2 or 5.3 ms depending on the allocator's state). Below
     FIXED_BLOCK_FLOATS / 2 a fresh tensor is cheaper (malloc reuses small chunks, and the
-    kept buffer's slicing and out= ops cost more than they save: the p_match of 10 hits took
-    0.55–0.64 ms with fresh tensors against 0.83–0.97 ms with kept ones)."""
+    kept buffer's slicing and out= ops cost more than they save)."""
     size = int(np.prod(shape))
     if size < FIXED_BLOCK_FLOATS // 2:
         return torch.empty(shape, dtype=dtype)

@@ -1,6 +1,7 @@
 """The fixed serving noise (core/montecarlo.py) is drawn row by row on first use: a row's
 values do not depend on which rows were drawn before it, and they are standard normal."""
 import numpy as np
+import pytest
 
 from core import montecarlo as mc
 
@@ -26,12 +27,15 @@ def test_rows_are_standard_normal():
     assert np.abs(np.corrcoef(rows[:200])[np.triu_indices(200, 1)]).max() < 0.9  # distinct streams
 
 
-def test_fixed_match_prob_is_the_pair_average_over_the_item_rows(monkeypatch):
-    """fixed_match_prob in blocks (three items per block here, the last one short) against a
-    float64 numpy sum over every sample pair, each side sampled from its own noise row."""
+@pytest.mark.parametrize("loop", [True, False])
+def test_fixed_match_prob_is_the_pair_average_over_the_item_rows(monkeypatch, loop):
+    """fixed_match_prob in blocks (three items per block here, the last one short), by the
+    compiled loop and by the matrix product, against a float64 numpy sum over every sample
+    pair, each side sampled from its own noise row."""
     import torch
 
-    monkeypatch.setattr(mc, "FIXED_BLOCK_FLOATS", 3 * 4 * 6)
+    monkeypatch.setattr(mc, "LOOP_MAX_QUERY_SAMPLES", 10**9 if loop else 0)
+    monkeypatch.setattr(mc, "FIXED_BLOCK_FLOATS", 3 * 4 * (2 * 4 if loop else 6))  # 3 items
     rng = np.random.default_rng(3)
     mu_q, mu_d = rng.normal(size=(2, 6)) * 0.4, rng.normal(size=(10, 6)) * 0.4
     lv_q, lv_d = rng.normal(-2.0, 0.5, (2, 6)), rng.normal(-2.0, 0.5, (10, 6))
