@@ -21,6 +21,7 @@ import numpy as np
 
 from core.errors import PcmeError
 from core.montecarlo import draw_all_noise
+from core.process import settle_heap
 from core.scores import SCORES
 from engine.search import uncertainty
 from indexer.manifest import read_index_manifest
@@ -92,6 +93,7 @@ class Registry:
                 self.errors[name] = _reason(e)
                 logger.error("index %s: cannot load: %s", name, self.errors[name])
                 return
+        settle_heap()   # core/process.py: no full collection pauses a query later
         self.ready.set()
 
     def reload(self, names: list[str] | None = None) -> dict[str, str | None]:
@@ -100,7 +102,7 @@ class Registry:
         for name in names:
             if name not in self.dirs:
                 raise NotFound(f"index {name!r}: unknown (this service has {', '.join(self.dirs)})")
-        outcome = {}
+        outcome, swapped = {}, False
         with self._reload_lock:
             for name in names:
                 try:
@@ -116,9 +118,12 @@ class Registry:
                 old, self.entries[name] = self.entries.get(name), entry
                 self.errors.pop(name, None)
                 outcome[name] = None
-                if old is not None:
-                    old.batcher.close()     # finishes its queue, then closes the old engine
+                if old is not None:   # finishes its queue, then closes the old engine
+                    old.batcher.close(wait=True)
+                    swapped = True
                 logger.info("index %s reloaded from %s (%s)", name, entry.index_dir, entry.generation)
+            if swapped:   # the old engines' objects were frozen: free them, freeze the new
+                settle_heap()
         if all(n in self.entries for n in self.dirs):
             self.ready.set()
         return outcome

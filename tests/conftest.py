@@ -17,6 +17,15 @@ TINY_TOML = ("batch_size = 32\nn_samples = 3\n[model]\nembed_dim = 16\nresnet_wi
              "gru_hidden = 32\nattn_hidden = 8\n")
 
 
+@pytest.fixture(autouse=True)
+def _unfreeze_heap():
+    """The service freezes the heap once loaded (core/process.py: settle_heap); every test
+    shares this process, so what one test froze becomes collectable again after it."""
+    yield
+    import gc
+    gc.unfreeze()
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """A folder with data/ (scenes), run/checkpoint.pt, out/ (shards) and index/. Tests must

@@ -15,6 +15,7 @@ from engine.batch import BatchSearcher
 from core.montecarlo import MC_SAMPLES, fixed_match_prob, item_noise
 from engine.search import SearchEngine
 from indexer.variance import VarianceBounds, unseen_best
+from benchmarks.harness import SINGLE_ROUNDS
 from benchmarks.synthetic import SyntheticSpec, write_synthetic_shards
 from indexer.build import build_index
 from indexer.reader import IndexReader
@@ -213,6 +214,9 @@ def test_cli_bench_synthetic_json_and_plot(tmp_path):
         for score, n_rec in (("mu", 10), ("elk", 10), ("mc", 3)):
             s = report["scores"][score]
             assert s["recall_queries"] == n_rec and s["p50_ms"] > 0 and s["qps"] > 0
+            rounds = s["p50_ms_rounds"]   # the pooled median lies among the rounds' medians
+            assert len(rounds) == SINGLE_ROUNDS
+            assert min(rounds) - 1e-3 <= s["p50_ms"] <= max(rounds) + 1e-3
             hits = []
             for q in range(n_rec):
                 found = {h.id for h in engine.search("image", captions.mu[q], captions.log_var[q],

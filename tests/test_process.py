@@ -61,3 +61,36 @@ def test_the_cli_sets_the_policy_of_the_command_it_runs(monkeypatch):
         result = CliRunner().invoke(cli.app, [command, "--help"])
         assert result.exit_code == 0, result.output
         assert os.environ["OMP_WAIT_POLICY"] == policy, command
+
+
+class _Node:
+    """A reference cycle, which only the collector frees (not reference counting)."""
+
+    def __init__(self):
+        self.me = self
+
+
+def test_settle_heap_freezes_what_lives_and_a_second_call_frees_dropped_cycles():
+    import gc
+    import weakref
+
+    from core.process import settle_heap
+
+    try:
+        old = _Node()                       # e.g. an engine loaded at start-up
+        gone = weakref.ref(old)
+        settle_heap()
+        assert gc.get_freeze_count() > 0
+        assert not gc.is_finalized(old)
+        del old                             # the engine is replaced: its cycle is garbage
+        gc.collect()
+        assert gone() is not None           # frozen: the collector does not see it
+        settle_heap()                       # what the service does after a swap
+        assert gone() is None               # unfrozen, collected
+        fresh = _Node()
+        fresh_ref = weakref.ref(fresh)
+        del fresh
+        gc.collect()
+        assert fresh_ref() is None          # objects made after a settle are collected as ever
+    finally:
+        gc.unfreeze()
