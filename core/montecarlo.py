@@ -22,7 +22,8 @@ from core.errors import PcmeError
 from core.mc_kernel import sample_sq_dists
 
 FIXED_BLOCK_FLOATS = 1 << 19   # sample-pair distances per block of fixed_match_prob: 2 MiB
-LOOP_MAX_QUERY_SAMPLES = 32   # Q·J up to which fixed_match_prob takes the compiled loop
+LOOP_MAX_QUERY_SAMPLES = 32   # fixed_match_prob takes the compiled loop up to this Q·J
+LOOP_MIN_ITEMS = 64            # and from this many items (see fixed_match_prob)
 DIST_EPS = 1e-12       # inside the sqrt: keeps the gradient of ‖·‖ finite when samples coincide
 
 
@@ -146,12 +147,15 @@ def fixed_match_prob(mu_q, lv_q, mu_d, lv_d, item_ids, a, b, n_samples: int = MC
     [M, D] whose ids are `item_ids` [M]. What eval reports and the engine serves as mc.
 
     The same sums as match_prob_block with item_noise (tests/test_noise_rows.py), in blocks
-    of FIXED_BLOCK_FLOATS sample-pair distances, two ways by the number of query samples
-    Q·J: up to LOOP_MAX_QUERY_SAMPLES (a served query, the p_match of its hits) the compiled
-    loop of core/mc_kernel.py makes each item's samples in cache (200 items: 0.9 against
-    2.0 ms); more (eval's blocks of queries, exact search of a batch) make the items' samples
-    as one tensor and take one matrix product per block, which BLAS runs on every core.
-    The logistic and the mean over the J×J pairs are vectorised torch ops either way."""
+    of FIXED_BLOCK_FLOATS sample-pair distances, two ways. One query against many items (Q·J
+    up to LOOP_MAX_QUERY_SAMPLES, at least LOOP_MIN_ITEMS items: an mc shortlist) takes the
+    compiled loop of core/mc_kernel.py, which makes each item's samples in cache (200 items:
+    0.9 against 2.0 ms). Otherwise the items' samples are made as one tensor and one matrix
+    product per block takes them: BLAS runs it on every core, which wins for many query
+    samples (eval's blocks of queries, exact search of a batch), and a few items (the p_match
+    of a query's hits: 0.44 against 0.26 ms for 10) do not pay numba's start-up (0.2–0.45 s)
+    in a process that has not run a compiled loop yet, such as a one-shot query on a small
+    index. The logistic and the mean over the J×J pairs are vectorised torch ops either way."""
     item_ids = np.asarray(item_ids, dtype=np.int64)
     (n_q, dim), n_d, dtype = mu_q.shape, len(item_ids), mu_d.dtype
     rows = item_ids % NOISE_ROWS
@@ -160,7 +164,7 @@ def fixed_match_prob(mu_q, lv_q, mu_d, lv_d, item_ids, a, b, n_samples: int = MC
     z_q = sample(mu_q[:, None], lv_q[:, None], eps_q).reshape(-1, dim)   # [Q·J, D]
     sq_q = (z_q * z_q).sum(-1)
     scale_d = torch.exp(0.5 * lv_d)
-    loop = len(z_q) <= LOOP_MAX_QUERY_SAMPLES
+    loop = len(z_q) <= LOOP_MAX_QUERY_SAMPLES and n_d >= LOOP_MIN_ITEMS
     dists = _LoopDists(z_q, mu_d, scale_d, rows, table) if loop else \
         _ProductDists(z_q, mu_d, scale_d, torch.from_numpy(rows), torch.from_numpy(table))
     width = len(z_q) if loop else max(len(z_q), dim)   # the product path also holds samples
