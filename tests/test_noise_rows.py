@@ -36,7 +36,7 @@ def test_fixed_match_prob_is_the_pair_average_over_the_item_rows(monkeypatch, lo
 
     monkeypatch.setattr(mc, "LOOP_MAX_QUERY_SAMPLES", 10**9 if loop else 0)
     monkeypatch.setattr(mc, "LOOP_MIN_ITEMS", 1)
-    monkeypatch.setattr(mc, "FIXED_BLOCK_FLOATS", 3 * 4 * (2 * 4 if loop else 6))  # 3 items
+    monkeypatch.setattr(mc, "FIXED_BLOCK_FLOATS", 3 * 4 * (2 * 4))  # J · Q·J per item: 3 items
     rng = np.random.default_rng(3)
     mu_q, mu_d = rng.normal(size=(2, 6)) * 0.4, rng.normal(size=(10, 6)) * 0.4
     lv_q, lv_d = rng.normal(-2.0, 0.5, (2, 6)), rng.normal(-2.0, 0.5, (10, 6))
