@@ -8,7 +8,8 @@ Written with torch ops, the same sums made the items' samples as a [M·J, D] ten
 for 200 items on one core against ~0.35 ms for the product alone). Here one item's J samples
 (J × D, a few KB) are made in cache and multiplied with the query's samples while there;
 the loop blocks two item samples × four query samples per pass over D, so each value loaded
-feeds several multiply-adds (0.9 ms for those 200 items, 0.26 ms for the 10 hits of a query).
+feeds several multiply-adds (0.9 ms for those 200 items). fixed_match_prob calls it for one
+query against a shortlist of at least LOOP_MIN_ITEMS items.
 
 fastmath allows reassociation (vectorised sums) and contraction (fused multiply-add) only:
 the distances differ from a fixed-order sum in the last bits (relative 1e-6 in float32,

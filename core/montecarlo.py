@@ -1,13 +1,15 @@
 """The Monte-Carlo match probability of PCME, written once for the loss, eval and the engine.
 
 Each side is sampled with the reparameterisation z = μ + exp(½·log_var)·ε, and a pair of samples
-matches with probability sigmoid(−a‖z_q − z_d‖ + b). `sample_logits` is the one kernel: the
-loss takes log-sigmoids of it (encoders/training/losses.py), `match_prob_block` averages its
-sigmoid over all J×J sample pairs of a [Q, M] block (eval, exact search, rescoring), and the
-contract function `match_prob` does the same for arbitrary broadcast shapes.
+matches with probability sigmoid(−a‖z_q − z_d‖ + b). `sample_logits` is the loss's kernel:
+it takes log-sigmoids of it (encoders/training/losses.py); `match_prob_block` averages its
+sigmoid over all J×J sample pairs of a [Q, M] block, and the contract function `match_prob`
+does the same for arbitrary broadcast shapes.
 
 Serving and eval share fixed noise (`item_noise`): an item's samples depend only on its id, so
 its score does not depend on which other items share a call, and eval's mc equals query's mc.
+`fixed_match_prob` computes that served score (eval, exact search, rescoring, every hit's
+p_match), the same sums as match_prob_block with the fixed noise, laid out for speed.
 """
 from __future__ import annotations
 
