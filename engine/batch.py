@@ -23,6 +23,7 @@ from core.scores import score_name
 from engine.rescore import CHUNK_FLOATS, IN_PLACE, block_row_keys, rescore_gathered
 from engine.shortlist import BOUNDED, kth_key, prefetch_depth, shortlist_size
 from engine import block_rows, row_bounds
+from engine.block_table import BlockTable
 from engine.probe import probe_lists
 from indexer.variance import VarianceBounds, required_ip
 
@@ -70,6 +71,7 @@ class BatchSearcher:
         self.guarantee = guarantee
         self._exact: dict[str, ExactSearcher] = {}
         self._bound_cache: dict[str, VarianceBounds | None] = {}
+        self._tables: dict[str, tuple] = {}   # modality: (its ListBlocks, their BlockTable)
 
     def exact(self, modality: str) -> ExactSearcher:
         if modality not in self._exact:
@@ -148,26 +150,41 @@ class BatchSearcher:
                 lists[i] = row
             short = [i for i in short if blocks.sizes(lists[i]).sum() < first]
         timings["ann_ms"] += _ms(t)
-        if bounds is not None and score in row_bounds.SCORES and blocks.row_stats:
-            timings["bound_ms"] = 0.0   # the row bounds' stage (_from_blocks)
-
         dim = mu_q.shape[1]
         out = (np.empty((len(mu_q), k), np.int64), np.empty((len(mu_q), k, dim), np.float32),
                np.empty((len(mu_q), k, dim), np.float16))   # the hits: ids, μ, log_var
         keys, sizes = np.empty((len(mu_q), k), np.float32), np.empty(len(mu_q), np.int64)
-
-        def run(queries: range, times: dict) -> None:
-            read = blocks.read   # decoded once, kept (indexer/lists.py)
-            for i in queries:
-                t = time.perf_counter()
-                parts = [read(int(n)) for n in lists[i] if n >= 0]
-                times["fetch_ms"] += _ms(t)
-                hits, keys[i], sizes[i] = self._from_blocks(parts, mu_q[i], lv_q[i], k, score,
-                                                            first, bounds, blocks.row_stats,
-                                                            times)
-                block_rows.gather_rows(parts, hits, tuple(o[i] for o in out))   # p_match needs them
-
         chunks = _split(len(mu_q), 1 if self.threads == 1 else CHUNKS_PER_THREAD * self.threads)
+
+        if bounds is not None and score in row_bounds.SCORES and blocks.row_stats:
+            # each row's own bound, and the rescoring it drives: one compiled call per piece
+            timings["bound_ms"] = 0.0
+            table, terms = self._table(blocks), row_bounds.QueryTerms(score, mu_q, lv_q)
+            probed = np.full((len(lists), max(len(row) for row in lists)), -1, np.int64)
+            for i, row in enumerate(lists):
+                probed[i, :len(row)] = row
+
+            def run(queries: range, times: dict) -> None:
+                t = time.perf_counter()
+                table.ensure(probed[queries.start:queries.stop])   # decoded once, kept
+                times["fetch_ms"] += _ms(t)
+                t = time.perf_counter()
+                piece = slice(queries.start, queries.stop)
+                terms.topk(table, probed[piece], first, k,
+                           tuple(o[piece] for o in (*out, keys, sizes)), piece)
+                times["bound_ms"] += _ms(t)
+        else:
+            def run(queries: range, times: dict) -> None:
+                read = blocks.read   # decoded once, kept (indexer/lists.py)
+                for i in queries:
+                    t = time.perf_counter()
+                    parts = [read(int(n)) for n in lists[i] if n >= 0]
+                    times["fetch_ms"] += _ms(t)
+                    hits, keys[i], sizes[i] = self._from_blocks(parts, mu_q[i], lv_q[i], k,
+                                                                score, first, bounds,
+                                                                blocks.row_stats, times)
+                    block_rows.gather_rows(parts, hits, tuple(o[i] for o in out))   # p_match
+
         if len(chunks) == 1:
             run(chunks[0], timings)
         else:   # the kernels release the GIL: one thread per core (see __init__)
@@ -179,13 +196,9 @@ class BatchSearcher:
 
     def _from_blocks(self, parts, mu_q, lv_q, k, score, first, bounds, row_stats, timings):
         """(positions of the top k in the concatenation of the blocks `parts`, their keys, the
-        shortlist's size) of one query over its probed blocks; `row_stats`: format-4 blocks."""
+        shortlist's size) of one query over its probed blocks; `row_stats`: format-4 blocks
+        (elk and bhattacharyya on those take the block table instead: _from_lists)."""
         t = time.perf_counter()
-        if row_stats and bounds is not None and score in row_bounds.SCORES:
-            # each row's own bound, and the rescoring it drives: one compiled call
-            found = row_bounds.QueryBounds(score, mu_q, lv_q).topk(parts, first, k)
-            timings["bound_ms"] += _ms(t)
-            return found
         if score == "csd" and bounds is not None and row_stats:
             found = block_rows.csd_topk(parts, mu_q, lv_q, k)   # exact for every row: no bound
             timings["rescore_ms"] += _ms(t)
@@ -212,7 +225,16 @@ class BatchSearcher:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="batch")
         return self._pool
 
+    def _table(self, blocks) -> BlockTable:
+        """The block table of a modality's list blocks (engine/block_table.py), made once."""
+        held = self._tables.get(blocks.modality)
+        if held is None or held[0] is not blocks:
+            held = self._tables[blocks.modality] = (blocks, BlockTable(blocks.ivf.nlist,
+                                                                       blocks.read))
+        return held[1]
+
     def close(self) -> None:
+        self._tables.clear()   # they point into the reader's blocks
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None

@@ -43,59 +43,81 @@ engine compares with the REL_TOL margin of the other bounds (indexer/variance.py
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from engine import kernels
+from engine.block_table import BlockTable
 from engine.rescore import half_exp_table, spread_terms
 
 SCORES = ("elk", "bhattacharyya")   # the scores with the spread kernel; csd/w2 bounds are tight
 
 
-class QueryBounds:
-    """One query's terms, computed once and applied to each of its probed blocks."""
+class QueryTerms:
+    """The terms of Q queries ([Q, D] μ and log variance) that the compiled bound and exact key
+    read, computed once per query: μ_q and v_q in float64, the geometric mean g_q of v_q, the
+    key's constant part (engine/rescore.py: spread_terms) and the float32 rounding allowance."""
 
     def __init__(self, score: str, mu_q: np.ndarray, lv_q: np.ndarray):
         if score not in SCORES:
             raise ValueError(f"row bounds: {score} has no spread kernel")
-        self.score = score
-        self.c, self.key_const = spread_terms(score, lv_q)
-        self.mu_q = mu_q.astype(np.float64)
-        self.lv_q = lv_q.astype(np.float64)
-        self.v_q = np.exp(self.lv_q)
-        self.dim = len(mu_q)
-        self.lsum_q = float(self.lv_q.sum())
-        self.g_q = math.exp(self.lsum_q / self.dim)        # geometric mean of v_q
+        self.score, self.elk = score, score == "elk"
+        self.mu_q = np.ascontiguousarray(mu_q, np.float64)
+        lv_q = np.asarray(lv_q, np.float64)
+        self.v_q = np.exp(lv_q)
+        self.dim = mu_q.shape[1]
+        self.g_q = np.exp(lv_q.sum(axis=1) / self.dim)
+        consts = [spread_terms(score, row) for row in lv_q]
+        self.c = consts[0][0] if consts else 1.0
+        self.key_const = np.array([key for _, key in consts], np.float64)
         # float32 evaluation: the dot product's worst case plus a few roundings per row
         self.err = (self.dim + 16) * 2.0 ** -23
-        self.elk = score == "elk"
+
+    def topk(self, table, lists: np.ndarray, first: int, k: int, out: tuple,
+             queries: slice = slice(None)) -> None:
+        """The exact top k of the queries `queries` (of the Q) over their probed lists `lists`
+        [q, P] (-1 = none) of the
+        block table `table` (engine/block_table.py), in one compiled call
+        (engine/kernels.py: batch_guaranteed_topk). out: (ids [q, k], μ [q, k, D], log_var
+        float16 [q, k, D], keys [q, k], shortlist sizes [q]) of those queries, written in place. Every query's
+        lists must hold at least `first` ≥ k rows (the probe widens until they do)."""
+        ids, mu, lv, keys, sizes = out
+        kernels.batch_guaranteed_topk(
+            table.addresses, table.rows, np.ascontiguousarray(lists, np.int64),
+            table.code_type or np.float32, self.mu_q[queries], self.v_q[queries],
+            self.g_q[queries], self.err, self.c, self.elk, self.key_const[queries],
+            half_exp_table(), first, k, ids, mu, lv.view(np.uint16), keys, sizes)
+
+
+class QueryBounds:
+    """One query's terms (QueryTerms), applied to blocks given as a list."""
+
+    def __init__(self, score: str, mu_q: np.ndarray, lv_q: np.ndarray):
+        self.terms = QueryTerms(score, mu_q[None], lv_q[None])
 
     def blocks(self, parts: list) -> np.ndarray:
         """[Σ n] upper bounds on the rank key (higher is better) of the rows of format-4 blocks,
         in the order of their concatenation: one compiled pass per block (engine/kernels.py)."""
+        t = self.terms
         out = np.empty(sum(len(p.ids) for p in parts), np.float32)
         end = 0
         for p in parts:
             if len(p.ids):
                 at, end = end, end + len(p.ids)
-                kernels.row_bound_keys(p.codes, p.terms, p.ref, p.geo, self.mu_q, self.v_q,
-                                       self.g_q, self.err, self.c, self.elk, self.key_const,
+                kernels.row_bound_keys(p.codes, p.terms, p.ref, p.geo, t.mu_q[0], t.v_q[0],
+                                       t.g_q[0], t.err, t.c, t.elk, t.key_const[0],
                                        out[at:end])
         return out
 
     def topk(self, parts: list, first: int, k: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """(positions in the concatenation of `parts`, keys) of the exact top k, best first, and
-        the number of rows scored exactly: the guaranteed search of one query over its probed
-        format-4 blocks, in one compiled call (engine/kernels.py: guaranteed_topk). Empty
-        blocks hold no positions, so leaving them out changes none."""
-        live = [p for p in parts if len(p.ids)]
-        if sum(len(p.ids) for p in live) < k:   # the probe widens until it cannot happen
+        """(ids, keys) of the exact top k over the rows of the format-4 blocks `parts`, best
+        first, and the number of rows scored exactly: QueryTerms.topk on a table of these
+        blocks alone."""
+        if sum(len(p.ids) for p in parts) < max(first, k):
             raise ValueError(f"row bounds: fewer than k = {k} rows in the probed lists")
-        rows, keys = np.empty(k, np.int64), np.empty(k, np.float32)
-        m = kernels.guaranteed_topk(
-            tuple(p.codes for p in live), tuple(p.terms for p in live),
-            tuple(p.ref for p in live), tuple(p.geo for p in live), tuple(p.mu for p in live),
-            tuple(p.lv_bits for p in live), self.mu_q, self.v_q, self.g_q, self.err, self.c,
-            self.elk, self.key_const, half_exp_table(), first, k, rows, keys)
-        return rows, keys, int(m)
+        table, numbers = BlockTable.of_blocks(parts)
+        dim = self.terms.dim
+        out = (np.empty((1, k), np.int64), np.empty((1, k, dim), np.float32),
+               np.empty((1, k, dim), np.float16), np.empty((1, k), np.float32),
+               np.empty(1, np.int64))
+        self.terms.topk(table, numbers[None], first, k, out)
+        return out[0][0], out[3][0], int(out[4][0])

@@ -120,3 +120,53 @@ def test_row_bound_holds_against_the_codes_own_error(score):
         bound = QueryBounds(score, mq, lq).blocks([block])
         exact = brute(score, mq, lq, mu, lv.astype(np.float32))
         assert bound[i] >= exact[i] - 1e-9 * abs(exact[i])
+
+
+@pytest.mark.parametrize("codes", (True, False))
+def test_block_table_search_equals_brute_force_on_unaligned_blocks(codes):
+    """engine/block_table.py: a block whose value starts 2 bytes off an 8-byte boundary (as a
+    small LMDB value can) is copied into aligned arrays before the kernel reads it through its
+    address; the top k over that block, an empty one and an aligned one equals a float64 brute
+    force over all their rows, hits' μ and log variances included; with and without codes."""
+    from engine.block_table import BlockTable
+    from engine.row_bounds import QueryTerms
+    rng = np.random.default_rng(2)
+    n, dim, k = 70, 24, 7
+    mu = rng.standard_normal((n, dim)).astype(np.float32)
+    lv = (-3 + rng.standard_normal((n, dim))).astype(np.float16)
+    raw = encode_block(np.arange(30), mu[:30], lv[:30], codes=codes)
+    shifted = np.frombuffer(b"\0\0" + raw, np.uint8)[2:]   # ids at an address ≡ 2 mod 8
+    blocks = [decode_block(shifted, dim, row_stats=True, codes=codes),
+              Block(np.zeros(0, np.int64), np.zeros((0, dim), np.float32),
+                    np.zeros((0, dim), np.float16)),
+              decode_block(encode_block(np.arange(30, n), mu[30:], lv[30:], codes=codes), dim,
+                           row_stats=True, codes=codes)]
+    assert not blocks[0].ids.flags.aligned
+    table, numbers = BlockTable.of_blocks(blocks)
+    from engine.kernels import FIELDS
+    sizes = [getattr(blocks[2], name).itemsize for name in FIELDS]   # each array's alignment
+    assert np.all(table.addresses[[0, 2]] % sizes == 0) and table.rows.tolist() == [30, 0, 40]
+    assert table.code_type is (np.int16 if codes else np.float32)
+    mq = rng.standard_normal((3, dim)).astype(np.float32)
+    lq = (-3 + rng.standard_normal((3, dim))).astype(np.float32)
+    out = (np.empty((3, k), np.int64), np.empty((3, k, dim), np.float32),
+           np.empty((3, k, dim), np.float16), np.empty((3, k), np.float32), np.empty(3, np.int64))
+    QueryTerms("elk", mq, lq).topk(table, np.tile(numbers, (3, 1)), 10, k, out)
+    for q in range(3):
+        ref = brute("elk", mq[q], lq[q], mu, lv.astype(np.float32))
+        np.testing.assert_allclose(out[3][q], np.sort(ref)[::-1][:k], rtol=1e-5)
+        np.testing.assert_array_equal(out[0][q], np.argsort(-ref, kind="stable")[:k])
+        np.testing.assert_array_equal(out[1][q], mu[out[0][q]])
+        np.testing.assert_array_equal(out[2][q], lv[out[0][q]])
+        assert k <= out[4][q] <= n
+
+
+def test_block_table_refuses_blocks_of_two_code_types():
+    from engine.block_table import BlockTable
+    rng = np.random.default_rng(4)
+    mu = rng.standard_normal((8, D)).astype(np.float32)
+    lv = np.full((8, D), -3.0, np.float16)
+    blocks = [decode_block(encode_block(np.arange(4), mu[:4], lv[:4], codes=c), D,
+                           row_stats=True, codes=c) for c in (True, False)]
+    with pytest.raises(ValueError, match="list 1: codes of float32, the others int16"):
+        BlockTable.of_blocks(blocks)
