@@ -21,7 +21,6 @@ import torch
 
 from core.constants import MC_SAMPLES, MC_SEED, NOISE_ROWS  # noqa: F401  (re-exported)
 from core.errors import PcmeError
-from core.mc_kernel import sample_sq_dists
 
 FIXED_BLOCK_FLOATS = 1 << 19   # sample-pair distances per block of fixed_match_prob: 2 MiB
 LOOP_MAX_QUERY_SAMPLES = 32   # fixed_match_prob takes the compiled loop up to this Q·J
@@ -188,6 +187,8 @@ class _LoopDists:
         self.rows, self.table, self.dtype, self.buf = rows, table, mu_d.dtype, None
 
     def block(self, s: int, m: int, step: int) -> torch.Tensor:
+        from core.mc_kernel import sample_sq_dists   # here: numba loads only if the loop runs
+
         if self.buf is None:
             self.buf = torch.empty(step, self.table.shape[1], len(self.z_q), dtype=self.dtype)
         sample_sq_dists(self.z_q, self.mu_d[s:s + m], self.scale_d[s:s + m], self.rows[s:s + m],

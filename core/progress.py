@@ -6,7 +6,6 @@ replaced by a log line every ~10% so logs stay readable.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from contextlib import contextmanager
 

@@ -20,11 +20,8 @@ from core.errors import PcmeError
 from engine.exact import ExactSearcher
 from core.montecarlo import MC_SAMPLES
 from core.scores import score_name
-from engine.rescore import CHUNK_FLOATS, IN_PLACE, block_row_keys, rescore_gathered
+from engine.rescore import CHUNK_FLOATS, rescore_gathered
 from engine.shortlist import BOUNDED, kth_key, prefetch_depth, shortlist_size
-from engine import block_rows, row_bounds
-from engine.block_table import BlockTable
-from engine.probe import probe_lists
 from indexer.variance import VarianceBounds, required_ip
 
 logger = logging.getLogger(__name__)
@@ -71,7 +68,7 @@ class BatchSearcher:
         self.guarantee = guarantee
         self._exact: dict[str, ExactSearcher] = {}
         self._bound_cache: dict[str, VarianceBounds | None] = {}
-        self._tables: dict[str, tuple] = {}   # modality: (its ListBlocks, their BlockTable)
+        self._list_search: dict[str, object] = {}   # modality: its ListSearch, made once
 
     def exact(self, modality: str) -> ExactSearcher:
         if modality not in self._exact:
@@ -105,7 +102,8 @@ class BatchSearcher:
         are fetched and rescored; the bound then says, per query, which further prefix of
         that same list could still enter the top-k (one more fetch and rescore for the batch).
         Only a query whose threshold lies beyond the list needs a FAISS range search. A store
-        with list blocks (format 3) serves the same shortlist from whole lists (_from_lists)."""
+        with list blocks (format 3) serves the same shortlist from whole lists
+        (engine/list_search.py)."""
         timings = {"ann_ms": 0.0, "fetch_ms": 0.0, "rescore_ms": 0.0}
         if not len(mu_q):
             return BatchResult(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32),
@@ -114,7 +112,8 @@ class BatchSearcher:
         first = k if score == "mu" else max(k, self.initial or shortlist_size(k, n, score))
         blocks = self.reader.list_blocks(modality) if score != "mu" and self.lists else None
         if blocks is not None:
-            return self._from_lists(blocks, mu_q, lv_q, k, score, min(first, n), bounds)
+            return self._lists(modality, blocks).search(mu_q, lv_q, k, score, min(first, n),
+                                                        bounds)
         depth = prefetch_depth(k, n, first) if bounds is not None and score != "mu" else first
         t = time.perf_counter()
         ids, ip = self.reader.search(modality, mu_q, min(depth, n), min_fill=first)
@@ -133,131 +132,37 @@ class BatchSearcher:
             out_ids.append(c_ids[top]), out_keys.append(c_keys[top]), sizes.append(len(c_ids))
         return BatchResult(np.stack(out_ids), np.stack(out_keys), np.asarray(sizes), timings)
 
-    def _from_lists(self, blocks, mu_q, lv_q, k, score, first, bounds) -> BatchResult:
-        """The same shortlist as below, read from whole inverted lists (indexer/lists.py):
-        per query, the exact inner product with every item of its probed lists (the set the
-        ANN stage ranks), the `first` best rescored, then every item the bound cannot rule
-        out. No FAISS range search is needed: the probed lists are all there. With format-4
-        blocks, elk and bhattacharyya bound each row on its own (engine/row_bounds.py): the
-        first are the rows of best bound, and only rows whose bound beats the k-th key follow."""
-        timings = {"ann_ms": 0.0, "fetch_ms": 0.0, "rescore_ms": 0.0}
-        t = time.perf_counter()
-        lists = list(probe_lists(blocks, mu_q))
-        short = np.flatnonzero(blocks.sizes(np.stack(lists)).sum(axis=1) < first).tolist()
-        while short and len(lists[short[0]]) < blocks.ivf.nlist:  # too few rows: more lists
-            wider = blocks.probe(mu_q[short], 2 * len(lists[short[0]]))
-            for i, row in zip(short, wider):
-                lists[i] = row
-            short = [i for i in short if blocks.sizes(lists[i]).sum() < first]
-        timings["ann_ms"] += _ms(t)
-        dim = mu_q.shape[1]
-        out = (np.empty((len(mu_q), k), np.int64), np.empty((len(mu_q), k, dim), np.float32),
-               np.empty((len(mu_q), k, dim), np.float16))   # the hits: ids, μ, log_var
-        keys, sizes = np.empty((len(mu_q), k), np.float32), np.empty(len(mu_q), np.int64)
-        chunks = _split(len(mu_q), 1 if self.threads == 1 else CHUNKS_PER_THREAD * self.threads)
-
-        if bounds is not None and score in row_bounds.SCORES and blocks.row_stats:
-            # each row's own bound, and the rescoring it drives: one compiled call per piece
-            timings["bound_ms"] = 0.0
-            table, terms = self._table(blocks), row_bounds.QueryTerms(score, mu_q, lv_q)
-            probed = np.full((len(lists), max(len(row) for row in lists)), -1, np.int64)
-            for i, row in enumerate(lists):
-                probed[i, :len(row)] = row
-
-            def run(queries: range, times: dict) -> None:
-                t = time.perf_counter()
-                table.ensure(probed[queries.start:queries.stop])   # decoded once, kept
-                times["fetch_ms"] += _ms(t)
-                t = time.perf_counter()
-                piece = slice(queries.start, queries.stop)
-                terms.topk(table, probed[piece], first, k,
-                           tuple(o[piece] for o in (*out, keys, sizes)), piece)
-                times["bound_ms"] += _ms(t)
-        else:
-            def run(queries: range, times: dict) -> None:
-                read = blocks.read   # decoded once, kept (indexer/lists.py)
-                for i in queries:
-                    t = time.perf_counter()
-                    parts = [read(int(n)) for n in lists[i] if n >= 0]
-                    times["fetch_ms"] += _ms(t)
-                    hits, keys[i], sizes[i] = self._from_blocks(parts, mu_q[i], lv_q[i], k,
-                                                                score, first, bounds,
-                                                                blocks.row_stats, times)
-                    block_rows.gather_rows(parts, hits, tuple(o[i] for o in out))   # p_match
-
-        if len(chunks) == 1:
-            run(chunks[0], timings)
-        else:   # the kernels release the GIL: one thread per core (see __init__)
-            times = [dict.fromkeys(timings, 0.0) for _ in chunks]
-            list(self._workers().map(run, chunks, times))
-            for name in timings:
-                timings[name] += sum(tm[name] for tm in times)
-        return BatchResult(out[0], keys, sizes, timings, (out[1], block_rows.half_to_float(out[2])))
-
-    def _from_blocks(self, parts, mu_q, lv_q, k, score, first, bounds, row_stats, timings):
-        """(positions of the top k in the concatenation of the blocks `parts`, their keys, the
-        shortlist's size) of one query over its probed blocks; `row_stats`: format-4 blocks
-        (elk and bhattacharyya on those take the block table instead: _from_lists)."""
-        t = time.perf_counter()
-        if score == "csd" and bounds is not None and row_stats:
-            found = block_rows.csd_topk(parts, mu_q, lv_q, k)   # exact for every row: no bound
-            timings["rescore_ms"] += _ms(t)
-            return found
-        # rows in order of ⟨μ_q, μ⟩, one bound for all (indexer/variance.py)
-        ip = np.concatenate([p.mu @ mu_q for p in parts])
-        timings["ann_ms"] += _ms(t)
-        pick = np.argpartition(-ip, first - 1)[:first] if first < len(ip) \
-            else np.arange(len(ip))
-        keys = self._rescore_rows(score, mu_q, lv_q, parts, pick, timings)
-        if bounds is not None:
-            t_req = required_ip(score, kth_key(keys, k), mu_q, lv_q, bounds)
-            more = np.flatnonzero(ip > t_req)
-            more = more[~_marked(len(ip), pick)[more]]
-            if len(more):
-                keys = np.concatenate([keys, self._rescore_rows(score, mu_q, lv_q, parts, more,
-                                                                timings)])
-                pick = np.concatenate([pick, more])
-        top = np.argsort(-keys, kind="stable")[:k]
-        return pick[top], keys[top], len(pick)
-
     def _workers(self) -> ThreadPoolExecutor:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="batch")
         return self._pool
 
-    def _table(self, blocks) -> BlockTable:
-        """The block table of a modality's list blocks (engine/block_table.py), made once."""
-        held = self._tables.get(blocks.modality)
-        if held is None or held[0] is not blocks:
-            held = self._tables[blocks.modality] = (blocks, BlockTable(blocks.ivf.nlist,
-                                                                       blocks.read))
-        return held[1]
+    def _lists(self, modality, blocks):
+        """The modality's ListSearch (engine/list_search.py, imported here: it loads numba)."""
+        held = self._list_search.get(modality)
+        if held is None or held.blocks is not blocks:
+            from engine.list_search import ListSearch
+            held = self._list_search[modality] = ListSearch(blocks, self.a, self.b,
+                                                            self.mc_samples, self._in_pieces)
+        return held
+
+    def _in_pieces(self, run, n: int, timings: dict) -> None:
+        """run(range, timings) over 0..n−1 in contiguous pieces on the batch's threads (the
+        kernels release the GIL: one thread per core), their timings summed into `timings`."""
+        chunks = _split(n, 1 if self.threads == 1 else CHUNKS_PER_THREAD * self.threads)
+        if len(chunks) == 1:
+            run(chunks[0], timings)
+            return
+        times = [dict.fromkeys(timings, 0.0) for _ in chunks]
+        list(self._workers().map(run, chunks, times))
+        for name in timings:
+            timings[name] += sum(tm[name] for tm in times)
 
     def close(self) -> None:
-        self._tables.clear()   # they point into the reader's blocks
+        self._list_search.clear()   # their block tables point into the reader's blocks
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-
-    def _rescore_rows(self, score, mu_q, lv_q, parts, rows, timings) -> np.ndarray:
-        """Keys of the items at positions `rows` of the concatenated list blocks `parts`: the
-        closed forms in place (engine/rescore.py: block_row_keys), mc gathered and scored a
-        cache-sized piece at a time."""
-        t = time.perf_counter()
-        if score in IN_PLACE:
-            keys = block_row_keys(score, mu_q, lv_q, parts, rows)
-            timings["rescore_ms"] += _ms(t)
-            return keys
-        keys = np.empty(len(rows), np.float32)
-        step = max(1, CHUNK_FLOATS // len(lv_q))        # rows per piece (lv_q is one query)
-        for s in range(0, len(rows), step):
-            ids, mu, lv = block_rows.gather_rows(parts, rows[s:s + step])
-            lv = block_rows.half_to_float(lv)
-            keys[s:s + step] = rescore_gathered(score, mu_q[None], lv_q[None], mu[None],
-                                                lv[None], ids[None], self.a, self.b,
-                                                self.mc_samples)[0]
-        timings["rescore_ms"] += _ms(t)  # gather and math together: they interleave
-        return keys
 
     def _complete(self, modality, mu_q, lv_q, k, score, n, ids, ip, lists, bounds, timings):
         """Add to each query's shortlist every item the bound cannot rule out.
@@ -347,13 +252,6 @@ def _split(n: int, parts: int) -> list[range]:
     parts = max(1, min(parts, n // MIN_PER_THREAD))
     cuts = np.linspace(0, n, parts + 1).astype(int)
     return [range(a, b) for a, b in zip(cuts[:-1], cuts[1:])]
-
-
-def _marked(n: int, rows: np.ndarray) -> np.ndarray:
-    """[n] bool, True at `rows` (cheaper than np.isin for a few hundred of a few thousand)."""
-    mask = np.zeros(n, bool)
-    mask[rows] = True
-    return mask
 
 
 def _ms(t0: float) -> float:

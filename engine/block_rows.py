@@ -1,12 +1,17 @@
 """Rows of a query's probed list blocks (indexer/lists.py), addressed by their position in the
 blocks' concatenation: copies of chosen rows, and csd's exact top k over all of them. The
-loops are compiled (engine/kernels.py); engine/batch.py calls these per query."""
+loops are compiled (engine/kernels.py); engine/list_search.py calls these per query."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from core.errors import PcmeError
+from core.scores import score_name
 from engine import kernels
+from engine.rescore import half_exp_table, spread_terms
+
+IN_PLACE = ("elk", "bhattacharyya", "csd", "w2")   # the closed forms block_row_keys scores
 
 
 def csd_topk(parts, mu_q: np.ndarray, lv_q: np.ndarray, k: int) -> tuple:
@@ -46,3 +51,30 @@ def gather_rows(parts, rows: np.ndarray, out: tuple | None = None) -> tuple:
 
 def half_to_float(log_var16: np.ndarray) -> np.ndarray:
     return torch.from_numpy(log_var16).float().numpy()   # ~10x numpy's float16 conversion
+
+
+def block_row_keys(score: str, mu_q: np.ndarray, lv_q: np.ndarray, parts: list,
+                   rows: np.ndarray) -> np.ndarray:
+    """Rank keys [M] of a closed-form score (IN_PLACE) of one query ([D], float32) against the
+    rows at positions `rows` of the concatenated list blocks `parts` (indexer/lists.py), read
+    in place: no gathered copy, the float16 log variances through an exp table
+    (engine/kernels.py). The same numbers as rescore_gathered to float32 rounding
+    (tests/test_list_blocks.py compares both with a float64 brute force)."""
+    score = score_name(score)
+    if score not in IN_PLACE:
+        raise PcmeError(f"rescore: {score} is not a closed form")
+    keys = np.empty(len(rows), np.float32)
+    rows = np.ascontiguousarray(rows, np.int64)
+    c, key_const = spread_terms(score, lv_q)
+    mu_q, v_q, table = mu_q.astype(np.float32), np.exp(lv_q.astype(np.float32)), half_exp_table()
+    first = 0
+    for p in parts:
+        if len(p.ids) and score in ("csd", "w2"):
+            kernels.distance_row_keys(score == "w2", mu_q, v_q, p.mu, p.log_var.view(np.uint16),
+                                      table, rows, first, keys)
+        elif len(p.ids):
+            lv_sum = p.lv_sum if p.lv_sum is not None else p.log_var.astype(np.float32).sum(1)
+            kernels.spread_row_keys(mu_q, v_q, c, p.mu, p.log_var.view(np.uint16), lv_sum,
+                                    table, rows, first, score == "elk", key_const, keys)
+        first += len(p.ids)
+    return keys

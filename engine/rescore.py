@@ -16,7 +16,6 @@ import torch
 
 from core.constants import LOG_2PI
 from core.errors import PcmeError
-from engine import kernels
 from core.montecarlo import MC_SAMPLES, fixed_match_prob
 from core.scores import (SCORES, bhattacharyya_from_kernel, elk_from_kernel, rank_key,
                          score_name, spread_kernel)
@@ -82,9 +81,6 @@ def half_exp_table() -> np.ndarray:
         return np.exp(np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32))
 
 
-IN_PLACE = ("elk", "bhattacharyya", "csd", "w2")   # the closed forms block_row_keys scores
-
-
 def spread_terms(score: str, lv_q: np.ndarray) -> tuple[float, float]:
     """(c, key_const) of the compiled spread kernels (engine/kernels.py) for one query: the
     kernel's weight c and the query's constant part of the rank key, so that
@@ -94,33 +90,6 @@ def spread_terms(score: str, lv_q: np.ndarray) -> tuple[float, float]:
     if score == "elk":
         return 1.0, -0.5 * dim * LOG_2PI
     return 0.5, 0.5 * dim * math.log(2.0) + 0.25 * float(lv_q.sum(dtype=np.float64))
-
-
-def block_row_keys(score: str, mu_q: np.ndarray, lv_q: np.ndarray, parts: list,
-                   rows: np.ndarray) -> np.ndarray:
-    """Rank keys [M] of a closed-form score (IN_PLACE) of one query ([D], float32) against the
-    rows at positions `rows` of the concatenated list blocks `parts` (indexer/lists.py), read
-    in place: no gathered copy, the float16 log variances through an exp table
-    (engine/kernels.py). The same numbers as rescore_gathered to float32 rounding
-    (tests/test_list_blocks.py compares both with a float64 brute force)."""
-    score = score_name(score)
-    if score not in IN_PLACE:
-        raise PcmeError(f"rescore: {score} is not a closed form")
-    keys = np.empty(len(rows), np.float32)
-    rows = np.ascontiguousarray(rows, np.int64)
-    c, key_const = spread_terms(score, lv_q)
-    mu_q, v_q, table = mu_q.astype(np.float32), np.exp(lv_q.astype(np.float32)), half_exp_table()
-    first = 0
-    for p in parts:
-        if len(p.ids) and score in ("csd", "w2"):
-            kernels.distance_row_keys(score == "w2", mu_q, v_q, p.mu, p.log_var.view(np.uint16),
-                                      table, rows, first, keys)
-        elif len(p.ids):
-            lv_sum = p.lv_sum if p.lv_sum is not None else p.log_var.astype(np.float32).sum(1)
-            kernels.spread_row_keys(mu_q, v_q, c, p.mu, p.log_var.view(np.uint16), lv_sum,
-                                    table, rows, first, score == "elk", key_const, keys)
-        first += len(p.ids)
-    return keys
 
 
 def rescore(score: str, mu_q, lv_q, mu_d, lv_d, a: float, b: float,

@@ -4,7 +4,7 @@ refusal of too few rows, and the batch threads' default."""
 import numpy as np
 import pytest
 
-from engine.rescore import block_row_keys
+from engine.block_rows import block_row_keys
 from engine.row_bounds import QueryBounds
 from indexer.blocks import Block, decode_block, encode_block
 from tests.test_engine_search import brute
@@ -45,7 +45,7 @@ def test_row_bound_is_above_every_rows_exact_key(score, spread):
 @pytest.mark.parametrize("score", ("elk", "bhattacharyya", "csd", "w2"))
 @pytest.mark.parametrize("lv_mean, lv_sd", ((-3.0, 2.0), (-40.0, 20.0)))
 def test_rows_scored_in_place_equal_the_float64_score(score, lv_mean, lv_sd):
-    """engine/rescore.py: block_row_keys reads rows of several blocks (one empty) in place,
+    """engine/block_rows.py: block_row_keys reads rows of several blocks (one empty) in place,
     through the float16 exp table; against the contract's score in float64. Variances down
     to e⁻⁸⁰ and up to e⁶⁰ make the kernel's running product of s leave [1e-100, 1e100]."""
     rng = np.random.default_rng(3)
