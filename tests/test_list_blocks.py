@@ -234,11 +234,11 @@ def test_decode_block_refuses_partial_rows():
 def test_rows_scored_in_small_pieces_equal_one_piece(index, queries, monkeypatch):
     """mc, the one score not scored in place, rescores gathered cache-sized pieces of rows."""
     score = "mc"
-    import engine.batch as batch_mod
+    import engine.list_search as list_search
     mu_q, lv_q = queries
     with IndexReader.open(index) as r:
         whole = BatchSearcher(r, 5.0, 5.0).search("image", mu_q, lv_q, K, score)
-        monkeypatch.setattr(batch_mod, "CHUNK_FLOATS", 5 * D)   # 5 rows a piece, ragged ends
+        monkeypatch.setattr(list_search, "CHUNK_FLOATS", 5 * D)   # 5 rows a piece, ragged ends
         pieces = BatchSearcher(r, 5.0, 5.0).search("image", mu_q, lv_q, K, score)
     np.testing.assert_array_equal(whole.ids, pieces.ids)
     np.testing.assert_allclose(whole.keys, pieces.keys, rtol=1e-6)
