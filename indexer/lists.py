@@ -163,7 +163,7 @@ class ListBlocks:
     def centroid_keys(self, queries: np.ndarray) -> np.ndarray | None:
         """[Q, nlist] float32, higher = nearer: each query against every centroid of a flat
         quantizer in one BLAS product (inner product, or minus the squared L2 distance), from
-        which a batch picks its lists (engine/batch.py); None for a quantizer that is not flat
+        which a batch picks its lists (engine/probe.py); None for a quantizer that is not flat
         (HNSW), whose own search() then decides. faiss' quantizer.search sends small problems
         (Q × nlist below its threshold: 64 × 1,024 here) to a per-query scan: 0.7–1.3 ms for 64
         queries against 0.25–0.3 ms for this product."""
