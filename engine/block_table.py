@@ -7,9 +7,10 @@ call then searches a whole piece of the batch; before, each query's blocks were 
 tuples of arrays, ~45 µs of Python per query that held the GIL while the other search thread
 waited for it. The arrays stay alive as long as the table (it keeps a reference to each), and
 the blocks are views into the reader's LMDB map, so a table must not outlive its reader
-(engine/list_search.py keeps it; engine/batch.py drops both in close()). Rows are filled once, when a list is first searched,
-under a lock; a row is complete before it is marked loaded, and a kernel reads only rows its
-own caller saw loaded, so threads that fill and threads that search do not meet.
+(engine/list_search.py keeps it; engine/batch.py drops both in close()). Rows are filled
+once, when a list is first searched, under a lock; a row is complete before it is marked
+loaded, and a kernel reads only rows its own caller saw loaded, so threads that fill and
+threads that search do not meet.
 """
 from __future__ import annotations
 
