@@ -6,8 +6,8 @@ import torch
 
 from core.errors import PcmeError
 from encoders.model.checkpoint import load_model, save_checkpoint
-from encoders.model.class_words import (DECAY, N_CLASSES, class_word_groups, class_word_table,
-                                        imagenet_class_names, name_words)
+from encoders.model.class_words import (DECAY, GLOSS_WEIGHT, N_CLASSES, class_word_groups,
+                                        class_word_table, imagenet_class_names, name_words)
 from encoders.model.config import ModelConfig
 from encoders.model.networks import PCME
 
@@ -190,6 +190,9 @@ def test_wordnet_groups_say_what_the_classifier_names_mean():
     assert "tool" in words("hammer", 2)                  # the hand tool, not the gun's hammer
     assert [w for w, _ in groups[names.index("sorrel")]] == [1.0, 1.0, DECAY, DECAY**2, DECAY**3]
     assert groups[names.index("koala")][0] == (1.0, ["koala"])      # the name comes first
+    glossed = class_word_groups("wordnet-gloss")[names.index("sorrel")]   # + its definition
+    assert glossed[:-1] == groups[names.index("sorrel")] and glossed[-1][0] == GLOSS_WEIGHT
+    assert glossed[-1][1] == ["horse", "brownish", "orange", "light", "brown", "color"]
     with pytest.raises(PcmeError, match="class_word_source 'synsets' is unknown"):
         class_word_groups("synsets")
 
@@ -201,7 +204,7 @@ def test_wordnet_classes_matches_homonyms_in_offset_order(tmp_path):
 
     lines = ["  1 license header line\n",
              "00000050 05 n 01 bird 0 000 | a bird\n",
-             "00000100 05 n 01 crane 0 001 @ 00000050 n 0000 | a wading bird\n",
+             "00000100 05 n 01 crane 0 001 @ 00000050 n 0000 | a wading bird; \"cranes stood there\"\n",
              "00000200 06 n 02 hammer 4 cock 0 000 | part of a gunlock\n",
              "00000205 06 n 01 hand_tool 0 000 | a tool\n",
              "00000210 06 n 01 hammer 0 001 @ 00000205 n 0000 | a hand tool\n",
@@ -213,6 +216,9 @@ def test_wordnet_classes_matches_homonyms_in_offset_order(tmp_path):
     assert got == [(["crane"], [["bird"]]), (["hammer"], [["hand tool"]]),
                    (["crane"], [["lifting device"]]), ([], [])]
     assert table["matched"] == 3
+    # the definition's content words; the quoted example and the short and stop words left out
+    assert [c["gloss"] for c in table["classes"]] == [["wading", "bird"], ["hand", "tool"],
+                                                      ["lifts", "things"], []]
     with pytest.raises(SystemExit, match="apt-get install -y wordnet-base"):
         wc.build(["crane"], tmp_path / "missing")
 

@@ -16,7 +16,10 @@ g_k says class k in word vectors (`class_word_source` under [model]):
            synonyms' (1) and the names of the synsets one, two and three levels above it
            (DECAY, DECAY², DECAY³), from imagenet_wordnet.json (encoders/model/wordnet_classes.py).
            The classifier names a dog photo "Eskimo dog" or "Siberian husky" and a horse
-           "sorrel"; with the levels above, "dog" and "horse" are in their vectors.
+           "sorrel"; with the levels above, "dog" and "horse" are in their vectors;
+  wordnet-gloss  the same plus the content words of the class's WordNet definition (its
+           gloss: "sorrel: a horse of a brownish orange to light brown color") as a fifth
+           group of weight GLOSS_WEIGHT.
 A word training never saw reaches W through its GloVe vector on the text side and, when a
 photo's classifier output puts mass on a class named like it, through the same W on the image
 side. The table is fixed when a model is built and travels in the checkpoint as a buffer.
@@ -49,9 +52,11 @@ def name_words(name: str) -> list[str]:
     return [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w]
 
 
-SOURCES = ("names", "wordnet")   # class_word_source choices (ModelConfig)
+SOURCES = ("names", "wordnet", "wordnet-gloss")   # class_word_source choices (ModelConfig)
 DECAY = 0.7   # weight of hypernym level j is DECAY**j: chosen zero-shot on the TRAIN photos'
               # subjects (README "Real photographs")
+GLOSS_WEIGHT = 2.0   # weight of the gloss's words (wordnet-gloss), chosen the same way:
+                     # 0 / 0.5 / 1 / 2 / 3 / 4 / 6 found 91 / 92 / 91 / 93 / 93 / 88 / 80 of 244
 WORDNET_TABLE = Path(__file__).with_name("imagenet_wordnet.json")
 
 
@@ -62,7 +67,7 @@ def class_word_groups(source: str) -> list[list[tuple[float, list[str]]]]:
                         f"{', '.join(SOURCES)}")
     names = imagenet_class_names()
     groups = [[(1.0, name_words(name))] for name in names]
-    if source == "wordnet":
+    if source in ("wordnet", "wordnet-gloss"):
         table = json.loads(WORDNET_TABLE.read_text(encoding="utf-8"))["classes"]
         for k, (row, entry, name) in enumerate(zip(groups, table, names)):
             if entry["name"] != name:
@@ -72,6 +77,8 @@ def class_word_groups(source: str) -> list[list[tuple[float, list[str]]]]:
             row.append((1.0, [w for lemma in entry["synonyms"] for w in name_words(lemma)]))
             row += [(DECAY ** (j + 1), [w for lemma in level for w in name_words(lemma)])
                     for j, level in enumerate(entry["hypernyms"])]
+            if source == "wordnet-gloss":
+                row.append((GLOSS_WEIGHT, entry["gloss"]))
     return groups
 
 

@@ -4,8 +4,9 @@ words class_words.py adds to a class's name ("Eskimo dog" → husky; dog, canine
 The classifier often names the right thing in words a user would not type: a photo of a dog
 comes out as "Eskimo dog" and "Siberian husky", a horse as "sorrel", a wheelie bin as "ashcan".
 WordNet says what those are (husky → working dog → dog; sorrel → horse; ashcan = trash can), and
-the ImageNet classes are WordNet noun synsets, so their synonyms and the names of the synsets
-above them are one lookup away. Run once, offline; the output is committed and read at model
+the ImageNet classes are WordNet noun synsets, so their synonyms, the names of the synsets
+above them and their definitions (glosses: "sorrel: a horse of a brownish orange to light brown
+color") are one lookup away. Run once, offline; the output is committed and read at model
 build time, so neither training nor search needs WordNet:
 
     apt-get install -y wordnet-base                     # WordNet 3.0 database files
@@ -30,13 +31,19 @@ from pathlib import Path
 WORDNET = Path("/usr/share/wordnet")
 OUT = Path(__file__).with_name("imagenet_wordnet.json")
 LEVELS = 3            # hypernym levels written (class_words.py weighs level j by DECAY**j)
+# words of a gloss that say nothing of what the thing looks like or is called
+GLOSS_STOPWORDS = {"the", "and", "for", "with", "from", "that", "this", "its", "are", "has", "have",
+                   "can", "any", "which", "used", "usually", "often", "especially", "having",
+                   "one", "two", "several", "various", "type", "kind", "sort", "form", "made",
+                   "large", "small", "genus", "family", "species"}
 NOTICE = ("WordNet 3.0 Copyright 2006 by Princeton University. All rights reserved. Derived "
-          "data (lemmas of synsets and their hypernyms), redistributed under the WordNet "
+          "data (lemmas of synsets and their hypernyms, content words of their glosses), "
+          "redistributed under the WordNet "
           "license: https://wordnet.princeton.edu/license-and-commercial-use")
 
 
-def read_nouns(wordnet: Path) -> dict[int, tuple[list[tuple[str, int]], list[int]]]:
-    """{synset offset: ([(lemma, lex_id)], hypernym offsets)} from WordNet's data.noun."""
+def read_nouns(wordnet: Path) -> dict[int, tuple[list[tuple[str, int]], list[int], str]]:
+    """{synset offset: ([(lemma, lex_id)], hypernym offsets, gloss)} from WordNet's data.noun."""
     path = wordnet / "data.noun"
     if not path.is_file():
         raise SystemExit(f"error: {path}: not found; install WordNet first: "
@@ -55,7 +62,8 @@ def read_nouns(wordnet: Path) -> dict[int, tuple[list[tuple[str, int]], list[int
                 symbol, offset, pos = fields[at + 1 + 4 * j: at + 4 + 4 * j]
                 if symbol in ("@", "@i") and pos == "n":  # hypernym, instance hypernym
                     hypernyms.append(int(offset))
-            nouns[int(fields[0])] = (lemmas, hypernyms)
+            gloss = line.split(" | ", 1)[1] if " | " in line else ""
+            nouns[int(fields[0])] = (lemmas, hypernyms, gloss)
     return nouns
 
 
@@ -79,7 +87,7 @@ def match_classes(names: list[str], nouns: dict) -> list[int | None]:
     assignment includes it): the longest chain of increasing offsets over the candidates, and
     among chains as long the one of least summed `penalty`."""
     by_lemma: dict[str, set[int]] = {}
-    for offset, (lemmas, _) in nouns.items():
+    for offset, (lemmas, *_) in nouns.items():
         for lemma, _ in lemmas:
             by_lemma.setdefault(_key(lemma), set()).add(offset)
     # best[o] = (classes matched, −summed penalty, chain) of the best chain ending at offset o
@@ -98,12 +106,22 @@ def match_classes(names: list[str], nouns: dict) -> list[int | None]:
     return [chosen.get(k) for k in range(len(names))]
 
 
+def gloss_words(gloss: str) -> list[str]:
+    """The content words of a synset's gloss, in order, its quoted examples left out:
+    "breed of heavy-coated Arctic sled dog" -> [breed, heavy, coated, arctic, sled, dog]."""
+    definition = re.sub(r'"[^"]*"', " ", gloss)
+    return [w for w in re.split(r"[^a-z]+", definition.lower())
+            if len(w) > 2 and w not in GLOSS_STOPWORDS]
+
+
 def related(offset: int, nouns: dict, levels: int = LEVELS) -> dict:
-    """{"synonyms": the synset's lemmas, "hypernyms": [lemmas of level 1, 2, ...]} with spaces
-    for underscores; a level holds every synset one step above the previous one."""
+    """{"synonyms": the synset's lemmas, "hypernyms": [lemmas of level 1, 2, ...], "gloss": the
+    content words of its definition} with spaces for underscores; a level holds every synset
+    one step above the previous one."""
     def lemmas(offsets):
         return sorted({lemma.replace("_", " ") for o in offsets for lemma, _ in nouns[o][0]})
-    out, level = {"synonyms": lemmas([offset]), "hypernyms": []}, [offset]
+    out = {"synonyms": lemmas([offset]), "hypernyms": [], "gloss": gloss_words(nouns[offset][2])}
+    level = [offset]
     for _ in range(levels):
         level = sorted({h for o in level for h in nouns[o][1]})
         if not level:
@@ -116,7 +134,7 @@ def build(names: list[str], wordnet: Path) -> dict:
     nouns = read_nouns(wordnet)
     matched = match_classes(names, nouns)
     classes = [dict(name=name, **(related(o, nouns) if o is not None else
-                                  {"synonyms": [], "hypernyms": []}))
+                                  {"synonyms": [], "hypernyms": [], "gloss": []}))
                for name, o in zip(names, matched)]
     return {"source": "WordNet 3.0 noun synsets of the ImageNet-1k classes (wordnet-base)",
             "notice": NOTICE, "levels": LEVELS,
