@@ -30,6 +30,9 @@ class ModelConfig:
     class_map_gain: float = 3.0     # class words: W starts orthogonal at this gain, so unseen words
                                     # keep GloVe's geometry (0 = PyTorch's default init, ~20x
                                     # smaller: fewer held-out words found, README "Real photos")
+    class_channel: float = 0.0      # class words: the share β of μ's unit norm given to an
+                                    # untrained channel, the normalised class-word mixture (image)
+                                    # or pooled word vectors (text), appended to μ (0 = none)
     # text encoder
     vocab: list[str] = field(default_factory=list)  # index -> word; filled from training captions
     word_dim: int = 50              # word-vector dimension (GloVe 6B 50-d by default)
@@ -43,6 +46,12 @@ class ModelConfig:
     init_log_var: float = -7.0      # initial log σ² (bias of the log_var head): small vs. |Δμ|²
     init_a: float = 15.0            # initial a of sigmoid(-a d + b) (kept positive via softplus)
     init_b: float = 10.0            # initial b: p = 0.5 at distance b/a
+
+    @property
+    def out_dim(self) -> int:
+        """Dimension of the μ and log_var the model outputs: embed_dim, plus the word vectors'
+        with a class channel."""
+        return self.embed_dim + (self.word_dim if self.class_channel > 0 else 0)
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:

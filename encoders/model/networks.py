@@ -167,6 +167,31 @@ def class_word_map(cfg: ModelConfig) -> nn.Linear | None:
     return w
 
 
+class ClassChannel(nn.Module):
+    """The class channel (ModelConfig.class_channel = β): μ ← [√(1−β)·μ, √β·c/‖c‖] (still unit
+    norm), log σ² ← [log σ², one learned value for the appended dims]; c is the class-word
+    mixture (image) or the pooled caption word vectors (text), so the appended part's inner
+    product is the untrained zero-shot cosine of benchmarks/photos_eval.py --zero-shot."""
+
+    def __init__(self, beta: float, init_log_var: float):
+        super().__init__()
+        self.beta = beta
+        self.log_var = nn.Parameter(torch.tensor(float(init_log_var)))
+
+    def forward(self, mu, log_var, c):
+        c = F.normalize(c.float(), dim=-1)
+        mu = torch.cat([mu * (1 - self.beta) ** 0.5, c * self.beta ** 0.5], dim=-1)
+        return mu, torch.cat([log_var, self.log_var.expand(c.shape)], dim=-1)
+
+
+def class_channel(cfg: ModelConfig) -> ClassChannel | None:
+    if cfg.class_channel <= 0:
+        return None
+    if not cfg.class_words:
+        raise PcmeError("class_channel needs class_words")
+    return ClassChannel(cfg.class_channel, cfg.init_log_var)
+
+
 class ImageEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig, class_map: nn.Linear | None = None):
         super().__init__()
@@ -185,6 +210,7 @@ class ImageEncoder(nn.Module):
         if class_map is not None:  # [classes, word_dim]: set by set_class_words, saved with the model
             self.register_buffer("class_words", torch.zeros(self.backbone._fc.out_features,
                                                             cfg.word_dim))
+        self.channel = class_channel(cfg)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
@@ -201,14 +227,21 @@ class ImageEncoder(nn.Module):
         fmap = self.features(images)
         local = fmap.flatten(2).transpose(1, 2)  # [B, h*w, C]
         pooled = fmap.mean(dim=(2, 3))
-        return self.head(pooled, local, extra=self.class_term(pooled))
+        mix = self.class_mixture(pooled)
+        mu, log_var = self.head(pooled, local, extra=None if mix is None else self.class_map(mix))
+        return (mu, log_var) if self.channel is None else self.channel(mu, log_var, mix)
 
-    def class_term(self, pooled: torch.Tensor) -> torch.Tensor | None:
-        """W · Σ_k p(class k | image) · g_k, or None without class words."""
+    def class_mixture(self, pooled: torch.Tensor) -> torch.Tensor | None:
+        """Σ_k p(class k | image) · g_k, or None without class words."""
         if self.class_map is None:
             return None
         probs = torch.softmax(self.backbone._fc(pooled).float(), dim=-1)
-        return self.class_map(probs @ self.class_words)
+        return probs @ self.class_words
+
+    def class_term(self, pooled: torch.Tensor) -> torch.Tensor | None:
+        """W · Σ_k p(class k | image) · g_k, or None without class words."""
+        mix = self.class_mixture(pooled)
+        return None if mix is None else self.class_map(mix)
 
 
 class TextEncoder(nn.Module):
@@ -223,6 +256,7 @@ class TextEncoder(nn.Module):
         self.class_map = class_map
         if class_map is not None:  # which words of a caption its class-word term reads
             self.word_attn = AttentionPool(cfg.word_dim, cfg.attn_hidden)
+        self.channel = class_channel(cfg)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor, extra: torch.Tensor | None = None):
         """tokens: long [B, T] padded with 0; lengths: [B] -> (μ [B, D], log_var [B, D]).
@@ -241,8 +275,9 @@ class TextEncoder(nn.Module):
         local = (out[..., :hidden] + out[..., hidden:]) / 2  # average the two directions
         pooled = (last[0] + last[1]) / 2
         pad_mask = torch.arange(tokens.shape[1], device=tokens.device)[None] >= lengths[:, None].to(tokens.device)
-        extra = None if self.class_map is None else self.class_map(self.word_attn(words, pad_mask))
-        return self.head(pooled, local, pad_mask, extra=extra)
+        c = None if self.class_map is None else self.word_attn(words, pad_mask)
+        mu, log_var = self.head(pooled, local, pad_mask, extra=None if c is None else self.class_map(c))
+        return (mu, log_var) if self.channel is None else self.channel(mu, log_var, c)
 
 
 TOWERS = ("image", "text")

@@ -198,3 +198,7 @@ def _check_choices(cfg: TrainConfig, where: str) -> None:
     if cfg.model.class_words and cfg.model.backbone != "efficientnet-lite0":
         raise PcmeError(f"{where}: class_words needs backbone efficientnet-lite0 (its ImageNet "
                         f"classifier), not {cfg.model.backbone!r}")
+    if not 0 <= cfg.model.class_channel < 1:
+        raise PcmeError(f"{where}: class_channel {cfg.model.class_channel} must lie in [0, 1)")
+    if cfg.model.class_channel and not cfg.model.class_words:
+        raise PcmeError(f"{where}: class_channel needs class_words")

@@ -113,7 +113,7 @@ def encode_distributed(checkpoint: str, data: str, root: str, split: str, out: s
                          pool=pool)
     facts = {"parts": len(parts), "encoded": len(todo), "skipped": len(parts) - len(todo),
              "workers_lost": done[None]}
-    return commit_parts(stage, out_dir, parts, model.cfg.embed_dim, producer), facts
+    return commit_parts(stage, out_dir, parts, model.cfg.out_dim, producer), facts
 
 
 def encoder_actors(checkpoint: str, data: str, root: str, split: str, device: str):

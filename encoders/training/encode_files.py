@@ -84,7 +84,7 @@ def encode_files_to_shards(checkpoint: str, out: str, images: str | None = None,
     producer = {**producer_of(checkpoint, model), "dataset": "files",
                 "images": str(Path(images).resolve()) if images else None,
                 "captions": str(Path(captions).resolve()) if captions else None}
-    with ShardWriter(Path(out), model.cfg.embed_dim, producer) as writer:
+    with ShardWriter(Path(out), model.cfg.out_dim, producer) as writer:
         image_ids, skipped = _write_images(writer, model, paths, dev, batch_size) if paths else ({}, [])
         if texts:
             _write_captions(writer, model, vocab, texts, image_ids, Path(images or "."), dev)
