@@ -2,7 +2,7 @@
 checkpoint alone rebuilds its model. Each field's default lives here and nowhere else."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 
 @dataclass
