@@ -148,6 +148,21 @@ def test_a_lite0_run_gets_class_words_unless_it_says_otherwise(tmp_path):
     assert ModelConfig(backbone="efficientnet-lite0").class_words is False  # checkpoints unchanged
 
 
+def test_a_lite0_run_with_class_words_gets_a_class_channel_unless_it_says_otherwise():
+    from encoders.training.config import LITE0_CLASS_CHANNEL, load_train_config
+
+    def channel(**model):
+        return load_train_config(None, {"model": model}).model.class_channel
+
+    assert channel(backbone="efficientnet-lite0") == LITE0_CLASS_CHANNEL == 0.5
+    assert channel(backbone="efficientnet-lite0", class_words=True) == 0.5
+    assert channel(backbone="efficientnet-lite0", class_channel=0.0) == 0.0
+    assert channel(backbone="efficientnet-lite0", class_channel=0.75) == 0.75
+    assert channel(backbone="efficientnet-lite0", class_words=False) == 0.0
+    assert channel(backbone="resnet") == 0.0
+    assert ModelConfig(backbone="efficientnet-lite0", class_words=True).class_channel == 0.0
+
+
 @pytest.mark.parametrize("gain", [3.0, 0.5])
 def test_the_class_map_starts_orthogonal_at_its_gain(gain):
     """W's columns start orthogonal with norm `gain` (WᵀW = gain²·I) and no bias, so the class

@@ -140,6 +140,10 @@ def _check_and_build(cls, values: dict, where: str):
     return cls(**out)
 
 
+LITE0_CLASS_CHANNEL = 0.5   # class_channel of a Lite0 run with class words that does not set it:
+                            # the first value tried (an equal share); README "Real photographs"
+
+
 def load_train_config(path: str | Path | None, overrides: dict) -> TrainConfig:
     """Defaults, then the TOML/JSON file, then CLI overrides (None values are ignored; a "model"
     dict of overrides is merged into the file's [model] table)."""
@@ -163,12 +167,14 @@ def load_train_config(path: str | Path | None, overrides: dict) -> TrainConfig:
             raise PcmeError(f"{path or 'config'}: 'model' must be a table ([model])")
         values["model"] = {**values.get("model", {}), **model}
     model_values = values.get("model", {})
-    if isinstance(model_values, dict) and "class_words" not in model_values \
-            and model_values.get("backbone") == "efficientnet-lite0":
-        # a Lite0 run reads its ImageNet classifier's class words unless told not to (README,
-        # "Real photographs"); ModelConfig's own default stays off, so a checkpoint's saved
-        # config, and every older one, means what it meant
-        values["model"] = {**model_values, "class_words": True}
+    if isinstance(model_values, dict) and model_values.get("backbone") == "efficientnet-lite0":
+        # a Lite0 run reads its ImageNet classifier's class words, with a class channel, unless
+        # told not to (README, "Real photographs"); ModelConfig's own defaults stay off, so a
+        # checkpoint's saved config, and every older one, means what it meant
+        model_values = {"class_words": True, **model_values}
+        if model_values["class_words"]:
+            model_values = {"class_channel": LITE0_CLASS_CHANNEL, **model_values}
+        values["model"] = model_values
     cfg = _check_and_build(TrainConfig, values, str(path or "config"))
     _check_choices(cfg, str(path or "config"))
     return cfg
