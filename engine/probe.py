@@ -1,4 +1,4 @@
-"""Which inverted lists each query of a batch probes (engine/list_search.py reads those lists' blocks).
+"""Which inverted lists each query of a batch probes (engine/list_search.py reads their blocks).
 
 faiss 1.15.1 sends a search of 64 queries against 1,024 centroids to a per-query scan
 (0.7–1.7 ms here); one BLAS product with the centroids and a compiled top-n per query take

@@ -75,11 +75,11 @@ class QueryTerms:
     def topk(self, table, lists: np.ndarray, first: int, k: int, out: tuple,
              queries: slice = slice(None)) -> None:
         """The exact top k of the queries `queries` (of the Q) over their probed lists `lists`
-        [q, P] (-1 = none) of the
-        block table `table` (engine/block_table.py), in one compiled call
-        (engine/kernels.py: batch_guaranteed_topk). out: (ids [q, k], μ [q, k, D], log_var
-        float16 [q, k, D], keys [q, k], shortlist sizes [q]) of those queries, written in place. Every query's
-        lists must hold at least `first` ≥ k rows (the probe widens until they do)."""
+        [q, P] (-1 = none) of the block table `table` (engine/block_table.py), in one compiled
+        call (engine/kernels.py: batch_guaranteed_topk). out: (ids [q, k], μ [q, k, D],
+        log_var float16 [q, k, D], keys [q, k], shortlist sizes [q]) of those queries, written
+        in place. Every query's lists must hold at least `first` ≥ k rows (the probe widens
+        until they do)."""
         ids, mu, lv, keys, sizes = out
         kernels.batch_guaranteed_topk(
             table.addresses, table.rows, np.ascontiguousarray(lists, np.int64),

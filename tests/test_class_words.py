@@ -221,7 +221,8 @@ def test_wordnet_classes_matches_homonyms_in_offset_order(tmp_path):
 
     lines = ["  1 license header line\n",
              "00000050 05 n 01 bird 0 000 | a bird\n",
-             "00000100 05 n 01 crane 0 001 @ 00000050 n 0000 | a wading bird; \"cranes stood there\"\n",
+             "00000100 05 n 01 crane 0 001 @ 00000050 n 0000 | a wading bird; "
+             "\"cranes stood there\"\n",
              "00000200 06 n 02 hammer 4 cock 0 000 | part of a gunlock\n",
              "00000205 06 n 01 hand_tool 0 000 | a tool\n",
              "00000210 06 n 01 hammer 0 001 @ 00000205 n 0000 | a hand tool\n",
@@ -303,7 +304,8 @@ def test_the_class_channel_appends_the_zero_shot_cosine_to_mu(tmp_path):
 
 
 @pytest.mark.parametrize("model, message", (
-    ('backbone = "efficientnet-lite0"\nclass_channel = 1.0', "class_channel 1.0 must lie in [0, 1)"),
+    ('backbone = "efficientnet-lite0"\nclass_channel = 1.0',
+     "class_channel 1.0 must lie in [0, 1)"),
     ('backbone = "efficientnet-lite0"\nclass_words = false\nclass_channel = 0.5',
      "class_channel needs class_words")))
 def test_a_config_with_a_class_channel_it_cannot_have_is_refused(tmp_path, model, message):

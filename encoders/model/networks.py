@@ -276,7 +276,8 @@ class TextEncoder(nn.Module):
         pooled = (last[0] + last[1]) / 2
         pad_mask = torch.arange(tokens.shape[1], device=tokens.device)[None] >= lengths[:, None].to(tokens.device)
         c = None if self.class_map is None else self.word_attn(words, pad_mask)
-        mu, log_var = self.head(pooled, local, pad_mask, extra=None if c is None else self.class_map(c))
+        mu, log_var = self.head(pooled, local, pad_mask,
+                                extra=None if c is None else self.class_map(c))
         return (mu, log_var) if self.channel is None else self.channel(mu, log_var, c)
 
 
