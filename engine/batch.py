@@ -20,6 +20,7 @@ from core.errors import PcmeError
 from engine.exact import ExactSearcher
 from core.montecarlo import MC_SAMPLES
 from core.scores import score_name
+from core.timing import elapsed_ms
 from engine.rescore import CHUNK_FLOATS, rescore_gathered
 from engine.shortlist import BOUNDED, kth_key, prefetch_depth, shortlist_size
 from indexer.variance import VarianceBounds, required_ip
@@ -89,12 +90,12 @@ class BatchSearcher:
             t = time.perf_counter()
             ids, keys = self.exact(modality).topk(score, mu_q, lv_q, k, self.a, self.b,
                                                      self.mc_samples)
-            return BatchResult(ids, keys, np.full(len(mu_q), n), {"exact_ms": _ms(t)})
+            return BatchResult(ids, keys, np.full(len(mu_q), n), {"exact_ms": elapsed_ms(t)})
         index = self.reader.augmented(modality, score)
         if index is not None:
             t = time.perf_counter()
             ids, raw = aug.search(index, score, mu_q, lv_q, k)
-            return BatchResult(ids, -raw, np.full(len(mu_q), k), {"ann_ms": _ms(t)})
+            return BatchResult(ids, -raw, np.full(len(mu_q), k), {"ann_ms": elapsed_ms(t)})
         return self._shortlist(modality, mu_q, lv_q, k, score, n)
 
     def _shortlist(self, modality, mu_q, lv_q, k, score, n) -> BatchResult:
@@ -117,7 +118,7 @@ class BatchSearcher:
         depth = prefetch_depth(k, n, first) if bounds is not None and score != "mu" else first
         t = time.perf_counter()
         ids, ip = self.reader.search(modality, mu_q, min(depth, n), min_fill=first)
-        timings["ann_ms"] += _ms(t)
+        timings["ann_ms"] += elapsed_ms(t)
         if score == "mu":  # the ANN ranking is the answer: no σ needed
             return BatchResult(ids, ip, np.full(len(ids), ids.shape[1]), timings)
         head = min(first, ids.shape[1])  # min_fill: the first `first` of every row are ids
@@ -181,7 +182,7 @@ class BatchSearcher:
             else:  # the whole ANN list is above t: it may not hold every such item
                 t = time.perf_counter()
                 found, _ = self.reader.range_search(modality, mu_q[i], t_req)
-                timings["ann_ms"] += _ms(t)
+                timings["ann_ms"] += elapsed_ms(t)
                 more = found[~np.isin(found, c_ids)]
             extra_q.append(np.full(len(more), i)), extra_ids.append(more)
         extra_q, extra_ids = np.concatenate(extra_q), np.concatenate(extra_ids)
@@ -203,7 +204,7 @@ class BatchSearcher:
         t = time.perf_counter()
         keys = rescore_gathered(score, mu_q, lv_q, mu[rows], lv[rows], ids, self.a, self.b,
                                 self.mc_samples)
-        timings["rescore_ms"] += _ms(t)
+        timings["rescore_ms"] += elapsed_ms(t)
         return keys
 
     def _rescore_pairs(self, modality, score, mu_q, lv_q, query_of, ids, timings) -> np.ndarray:
@@ -220,7 +221,7 @@ class BatchSearcher:
             keys[part] = rescore_gathered(score, mu_q[q], lv_q[q], mu[r][:, None],
                                           lv[r][:, None], ids[part][:, None], self.a, self.b,
                                           self.mc_samples)[:, 0]
-        timings["rescore_ms"] += _ms(t)
+        timings["rescore_ms"] += elapsed_ms(t)
         return keys
 
     def _fetch(self, modality, ids: np.ndarray, timings):
@@ -229,7 +230,7 @@ class BatchSearcher:
         t = time.perf_counter()
         uniq, inverse = np.unique(ids, return_inverse=True)
         mu, lv = self.reader.fetch(modality, uniq)
-        timings["fetch_ms"] += _ms(t)
+        timings["fetch_ms"] += elapsed_ms(t)
         return mu, lv, inverse.reshape(ids.shape)
 
     def _bounds(self, modality) -> VarianceBounds | None:
@@ -253,6 +254,3 @@ def _split(n: int, parts: int) -> list[range]:
     cuts = np.linspace(0, n, parts + 1).astype(int)
     return [range(a, b) for a, b in zip(cuts[:-1], cuts[1:])]
 
-
-def _ms(t0: float) -> float:
-    return (time.perf_counter() - t0) * 1000

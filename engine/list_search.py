@@ -20,9 +20,10 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from core.timing import elapsed_ms
 
 from engine import block_rows, row_bounds
-from engine.batch import BatchResult, _ms
+from engine.batch import BatchResult
 from engine.block_table import BlockTable
 from engine.probe import probe_lists
 from engine.block_rows import IN_PLACE, block_row_keys
@@ -54,7 +55,7 @@ class ListSearch:
             for i, row in zip(short, wider):
                 lists[i] = row
             short = [i for i in short if blocks.sizes(lists[i]).sum() < first]
-        timings["ann_ms"] += _ms(t)
+        timings["ann_ms"] += elapsed_ms(t)
         dim = mu_q.shape[1]
         out = (np.empty((len(mu_q), k), np.int64), np.empty((len(mu_q), k, dim), np.float32),
                np.empty((len(mu_q), k, dim), np.float16))   # the hits: ids, μ, log_var
@@ -71,18 +72,18 @@ class ListSearch:
                 piece = slice(queries.start, queries.stop)
                 t = time.perf_counter()
                 table.ensure(probed[piece])   # blocks decoded once, kept
-                times["fetch_ms"] += _ms(t)
+                times["fetch_ms"] += elapsed_ms(t)
                 t = time.perf_counter()
                 terms.topk(table, probed[piece], first, k,
                            tuple(o[piece] for o in (*out, keys, sizes)), piece)
-                times["bound_ms"] += _ms(t)
+                times["bound_ms"] += elapsed_ms(t)
         else:
             def run(queries: range, times: dict) -> None:
                 read = blocks.read   # decoded once, kept (indexer/lists.py)
                 for i in queries:
                     t = time.perf_counter()
                     parts = [read(int(n)) for n in lists[i] if n >= 0]
-                    times["fetch_ms"] += _ms(t)
+                    times["fetch_ms"] += elapsed_ms(t)
                     hits, keys[i], sizes[i] = self._one_query(parts, mu_q[i], lv_q[i], k,
                                                               score, first, bounds, times)
                     block_rows.gather_rows(parts, hits, tuple(o[i] for o in out))   # p_match
@@ -98,11 +99,11 @@ class ListSearch:
         t = time.perf_counter()
         if score == "csd" and bounds is not None and self.blocks.row_stats:
             found = block_rows.csd_topk(parts, mu_q, lv_q, k)   # exact for every row: no bound
-            timings["rescore_ms"] += _ms(t)
+            timings["rescore_ms"] += elapsed_ms(t)
             return found
         # rows in order of ⟨μ_q, μ⟩, one bound for all (indexer/variance.py)
         ip = np.concatenate([p.mu @ mu_q for p in parts])
-        timings["ann_ms"] += _ms(t)
+        timings["ann_ms"] += elapsed_ms(t)
         pick = np.argpartition(-ip, first - 1)[:first] if first < len(ip) \
             else np.arange(len(ip))
         keys = self._rescore_rows(score, mu_q, lv_q, parts, pick, timings)
@@ -124,7 +125,7 @@ class ListSearch:
         t = time.perf_counter()
         if score in IN_PLACE:
             keys = block_row_keys(score, mu_q, lv_q, parts, rows)
-            timings["rescore_ms"] += _ms(t)
+            timings["rescore_ms"] += elapsed_ms(t)
             return keys
         keys = np.empty(len(rows), np.float32)
         step = max(1, CHUNK_FLOATS // len(lv_q))        # rows per piece (lv_q is one query)
@@ -134,7 +135,7 @@ class ListSearch:
             keys[s:s + step] = rescore_gathered(score, mu_q[None], lv_q[None], mu[None],
                                                 lv[None], ids[None], self.a, self.b,
                                                 self.mc_samples)[0]
-        timings["rescore_ms"] += _ms(t)  # gather and math together: they interleave
+        timings["rescore_ms"] += elapsed_ms(t)  # gather and math together: they interleave
         return keys
 
 

@@ -26,6 +26,7 @@ from indexer.reader import IndexReader
 from engine.batch import BatchResult, BatchSearcher
 from engine.confidence import LOW_CONFIDENCE, Calibration
 from core.errors import PcmeError
+from core.timing import elapsed_ms
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class SearchEngine:
         mu_hits, lv_hits = self.hit_vectors(modality, res)
         meta = self.reader.meta(modality, flat)
         timings = {name: round(v, 3) for name, v in res.timings_ms.items()}
-        timings["meta_ms"] = _ms(t)
+        timings["meta_ms"] = elapsed_ms(t)
         out, width = [], res.ids.shape[1]
         for q, (ids, keys) in enumerate(zip(res.ids, res.keys)):
             rows = slice(q * width, (q + 1) * width)
@@ -192,9 +193,9 @@ class SearchEngine:
         t = time.perf_counter()
         encoder = self._encoder()
         mu, lv, unknown = encoder.encode_text(text)
-        encode_ms = _ms(t)
+        encode_ms = elapsed_ms(t)
         hits, timings, shortlist = self.search("image", mu, lv, k, score, exact)
-        timings = {"encode_ms": encode_ms, **timings, "total_ms": _ms(t)}
+        timings = {"encode_ms": encode_ms, **timings, "total_ms": elapsed_ms(t)}
         searched = None
         if hasattr(encoder, "words"):  # optional member of the encoder protocol
             dropped = set(unknown)
@@ -207,12 +208,9 @@ class SearchEngine:
         score = score_name(score or DEFAULT_SCORE["image"])
         t = time.perf_counter()
         mu, lv = self._encoder().encode_image(path)
-        encode_ms = _ms(t)
+        encode_ms = elapsed_ms(t)
         hits, timings, shortlist = self.search("text", mu, lv, k, score, exact)
-        timings = {"encode_ms": encode_ms, **timings, "total_ms": _ms(t)}
+        timings = {"encode_ms": encode_ms, **timings, "total_ms": elapsed_ms(t)}
         return QueryResult(str(path), "text", score, float(uncertainty(lv)), hits,
                            *self.confidence("image", lv), timings, shortlist_size=shortlist)
 
-
-def _ms(t0: float) -> float:
-    return round((time.perf_counter() - t0) * 1000, 3)

@@ -30,6 +30,7 @@ from core.atomic import manifest_kind
 from core.cluster import fault_point, import_ray
 from core.errors import PcmeError
 from core.scores import DEFAULT_SCORE, score_name
+from core.timing import elapsed_ms
 from indexer.manifest import MODALITIES, read_manifest  # not shards.py: no pyarrow to query
 
 from engine.search import QueryResult, SearchEngine, make_hits, uncertainty
@@ -203,7 +204,7 @@ class ShardedEngine:
         t = time.perf_counter()
         mu_q, lv_q = np.asarray(mu_q, np.float32), np.asarray(lv_q, np.float32)
         m, missing = self._merged(modality, mu_q, lv_q, k, score_name(score), exact, True)
-        timings = {"shards_ms": round((time.perf_counter() - t) * 1000, 3)}
+        timings = {"shards_ms": elapsed_ms(t)}
         out = []
         for q in range(len(mu_q)):
             hits = make_hits(m["ids"][q], m["keys"][q], m["p_match"][q], m["uncertainty"][q],
@@ -216,7 +217,7 @@ class ShardedEngine:
         t = time.perf_counter()
         answers, missing = self.answers(modality, mu[None], lv[None], k, score, exact)
         hits, timings, shortlist = answers[0]
-        timings["total_ms"] = round((time.perf_counter() - t) * 1000, 3)
+        timings["total_ms"] = elapsed_ms(t)
         return ShardedQueryResult(query=query, modality=modality, score=score,
                                   query_uncertainty=float(uncertainty(lv)), results=hits,
                                   timings_ms=timings, unknown_words=list(unknown),

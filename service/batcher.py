@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import PcmeError
+from core.timing import elapsed_ms
 from engine.search import QueryResult, uncertainty
 
 logger = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ class MicroBatcher:
     def _run(self, batch: list[Query]) -> None:
         t = time.perf_counter()
         gaussians = self._encode(batch)
-        encode_ms = _ms(t)
+        encode_ms = elapsed_ms(t)
         groups: dict[tuple, list[tuple[Query, tuple]]] = {}
         for q, g in zip(batch, gaussians):
             if isinstance(g, PcmeError):
@@ -183,7 +184,7 @@ class MicroBatcher:
             for (q, (mu_q, lv_q, unknown)), (hits, timings, shortlist) in zip(members, answers):
                 timings = {"queue_ms": round((t - q.queued) * 1000, 3), "encode_ms": encode_ms,
                            **timings, "batch": len(batch),
-                           "total_ms": _ms(q.queued)}
+                           "total_ms": elapsed_ms(q.queued)}
                 confidence, low = self.engine.confidence(QUERY_MODALITY[modality], lv_q)
                 q.future.set_result(QueryResult(
                     q.label, modality, score, float(uncertainty(lv_q)), hits,
@@ -235,6 +236,3 @@ def _settle(future: Future, fn, *args) -> None:
     except Exception as e:  # PcmeError or a bug: the caller turns it into a JSON error
         future.set_exception(e)
 
-
-def _ms(t0: float) -> float:
-    return round((time.perf_counter() - t0) * 1000, 3)

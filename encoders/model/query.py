@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from core.errors import PcmeError
+from core.timing import elapsed_ms
 from encoders.model.checkpoint import load_model, resolve_device
 from encoders.model.encode import (check_query_text, encode_images, encode_query_text,
                                    encode_texts)
@@ -48,7 +49,7 @@ class QueryEncoder:
         # text tower only: most queries are text; the image tower is built on the first image query
         model, vocab, _ = load_model(path, dev, expected_sha256, towers=("text",))
         encoder = cls(model, OpenVocab.for_model(model, vocab), dev, path, expected_sha256)
-        encoder.load_ms = round((time.perf_counter() - t) * 1000, 3)
+        encoder.load_ms = elapsed_ms(t)
         return encoder
 
     @classmethod
