@@ -221,3 +221,27 @@ def test_readme_tables_are_regenerated_from_eval_json(tmp_path):
     assert "| elk | t2i | 0.500 | 0.750 | 0.875 | 0.250 | 0.125 | 444.2 |" in text
     assert text.startswith("intro\n") and "\nmiddle\n" in text and text.endswith("end\n")
     assert main(["--readme", str(readme), "--check"]) == 0
+
+
+def test_a_query_process_ends_at_once_with_its_output_whole(trained, tmp_path):
+    """cli.py main: a successful query ends the process without the interpreter's shutdown
+    (os._exit: an atexit handler registered first never runs), yet its output, block-buffered
+    into a pipe, arrives whole; a failed query still shuts down as usual and exits 2 with its
+    one-line error."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    wrapper = ("import atexit, runpy, sys; atexit.register(lambda: print('SHUTDOWN', "
+               "file=sys.stderr)); sys.argv = ['cli.py'] + sys.argv[1:]; "
+               "runpy.run_path('cli.py', run_name='__main__')")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-c", wrapper, *map(str, args)],
+                              capture_output=True, text=True, cwd=root, timeout=300)
+    ok = cli("query", "a dog in a park", "--index", trained / "index", "--k", "3", "--json")
+    assert ok.returncode == 0, ok.stderr
+    out = __import__("json").loads(ok.stdout)
+    assert [h["rank"] for h in out["results"]] == [1, 2, 3]
+    assert "SHUTDOWN" not in ok.stderr
+    bad = cli("query", "a dog", "--index", tmp_path / "missing")
+    assert bad.returncode == 2 and bad.stdout == "" and "SHUTDOWN" in bad.stderr
+    error = bad.stderr.replace("SHUTDOWN", "").strip()
+    assert error.count("\n") == 0 and "index directory does not exist" in error
