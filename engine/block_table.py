@@ -1,5 +1,5 @@
 """The decoded list blocks of one modality as a table of addresses, for the compiled batch
-search (engine/kernels.py: batch_guaranteed_topk): row = inverted list number, one column per
+search (engine/table_kernels.py: batch_guaranteed_topk): row = inverted list number, one column per
 array of the block (kernels.FIELDS), plus each list's row count.
 
 A batch hands the kernel this table and its queries' probed list numbers, and one compiled
@@ -18,7 +18,7 @@ import threading
 
 import numpy as np
 
-from engine.kernels import FIELDS
+from engine.table_kernels import FIELDS
 
 
 class BlockTable:

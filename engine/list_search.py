@@ -4,7 +4,7 @@ the ANN stage ranks), so no FAISS range search is ever needed.
 
 - elk and bhattacharyya on format-4 blocks bound each row on its own (engine/row_bounds.py):
   the `first` rows of best bound are scored exactly, then only rows whose bound beats the k-th
-  key; one compiled call per piece of the batch (engine/kernels.py: batch_guaranteed_topk),
+  key; one compiled call per piece of the batch (engine/table_kernels.py: batch_guaranteed_topk),
   reading the blocks through their table of addresses (engine/block_table.py);
 - csd scores every probed row in one compiled pass (engine/block_rows.py: csd_topk);
 - the rest (w2, mc, format 3) take the rows in order of ⟨μ_q, μ⟩, rescore the first `first`,

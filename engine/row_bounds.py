@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine import kernels
+from engine import kernels, table_kernels
 from engine.block_table import BlockTable
 from engine.rescore import half_exp_table, spread_terms
 
@@ -76,12 +76,12 @@ class QueryTerms:
              queries: slice = slice(None)) -> None:
         """The exact top k of the queries `queries` (of the Q) over their probed lists `lists`
         [q, P] (-1 = none) of the block table `table` (engine/block_table.py), in one compiled
-        call (engine/kernels.py: batch_guaranteed_topk). out: (ids [q, k], μ [q, k, D],
+        call (engine/table_kernels.py: batch_guaranteed_topk). out: (ids [q, k], μ [q, k, D],
         log_var float16 [q, k, D], keys [q, k], shortlist sizes [q]) of those queries, written
         in place. Every query's lists must hold at least `first` ≥ k rows (the probe widens
         until they do)."""
         ids, mu, lv, keys, sizes = out
-        kernels.batch_guaranteed_topk(
+        table_kernels.batch_guaranteed_topk(
             table.addresses, table.rows, np.ascontiguousarray(lists, np.int64),
             table.code_type or np.float32, self.mu_q[queries], self.v_q[queries],
             self.g_q[queries], self.err, self.c, self.elk, self.key_const[queries],

@@ -143,7 +143,7 @@ def test_block_table_search_equals_brute_force_on_unaligned_blocks(codes):
                            row_stats=True, codes=codes)]
     assert not blocks[0].ids.flags.aligned
     table, numbers = BlockTable.of_blocks(blocks)
-    from engine.kernels import FIELDS
+    from engine.table_kernels import FIELDS
     sizes = [getattr(blocks[2], name).itemsize for name in FIELDS]   # each array's alignment
     assert np.all(table.addresses[[0, 2]] % sizes == 0) and table.rows.tolist() == [30, 0, 40]
     assert table.code_type is (np.int16 if codes else np.float32)
