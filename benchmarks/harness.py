@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import PcmeError
-from core.montecarlo import draw_all_noise
+from core.served_mc import draw_all_noise
 from core.process import settle_heap
 from core.scores import SCORES, score_name
 from engine.search import SearchEngine

@@ -19,9 +19,8 @@ import json
 import sys
 
 import numpy as np
-import torch
 
-from core.montecarlo import fixed_match_prob
+from core.served_mc import fixed_match_prob
 from engine.search import SearchEngine
 
 
@@ -39,10 +38,10 @@ def run(index: str, queries: int, samples: int | None, reference: int, shortlist
         q_ids = np.linspace(0, n_txt - 1, min(queries, n_txt)).astype(np.int64)
         mu_q, lv_q = reader.fetch("text", q_ids)
         mu_d, lv_d = reader.fetch("image", np.arange(n_img))
-    t = [torch.from_numpy(np.ascontiguousarray(x, np.float32)) for x in (mu_q, lv_q, mu_d, lv_d)]
+    t = [np.ascontiguousarray(x, np.float32) for x in (mu_q, lv_q, mu_d, lv_d)]
     ids = np.arange(n_img)
-    served_p = fixed_match_prob(*t, ids, a, b, samples).numpy()
-    ref_p = fixed_match_prob(*t, ids, a, b, reference).numpy()
+    served_p = fixed_match_prob(*t, ids, a, b, samples)
+    ref_p = fixed_match_prob(*t, ids, a, b, reference)
     top_served, top_ref = (np.argsort(-p, axis=1)[:, :k] for p in (served_p, ref_p))
     ip_order = np.argsort(-(mu_q @ mu_d.T), axis=1)
     out = {"index": index, "queries": len(q_ids), "images": n_img, "k": k, "samples": samples,

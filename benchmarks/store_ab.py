@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from core.montecarlo import draw_all_noise
+from core.served_mc import draw_all_noise
 from core.process import configure_process
 from engine.search import SearchEngine
 

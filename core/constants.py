@@ -9,6 +9,8 @@ import math
 MC_SAMPLES = 16        # J used by eval and serving (recorded in the index manifest)
 MC_SEED = 0            # seed of the fixed noise table
 NOISE_ROWS = 4096      # items share a noise row when their ids agree modulo this
+DIST_EPS = 1e-12       # inside the match probability's sqrt: keeps the gradient of ‖·‖ finite
+                       # when samples coincide
 LOG_2PI = math.log(2.0 * math.pi)
 
 # The score a query gets when none is asked for, by the modality of the QUERY: text queries

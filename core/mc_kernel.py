@@ -1,4 +1,4 @@
-"""The compiled inner loop of the served match probability (core/montecarlo.py:
+"""The compiled inner loop of the served match probability (core/served_mc.py:
 fixed_match_prob): squared distances between the query's samples and each item's samples,
 with the item's samples made on the fly from its noise row, one item at a time.
 

@@ -2,8 +2,9 @@
 
 Every score broadcasts over leading dimensions: inputs are (..., D), the output is (...), so
 one call scores a query against a shortlist ((D,) vs (M, D)) or a whole grid ((Q, 1, D) vs
-(1, M, D)). Some scores are similarities (higher is better), some are distances (lower is
-better); `SCORES` records which, `score_name` is the one validator of a user's score name, and
+(1, M, D)). The closed forms take torch tensors (training, eval) or numpy arrays (the engine)
+alike, and this module imports no torch: a text query never loads it. Some scores are
+similarities (higher is better), some are distances (lower is better); `SCORES` records which, `score_name` is the one validator of a user's score name, and
 `rank_key` turns any score into "higher is better". The Monte-Carlo score lives in
 core/montecarlo.py, full [Q, M] matrices in core/pairwise.py; both reuse the kernels here.
 """
@@ -13,31 +14,34 @@ import logging
 import math
 
 import numpy as np
-import torch
 
 from core.constants import DEFAULT_SCORE, LOG_2PI  # noqa: F401  (re-exported)
 from core.errors import PcmeError
-from core.montecarlo import match_prob
 
 logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------- shape checks
 
-def check_dims(mu_q: torch.Tensor, mu_d: torch.Tensor) -> None:
-    if mu_q.dim() < 1 or mu_d.dim() < 1:
+def _exp(x):
+    """exp of a numpy array or a torch tensor, in its own library."""
+    return np.exp(x) if isinstance(x, np.ndarray) else x.exp()
+
+
+def check_dims(mu_q, mu_d) -> None:
+    if mu_q.ndim < 1 or mu_d.ndim < 1:
         raise PcmeError(f"scores: inputs must be (..., D), got shapes {tuple(mu_q.shape)} and "
                         f"{tuple(mu_d.shape)}")
     if mu_q.shape[-1] != mu_d.shape[-1]:
         raise PcmeError(f"scores: query dim {mu_q.shape[-1]} != item dim {mu_d.shape[-1]}")
 
 
-def check_mu(mu_q: torch.Tensor, mu_d: torch.Tensor) -> torch.Size:
+def check_mu(mu_q, mu_d) -> tuple[int, ...]:
     """Check (..., D) inputs; return the broadcast output shape (...)."""
     check_dims(mu_q, mu_d)
     try:
-        return torch.broadcast_shapes(mu_q.shape[:-1], mu_d.shape[:-1])
-    except RuntimeError:
+        return np.broadcast_shapes(tuple(mu_q.shape[:-1]), tuple(mu_d.shape[:-1]))
+    except ValueError:
         raise PcmeError(f"scores: leading shapes {tuple(mu_q.shape[:-1])} and "
                         f"{tuple(mu_d.shape[:-1])} do not broadcast") from None
 
@@ -49,26 +53,30 @@ def check_sides(mu_q, log_var_q, mu_d, log_var_d) -> None:
                             f"{tuple(log_var.shape)}")
 
 
-def check_gauss(mu_q, log_var_q, mu_d, log_var_d) -> torch.Size:
+def check_gauss(mu_q, log_var_q, mu_d, log_var_d) -> tuple[int, ...]:
     check_sides(mu_q, log_var_q, mu_d, log_var_d)
     return check_mu(mu_q, mu_d)
 
 
 # ---------------------------------------------------------------------------- closed forms
 
-def mu_sim(mu_q: torch.Tensor, mu_d: torch.Tensor) -> torch.Tensor:
+def mu_sim(mu_q, mu_d):
     """<μ_q, μ_d>: cosine similarity for L2-normalised μ (higher is better)."""
     check_mu(mu_q, mu_d)
-    return torch.einsum("...d,...d->...", mu_q, mu_d)  # einsum: no (..., D) broadcast copy
+    if isinstance(mu_q, np.ndarray):
+        return np.einsum("...d,...d->...", mu_q, mu_d)   # einsum: no (..., D) broadcast copy
+    import torch   # already loaded: the inputs are tensors
+
+    return torch.einsum("...d,...d->...", mu_q, mu_d)
 
 
-def csd(mu_q, log_var_q, mu_d, log_var_d) -> torch.Tensor:
+def csd(mu_q, log_var_q, mu_d, log_var_d):
     """‖μ_q−μ_d‖² + Σv_q + Σv_d = E‖z_q − z_d‖² (PCME++ closed-form sampled distance; lower)."""
     check_gauss(mu_q, log_var_q, mu_d, log_var_d)
-    return ((mu_q - mu_d) ** 2).sum(-1) + log_var_q.exp().sum(-1) + log_var_d.exp().sum(-1)
+    return ((mu_q - mu_d) ** 2).sum(-1) + _exp(log_var_q).sum(-1) + _exp(log_var_d).sum(-1)
 
 
-def spread_kernel(mu_q, var_q, mu_d, var_d, c: float = 1.0) -> torch.Tensor:
+def spread_kernel(mu_q, var_q, mu_d, var_d, c: float = 1.0):
     """Σ_d [c·Δμ²/s + log s] with s = var_q + var_d (var = exp(log_var); broadcast): the
     non-separable part shared by elk (c = 1) and bhattacharyya (c = ½). The one kernel of
     both scores, used alike by the contract functions, core/pairwise.py and the engine's
@@ -97,25 +105,33 @@ def bhattacharyya_from_kernel(kernel, sum_lv_q, sum_lv_d, dim: int):
     return 0.5 * kernel - 0.5 * dim * math.log(2.0) - 0.25 * (sum_lv_q + sum_lv_d)
 
 
-def elk(mu_q, log_var_q, mu_d, log_var_d) -> torch.Tensor:
+def elk(mu_q, log_var_q, mu_d, log_var_d):
     """log N(μ_q; μ_d, diag(v_q+v_d)), the log expected likelihood kernel (higher is better)."""
     check_gauss(mu_q, log_var_q, mu_d, log_var_d)
-    kernel = spread_kernel(mu_q, log_var_q.exp(), mu_d, log_var_d.exp())
+    kernel = spread_kernel(mu_q, _exp(log_var_q), mu_d, _exp(log_var_d))
     return elk_from_kernel(kernel, mu_q.shape[-1])
 
 
-def w2(mu_q, log_var_q, mu_d, log_var_d) -> torch.Tensor:
+def w2(mu_q, log_var_q, mu_d, log_var_d):
     """Squared 2-Wasserstein distance ‖Δμ‖² + ‖σ_q − σ_d‖² for diagonal Gaussians (lower)."""
     check_gauss(mu_q, log_var_q, mu_d, log_var_d)
-    d_sigma = torch.exp(0.5 * log_var_q) - torch.exp(0.5 * log_var_d)
+    d_sigma = _exp(0.5 * log_var_q) - _exp(0.5 * log_var_d)
     return ((mu_q - mu_d) ** 2).sum(-1) + (d_sigma ** 2).sum(-1)
 
 
-def bhattacharyya(mu_q, log_var_q, mu_d, log_var_d) -> torch.Tensor:
+def bhattacharyya(mu_q, log_var_q, mu_d, log_var_d):
     """Bhattacharyya distance −log ∫√(p q) between the two diagonal Gaussians (lower)."""
     check_gauss(mu_q, log_var_q, mu_d, log_var_d)
-    kernel = spread_kernel(mu_q, log_var_q.exp(), mu_d, log_var_d.exp(), 0.5)
+    kernel = spread_kernel(mu_q, _exp(log_var_q), mu_d, _exp(log_var_d), 0.5)
     return bhattacharyya_from_kernel(kernel, log_var_q.sum(-1), log_var_d.sum(-1), mu_q.shape[-1])
+
+
+def match_prob(*args, **kwargs):
+    """The Monte-Carlo match probability: core/montecarlo.py's match_prob (torch only,
+    imported when first called)."""
+    from core.montecarlo import match_prob as torch_match_prob
+
+    return torch_match_prob(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------- registry

@@ -17,8 +17,7 @@ import numpy as np
 from indexer import augmented as aug
 
 from core.errors import PcmeError
-from engine.exact import ExactSearcher
-from core.montecarlo import MC_SAMPLES
+from core.constants import MC_SAMPLES
 from core.scores import score_name
 from core.timing import elapsed_ms
 from engine.rescore import CHUNK_FLOATS, rescore_gathered
@@ -67,11 +66,14 @@ class BatchSearcher:
         self._pool: ThreadPoolExecutor | None = None
         self.mc_samples = mc_samples
         self.guarantee = guarantee
-        self._exact: dict[str, ExactSearcher] = {}
+        self._exact: dict = {}   # modality -> engine.exact.ExactSearcher
         self._bound_cache: dict[str, VarianceBounds | None] = {}
         self._list_search: dict[str, object] = {}   # modality: its ListSearch, made once
 
-    def exact(self, modality: str) -> ExactSearcher:
+    def exact(self, modality: str):
+        """Exhaustive search over `modality` (engine/exact.py: torch, loaded only for it)."""
+        from engine.exact import ExactSearcher
+
         if modality not in self._exact:
             self._exact[modality] = ExactSearcher(self.reader, modality)
         return self._exact[modality]

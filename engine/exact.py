@@ -6,7 +6,7 @@ float32 tensors (1M × 256 is 2 GB for both); larger modalities (10M × 256 woul
 streamed from the store a block at a time on every call, so memory stays bounded whatever N. Items are scored a block at a time with `scores.pairwise` (matmul fast paths
 for mu/csd/w2), keeping a running top-k, so the temporaries stay a few tens of MB whatever N.
 `mc` uses the same per-item noise and kernel as the shortlist rescorer
-(core.montecarlo.fixed_match_prob), so both give the same numbers.
+(core.served_mc.fixed_match_prob), so both give the same numbers.
 Cost at 1M × 256 on 2 cores: ~1 s per query for elk/bhattacharyya, ~2 s for mc, and a
 fixed ~20 s to read all vectors once.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from core.errors import PcmeError
-from core.montecarlo import MC_SAMPLES, fixed_match_prob
+from core.served_mc import MC_SAMPLES, fixed_match_prob
 from core.pairwise import pairwise
 from core.scores import rank_key, score_name
 
@@ -80,4 +80,5 @@ class ExactSearcher:
     def _block_keys(self, score, q_mu, q_lv, d_mu, d_lv, ids, a, b, mc_samples) -> torch.Tensor:
         if score != "mc":
             return rank_key(score, pairwise(score, q_mu, q_lv, d_mu, d_lv))
-        return fixed_match_prob(q_mu, q_lv, d_mu, d_lv, ids, a, b, mc_samples)
+        return torch.from_numpy(fixed_match_prob(q_mu.numpy(), q_lv.numpy(), d_mu.numpy(),
+                                                 d_lv.numpy(), ids, a, b, mc_samples))

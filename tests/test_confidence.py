@@ -10,7 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app, open_engine
-from core.montecarlo import MC_SAMPLES, match_prob, item_noise
+from core.montecarlo import match_prob
+from core.served_mc import MC_SAMPLES, item_noise
 from encoders.training.uncertainty import auroc, risk_coverage, uncertainty_report
 from engine.confidence import Calibration
 from indexer.reader import IndexReader
@@ -72,7 +73,7 @@ def test_query_reports_p_match_and_confidence_from_the_index(trained):
     eps_q, eps_d = item_noise(ids, MC_SAMPLES, mu_d.shape[1])
     t = lambda x: torch.from_numpy(np.asarray(x, np.float32))
     expected = match_prob(t(mu_q), t(lv_q), t(mu_d), t(lv_d), a, b, MC_SAMPLES,
-                          eps_q=eps_q[:, 0], eps_d=eps_d)
+                          eps_q=t(eps_q[:, 0]), eps_d=t(eps_d))
     np.testing.assert_allclose([h.p_match for h in result.results], expected.numpy(), rtol=1e-4)
     assert all(0.0 <= h.p_match <= 1.0 for h in result.results)
     assert cal is not None  # train wrote eval.json for this checkpoint; index copied its table
@@ -102,7 +103,7 @@ def test_index_gets_no_calibration_from_another_checkpoints_eval(trained, tmp_pa
 def test_eval_mc_is_the_mc_that_queries_get(trained):
     """eval's mc matrix (text→image) and the engine's exhaustive mc give the same numbers for
     the same vectors: one sample count, one noise, one kernel."""
-    from core.montecarlo import MC_SAMPLES as served
+    from core.served_mc import MC_SAMPLES as served
     from encoders.training.evaluate import score_matrix
 
     with open_engine(trained / "index") as eng:

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from cli import app
 from core import scores as S
 from engine.batch import BatchSearcher
-from core.montecarlo import MC_SAMPLES, fixed_match_prob, item_noise
+from core.served_mc import MC_SAMPLES, fixed_match_prob, item_noise
 from engine.search import SearchEngine
 from indexer.variance import VarianceBounds, unseen_best
 from benchmarks.harness import SINGLE_ROUNDS
@@ -66,7 +66,8 @@ def brute(score, mu_q, lv_q, mu, lv, a=5.0, b=5.0):
     elif score == "mc":
         eps_q, eps_d = item_noise(np.arange(len(mu)), MC_SAMPLES, mu.shape[1])
         raw = S.match_prob(q[0][None], q[1][None], d[0], d[1], a, b, MC_SAMPLES,
-                           eps_q=eps_q.double(), eps_d=eps_d.double())
+                           eps_q=torch.from_numpy(eps_q).double(),
+                           eps_d=torch.from_numpy(eps_d).double())
     else:
         raw = S.SCORES[score][0](q[0][None], q[1][None], d[0], d[1])
     return S.rank_key(score, raw).numpy()
@@ -177,9 +178,9 @@ def test_hits_p_match_is_the_fixed_noise_match_probability(flat, queries, score)
         ids = np.array([h.id for h in hits])
         mu, lv = e.reader.fetch("image", ids)
         a, b = e.batch.a, e.batch.b
-    q = [torch.from_numpy(x.astype(np.float64))[None] for x in (mu_q, lv_q)]
-    d = [torch.from_numpy(x.astype(np.float64)) for x in (mu, lv)]
-    ref = fixed_match_prob(*q, *d, ids, a, b).numpy()[0]
+    q = [x.astype(np.float64)[None] for x in (mu_q, lv_q)]
+    d = [x.astype(np.float64) for x in (mu, lv)]
+    ref = fixed_match_prob(*q, *d, ids, a, b)[0]
     np.testing.assert_allclose([h.p_match for h in hits], ref, rtol=1e-5, atol=1e-7)
     if score == "mc":
         assert [h.p_match for h in hits] == [h.score for h in hits]
@@ -191,9 +192,9 @@ def _reference_keys(score, mu_q, lv_q, items, a, b):
     two together)."""
     if score != "mc":
         return brute(score, mu_q, lv_q, items.mu, items.log_var, a, b)
-    q = [torch.from_numpy(x.astype(np.float64))[None] for x in (mu_q, lv_q)]
-    d = [torch.from_numpy(x.astype(np.float64)) for x in (items.mu, items.log_var)]
-    return fixed_match_prob(*q, *d, items.ids, a, b).numpy()[0]
+    q = [x.astype(np.float64)[None] for x in (mu_q, lv_q)]
+    d = [x.astype(np.float64) for x in (items.mu, items.log_var)]
+    return fixed_match_prob(*q, *d, items.ids, a, b)[0]
 
 
 @pytest.mark.slow

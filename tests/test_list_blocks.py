@@ -9,9 +9,8 @@ import shutil
 import lmdb
 import numpy as np
 import pytest
-import torch
 
-from core.montecarlo import fixed_match_prob
+from core.served_mc import fixed_match_prob
 from benchmarks.synthetic import SyntheticSpec, write_synthetic_shards
 from engine.batch import BatchSearcher
 from engine.search import SearchEngine
@@ -160,9 +159,9 @@ def test_list_path_equals_brute_force_over_the_probed_lists_and_the_id_path(inde
         if score == "mc":  # a fixed shortlist: the μ top of the probed lists, rescored
             inside = inside[np.argsort(-(mu[inside] @ mu_q[i]), kind="stable")[:200]]
         if score == "mc":  # the serving noise is keyed by id
-            q = [torch.from_numpy(x.astype(np.float64))[None] for x in (mu_q[i], lv_q[i])]
-            d = [torch.from_numpy(x[inside].astype(np.float64)) for x in (mu, lv)]
-            ref[inside] = fixed_match_prob(*q, *d, inside, 5.0, 5.0).numpy()[0]
+            q = [x.astype(np.float64)[None] for x in (mu_q[i], lv_q[i])]
+            d = [x[inside].astype(np.float64) for x in (mu, lv)]
+            ref[inside] = fixed_match_prob(*q, *d, inside, 5.0, 5.0)[0]
         else:
             ref[inside] = brute(score, mu_q[i], lv_q[i], mu[inside], lv[inside])
         check_topk(got.ids[i], got.keys[i], ref)

@@ -1,17 +1,17 @@
-"""The fixed serving noise (core/montecarlo.py) is drawn row by row on first use: a row's
+"""The fixed serving noise (core/served_mc.py) is drawn row by row on first use: a row's
 values do not depend on which rows were drawn before it, and they are standard normal."""
 import numpy as np
 import pytest
 
-from core import montecarlo as mc
+from core import served_mc as mc
 
 
 def test_rows_do_not_depend_on_draw_order():
     mc._noise_table.cache_clear()
-    late = mc._noise_rows(np.asarray([7, 4095, 4096]), 4, 6).numpy().copy()
+    late = mc.noise_rows(np.asarray([7, 4095, 4096]), 4, 6).copy()
     mc._noise_table.cache_clear()
-    mc._noise_rows(np.arange(0, 4097, 3), 4, 6)           # other rows first
-    again = mc._noise_rows(np.asarray([7, 4095, 4096]), 4, 6).numpy()
+    mc.noise_rows(np.arange(0, 4097, 3), 4, 6)           # other rows first
+    again = mc.noise_rows(np.asarray([7, 4095, 4096]), 4, 6)
     np.testing.assert_array_equal(late, again)
     eps_q, eps_d = mc.item_noise(np.asarray([[7, 7 + mc.NOISE_ROWS]]), 4, 6)
     np.testing.assert_array_equal(eps_d[:, 0, 0], late[0])  # ids agreeing mod NOISE_ROWS share
@@ -21,9 +21,9 @@ def test_rows_do_not_depend_on_draw_order():
 
 def test_rows_are_standard_normal():
     mc._noise_table.cache_clear()
-    x = mc._noise_rows(np.arange(mc.NOISE_ROWS), 2, 8).numpy().ravel()
+    x = mc.noise_rows(np.arange(mc.NOISE_ROWS), 2, 8).ravel()
     assert abs(x.mean()) < 0.01 and abs(x.std() - 1) < 0.01   # 65k draws: std errors 0.004, 0.003
-    rows = mc._noise_rows(np.arange(mc.NOISE_ROWS), 2, 8).numpy().reshape(mc.NOISE_ROWS, -1)
+    rows = mc.noise_rows(np.arange(mc.NOISE_ROWS), 2, 8).reshape(mc.NOISE_ROWS, -1)
     assert np.abs(np.corrcoef(rows[:200])[np.triu_indices(200, 1)]).max() < 0.9  # distinct streams
 
 
@@ -32,8 +32,6 @@ def test_fixed_match_prob_is_the_pair_average_over_the_item_rows(monkeypatch, lo
     """fixed_match_prob in blocks (three items per block here, the last one short), by the
     compiled loop and by the matrix product, against a float64 numpy sum over every sample
     pair, each side sampled from its own noise row."""
-    import torch
-
     monkeypatch.setattr(mc, "LOOP_MAX_QUERY_SAMPLES", 10**9 if loop else 0)
     monkeypatch.setattr(mc, "LOOP_MIN_ITEMS", 1)
     monkeypatch.setattr(mc, "FIXED_BLOCK_FLOATS", 3 * 4 * (2 * 4))  # J · Q·J per item: 3 items
@@ -42,10 +40,9 @@ def test_fixed_match_prob_is_the_pair_average_over_the_item_rows(monkeypatch, lo
     lv_q, lv_d = rng.normal(-2.0, 0.5, (2, 6)), rng.normal(-2.0, 0.5, (10, 6))
     ids = rng.integers(0, 3 * mc.NOISE_ROWS, 10)
     a, b = 3.0, 1.5
-    got = mc.fixed_match_prob(*(torch.from_numpy(x) for x in (mu_q, lv_q, mu_d, lv_d)), ids,
-                              a, b, n_samples=4).numpy()
-    eps_q = mc._noise_rows(np.asarray([mc.NOISE_ROWS]), 4, 6).numpy()[0].astype(np.float64)
-    eps_d = mc._noise_rows(ids % mc.NOISE_ROWS, 4, 6).numpy().astype(np.float64)
+    got = mc.fixed_match_prob(mu_q, lv_q, mu_d, lv_d, ids, a, b, n_samples=4)
+    eps_q = mc.noise_rows(np.asarray([mc.NOISE_ROWS]), 4, 6)[0].astype(np.float64)
+    eps_d = mc.noise_rows(ids % mc.NOISE_ROWS, 4, 6).astype(np.float64)
     z_q = mu_q[:, None] + np.exp(lv_q / 2)[:, None] * eps_q             # [Q, J, D]
     z_d = mu_d[:, None] + np.exp(lv_d / 2)[:, None] * eps_d             # [M, J, D]
     dist = np.linalg.norm(z_q[:, :, None, None] - z_d[None, None], axis=-1)   # [Q, J, M, J]

@@ -17,7 +17,7 @@ from core.errors import PcmeError
 
 from encoders.model.images import ImageError, load_image
 from encoders.model.networks import PCME
-from encoders.model.text import MAX_WORDS, Vocab, tokenize
+from encoders.model.text import Vocab, check_query_text
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def encode_texts(model: PCME, vocab: Vocab, texts: Sequence[str], device: torch.
         ids, extra, _ = vocab.encode_batch(list(texts[sl]))
         tokens, lengths = pad_tokens(ids)
         mu, lv = model.text(tokens.to(device), lengths,
-                            None if extra is None else extra.to(device))
+                            None if extra is None else torch.from_numpy(extra).to(device))
         mus.append(mu.float().cpu().numpy())
         lvs.append(lv.float().cpu().numpy())
         if progress:
@@ -82,23 +82,6 @@ def encode_images(model: PCME, load, n: int, device: torch.device, batch_size: i
         if progress:
             progress(sl.stop - sl.start)
     return np.concatenate(mus), np.concatenate(lvs)
-
-
-def check_query_text(vocab: Vocab, text: str) -> list[str]:
-    """The unknown words of a query; rejects queries with nothing known."""
-    if not text or not text.strip():
-        raise PcmeError("query: empty text")
-    words = tokenize(text)
-    if not words:
-        raise PcmeError("query: no words in the text (only punctuation or symbols)")
-    if len(words) > MAX_WORDS:
-        raise PcmeError(f"query: {len(words)} words; the text encoder reads at most {MAX_WORDS}: "
-                        f"shorten the query (nothing was searched)")
-    ids, _, (unknown,) = vocab.encode_batch([text])   # Vocab or OpenVocab (GloVe's words too)
-    if len(ids[0]) - 2 == len(unknown):
-        raise PcmeError(f"query: no word of the query is in the vocabulary or GloVe "
-                        f"({' '.join(unknown[:10])})")
-    return unknown
 
 
 def encode_query_text(model: PCME, vocab: Vocab, text: str, device: torch.device):

@@ -18,7 +18,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from encoders.model.text import END, MAX_TOKENS, SPECIALS, START, UNK, Vocab, tokenize
 
@@ -82,14 +81,18 @@ class OpenVocab:
 
     @classmethod
     def for_model(cls, model, vocab: Vocab) -> "OpenVocab | Vocab":
-        """The open vocabulary of a trained model, or its closed vocabulary when the GloVe
-        package is missing or its width differs from the model's word vectors."""
+        """The open vocabulary of a trained torch model (see for_words)."""
+        return cls.for_words(model.text.embed.weight.detach().float().cpu().numpy(), vocab)
+
+    @classmethod
+    def for_words(cls, learned: np.ndarray, vocab: Vocab) -> "OpenVocab | Vocab":
+        """The open vocabulary of a model whose learned word vectors are `learned` [V, d], or
+        its closed vocabulary when the GloVe package is missing or its width differs."""
         try:
             table = GloveTable()
         except ImportError:
             logger.info("GloVe package not installed: closed vocabulary")
             return vocab
-        learned = model.text.embed.weight.detach().float().cpu().numpy()
         if learned.shape[1] != table.dim:
             logger.info("word vectors are %d-d, GloVe package %d-d: closed vocabulary",
                         learned.shape[1], table.dim)
@@ -106,4 +109,4 @@ class OpenVocab:
                + [index[END]] for ws in toks]
         unknown = [[w for w in ws if w not in index and w not in found] for ws in toks]
         vecs = (np.stack(list(found.values())) @ self.map) if found else None
-        return ids, (torch.from_numpy(vecs) if vecs is not None else None), unknown
+        return ids, vecs, unknown

@@ -73,6 +73,24 @@ class Vocab:
         return [p[0] for p in pairs], None, [p[1] for p in pairs]
 
 
+def check_query_text(vocab, text: str) -> list[str]:
+    """The unknown words of a query (`vocab`: a Vocab or an OpenVocab, which also knows GloVe's
+    words); rejects queries with nothing known."""
+    if not text or not text.strip():
+        raise PcmeError("query: empty text")
+    words = tokenize(text)
+    if not words:
+        raise PcmeError("query: no words in the text (only punctuation or symbols)")
+    if len(words) > MAX_WORDS:
+        raise PcmeError(f"query: {len(words)} words; the text encoder reads at most {MAX_WORDS}: "
+                        f"shorten the query (nothing was searched)")
+    ids, _, (unknown,) = vocab.encode_batch([text])   # Vocab or OpenVocab (GloVe's words too)
+    if len(ids[0]) - 2 == len(unknown):
+        raise PcmeError(f"query: no word of the query is in the vocabulary or GloVe "
+                        f"({' '.join(unknown[:10])})")
+    return unknown
+
+
 def glove_vectors(wanted: set[str], glove: str = "") -> dict[str, np.ndarray]:
     """{word: vector} for the wanted words GloVe knows: from the text file `glove`, or from the
     offline GloVe 6B 50-d package when empty."""

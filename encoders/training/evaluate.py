@@ -11,7 +11,7 @@ import logging
 import numpy as np
 import torch
 
-from core.montecarlo import MC_SAMPLES, fixed_match_prob
+from core.served_mc import MC_SAMPLES, fixed_match_prob
 from core.pairwise import pairwise
 from core.scores import DEFAULT_SCORE, rank_key
 
@@ -43,16 +43,17 @@ MC_CHUNK = 16  # caption queries per mc block: [16, J, n_images, J] logits
 
 def score_matrix(name: str, txt, img, a: float, b: float, n_samples: int = MC_SAMPLES):
     """[n_captions, n_images] matrix where higher = better, for any score of core.scores.
-    mc uses the serving noise (core.montecarlo.fixed_match_prob, images keyed by their id =
+    mc uses the serving noise (core.served_mc.fixed_match_prob, images keyed by their id =
     row), so its text→image ranking is exactly what `query --score mc` serves; image→text
     reads the same matrix transposed."""
+    if name == "mc":
+        (t_mu, t_lv), (i_mu, i_lv) = txt, img
+        ids = np.arange(len(i_mu))
+        return np.concatenate([fixed_match_prob(t_mu[s:s + MC_CHUNK], t_lv[s:s + MC_CHUNK], i_mu,
+                                                i_lv, ids, a, b, n_samples)
+                               for s in range(0, len(t_mu), MC_CHUNK)])
     t_mu, t_lv = (torch.from_numpy(x) for x in txt)
     i_mu, i_lv = (torch.from_numpy(x) for x in img)
-    if name == "mc":
-        ids = np.arange(len(i_mu))
-        return torch.cat([fixed_match_prob(t_mu[s:s + MC_CHUNK], t_lv[s:s + MC_CHUNK], i_mu,
-                                           i_lv, ids, a, b, n_samples)
-                          for s in range(0, len(t_mu), MC_CHUNK)]).numpy()
     return rank_key(name, pairwise(name, t_mu, t_lv, i_mu, i_lv)).numpy()
 
 
