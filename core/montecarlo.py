@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from core.constants import DIST_EPS, MC_SAMPLES  # noqa: F401  (re-exported)
+from core.constants import DIST_EPS
 from core.errors import PcmeError
 
 

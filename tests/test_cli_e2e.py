@@ -102,22 +102,31 @@ def test_index_with_augmented_scores_and_recall_target(trained, tmp_path):
     assert bad.exit_code == 2 and "augmented index for ['elk']" in bad.output
 
 
-def test_query_encoder_loads_the_text_tower_only_until_an_image_query(trained):
-    """A text query needs neither the ResNet nor its weights; the first image query adds them,
-    and both towers give what the fully loaded model gives."""
-    from encoders.model.checkpoint import load_model
-    from encoders.model.query import QueryEncoder
+def test_query_encoder_reads_text_in_numpy_and_builds_the_image_tower_on_demand(trained):
+    """Text queries go through the numpy text tower, without torch's model, and give what the
+    torch model gives through the same open vocabulary (a word outside the training captions
+    included); the first image query builds the image tower alone, equal to the full model."""
     import torch
+
+    from encoders.model.checkpoint import load_model
+    from encoders.model.encode import encode_images, encode_texts
+    from encoders.model.open_vocab import OpenVocab
+    from encoders.model.query import QueryEncoder
+
     ckpt = trained / "run" / "checkpoint.pt"
     enc = QueryEncoder.from_checkpoint(ckpt)
-    assert enc.model.image is None and enc.model.text is not None
-    full, _, _ = load_model(ckpt, torch.device("cpu"))
-    mu, lv, _ = enc.encode_text("a dog next to a car")
-    ref = QueryEncoder(full, enc.vocab, torch.device("cpu")).encode_text("a dog next to a car")
-    np.testing.assert_array_equal(mu, ref[0])
-    np.testing.assert_array_equal(lv, ref[1])
+    assert enc.image_model is None
+    full, vocab, _ = load_model(ckpt, torch.device("cpu"))
+    texts = ["a dog next to a car", "a giraffe left of a bus"]   # giraffe: not a training word
+    got = enc.encode_texts(texts)
+    assert got[1][2] == [] and "giraffe" not in vocab.index
+    mu, lv = encode_texts(full, OpenVocab.for_model(full, vocab), texts, torch.device("cpu"))
+    np.testing.assert_allclose(np.stack([g[0] for g in got]), mu, atol=1e-5)
+    np.testing.assert_allclose(np.stack([g[1] for g in got]), lv, atol=1e-5)
     image = trained / "data" / "scenes" / "test" / "images" / "000002.png"
     got = enc.encode_image(image)
-    assert enc.model.image is not None
-    want = QueryEncoder(full, enc.vocab, torch.device("cpu")).encode_image(image)
-    np.testing.assert_array_equal(got[0], want[0])
+    assert enc.image_model is not None and enc.image_model.text is None
+    from PIL import Image
+    want = encode_images(full, lambda i: Image.open(image), 1, torch.device("cpu"))
+    np.testing.assert_allclose(got[0], want[0][0], atol=1e-6)
+    np.testing.assert_allclose(got[1], want[1][0], atol=1e-6)

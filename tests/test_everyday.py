@@ -245,3 +245,19 @@ def test_a_query_process_ends_at_once_with_its_output_whole(trained, tmp_path):
     assert bad.returncode == 2 and bad.stdout == "" and "SHUTDOWN" in bad.stderr
     error = bad.stderr.replace("SHUTDOWN", "").strip()
     assert error.count("\n") == 0 and "index directory does not exist" in error
+
+
+def test_a_text_query_process_never_imports_torch(trained):
+    """A one-shot text query reads the text tower from the checkpoint in numpy and scores in
+    numpy (encoders/model/text_numpy.py, core/served_mc.py): python -X importtime lists every
+    module the process imported, and neither torch nor any of its modules is among them."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-X", "importtime", "cli.py", "query", "a dog in a park",
+                          "--index", str(trained / "index"), "--k", "3", "--json"],
+                         capture_output=True, text=True, cwd=root, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert len(__import__("json").loads(run.stdout)["results"]) == 3
+    imported = {line.rsplit("|", 1)[1].strip() for line in run.stderr.splitlines()
+                if line.startswith("import time:") and "|" in line}
+    assert "numpy" in imported and "faiss" in imported          # the listing is real
+    assert not {m for m in imported if m == "torch" or m.startswith("torch.")}

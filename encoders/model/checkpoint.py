@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from core.commands import cli_command
 from core.errors import PcmeError
-from core.atomic import atomic_write, sha256_file
+from core.atomic import atomic_write
+
+from encoders.model.checkpoint_reader import check_recorded_sha256, missing_hint
 
 from encoders.model.config import model_config_from_dict
 from encoders.model.networks import PCME, TOWERS
@@ -41,23 +42,13 @@ def save_checkpoint(path: str | Path, model: PCME, **extra) -> None:
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def _missing_hint(path: Path) -> str:
-    """A typo is told which checkpoints exist beside it; no checkpoint at all, how to make one."""
-    if path.is_dir():
-        return "is a directory, not a checkpoint file"
-    found = sorted(p.name for p in path.parent.glob("*.pt")) if path.parent.is_dir() else []
-    if found:
-        return f"file not found; {path.parent} has {', '.join(found)}"
-    return f"file not found; train first, run: {cli_command('train')}"
-
-
 def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     """`mmap`: tensors stay in the mapped file until used; a model load copies what it needs,
     so the optimizer state a training checkpoint also holds is never read (half of a one-shot
     query's load time)."""
     path = Path(path)
     if not path.is_file():
-        raise PcmeError(f"checkpoint {path}: {_missing_hint(path)}")
+        raise PcmeError(f"checkpoint {path}: {missing_hint(path)}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated, foreign or pickled-object files all end here
@@ -71,9 +62,7 @@ def load_model(path: str | Path, device: torch.device, expected_sha256: str | No
                towers: tuple[str, ...] = TOWERS):
     """-> (model in eval mode on device, vocabulary, checkpoint dict). `towers` limits what is
     built and loaded (PCME); the checkpoint must still hold every tower's weights."""
-    if expected_sha256 and Path(path).is_file() and sha256_file(path) != expected_sha256:
-        raise PcmeError(f"checkpoint {path}: sha256 differs from the one recorded in the index "
-                        "manifest (the model changed since indexing; re-encode and re-index)")
+    check_recorded_sha256(path, expected_sha256)
     ckpt = read_checkpoint(path, mmap=True)
     cfg = model_config_from_dict(ckpt["model_config"])
     # the checkpoint already holds the backbone weights: no weight file or package is read

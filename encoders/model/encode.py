@@ -1,6 +1,7 @@
 """Turning images and captions into (μ, log_var) with a trained model, in batches.
 
-Used by training (evaluation at the end), by `encode`/export (shards) and by the engine (queries).
+Used by training (evaluation at the end), by `encode`/export (shards) and by image queries
+(encoders/model/query.py; text queries take the numpy tower of encoders/model/text_numpy.py).
 """
 from __future__ import annotations
 
@@ -13,11 +14,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from core.errors import PcmeError
-
 from encoders.model.images import ImageError, load_image
 from encoders.model.networks import PCME
-from encoders.model.text import Vocab, check_query_text
+from encoders.model.text import Vocab
 
 logger = logging.getLogger(__name__)
 
@@ -82,13 +81,6 @@ def encode_images(model: PCME, load, n: int, device: torch.device, batch_size: i
         if progress:
             progress(sl.stop - sl.start)
     return np.concatenate(mus), np.concatenate(lvs)
-
-
-def encode_query_text(model: PCME, vocab: Vocab, text: str, device: torch.device):
-    """One query -> (μ [D], log_var [D], unknown words)."""
-    unknown = check_query_text(vocab, text)
-    mu, lv = encode_texts(model, vocab, [text], device)
-    return mu[0], lv[0], unknown
 
 
 def _decode(path: Path, size: int) -> torch.Tensor | ImageError:

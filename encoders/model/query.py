@@ -2,7 +2,12 @@
 
 The engine (engine/search.py) never imports the encoders; `cli.py` (and the service) build a
 QueryEncoder from the checkpoint an index manifest names and pass it in. Any object with the
-same three members works, e.g. a remote encoder or a test double.
+same members works, e.g. a remote encoder or a test double.
+
+Text goes through the numpy copy of the text tower (encoders/model/text_numpy.py), read from
+the checkpoint without torch: a one-shot text query never imports torch, whose import alone
+took 1.7-4 s on a 2-core machine, several times the query. Image queries build the torch image
+tower on the device asked for, on the first image query.
 """
 from __future__ import annotations
 
@@ -11,18 +16,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
 
 from core.errors import PcmeError
 from core.timing import elapsed_ms
-from encoders.model.checkpoint import load_model, resolve_device
-from encoders.model.encode import (check_query_text, encode_images, encode_query_text,
-                                   encode_texts)
+from encoders.model.checkpoint_reader import check_recorded_sha256
 from encoders.model.images import ImageError, load_image
-from encoders.model.inference import fuse_for_encoding
 from encoders.model.open_vocab import OpenVocab
-from encoders.model.text import tokenize
+from encoders.model.text import check_query_text, tokenize
+from encoders.model.text_numpy import NumpyTextTower
 
 logger = logging.getLogger(__name__)
 
@@ -35,20 +36,24 @@ class QueryEncoder:
     words(text) -> the normalised words it reads (optional for other encoders).
     Text goes through the open vocabulary: only words GloVe does not know are unknown."""
 
-    def __init__(self, model, vocab, device: torch.device, path: str | Path | None = None,
-                 expected_sha256: str | None = None):
-        self.model, self.vocab, self.device = model, vocab, device
+    def __init__(self, tower: NumpyTextTower, vocab, device: str = "cpu",
+                 path: str | Path | None = None, expected_sha256: str | None = None):
+        self.tower, self.vocab, self.device = tower, vocab, device
         self.path, self.expected_sha256 = path, expected_sha256  # to add the image tower later
+        self.image_model = None
         self.load_ms = 0.0
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu",
                         expected_sha256: str | None = None) -> "QueryEncoder":
         t = time.perf_counter()
-        dev = resolve_device(device)
-        # text tower only: most queries are text; the image tower is built on the first image query
-        model, vocab, _ = load_model(path, dev, expected_sha256, towers=("text",))
-        encoder = cls(model, OpenVocab.for_model(model, vocab), dev, path, expected_sha256)
+        if device != "cpu":   # checked now (cuda's presence needs torch), used by image queries
+            from encoders.model.checkpoint import resolve_device
+            resolve_device(device)
+        check_recorded_sha256(path, expected_sha256)
+        tower = NumpyTextTower.from_checkpoint(path)
+        encoder = cls(tower, OpenVocab.for_words(tower.word_vectors, tower.vocab), device, path,
+                      expected_sha256)
         encoder.load_ms = elapsed_ms(t)
         return encoder
 
@@ -62,8 +67,10 @@ class QueryEncoder:
         return cls.from_checkpoint(path, device, producer.get("checkpoint_sha256"))
 
     def encode_text(self, text: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        _check_length(text)
-        return encode_query_text(self.model, self.vocab, text, self.device)
+        got = self.encode_texts([text])[0]
+        if isinstance(got, PcmeError):
+            raise got
+        return got
 
     def encode_texts(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray, list[str]] | PcmeError]:
         """encode_text's answer per text, or the PcmeError that text alone would raise; the valid
@@ -78,7 +85,8 @@ class QueryEncoder:
         valid = [t for t, c in zip(texts, checked) if not isinstance(c, PcmeError)]
         if not valid:
             return checked
-        mu, lv = encode_texts(self.model, self.vocab, valid, self.device)
+        ids, extra, _ = self.vocab.encode_batch(valid)
+        mu, lv = self.tower.forward(ids, extra)
         out, j = [], 0
         for c in checked:
             if isinstance(c, PcmeError):
@@ -94,11 +102,23 @@ class QueryEncoder:
 
     def encode_image(self, path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         img = open_image(path)
-        if self.model.image is None:
-            self.model, _, _ = load_model(self.path, self.device, self.expected_sha256)
-            fuse_for_encoding(self.model)
-        mu, lv = encode_images(self.model, lambda i: img, 1, self.device)
+        from encoders.model.encode import encode_images
+
+        model = self._image_tower()
+        mu, lv = encode_images(model, lambda i: img, 1, next(model.parameters()).device)
         return mu[0], lv[0]
+
+    def _image_tower(self):
+        """The torch image tower on the encoder's device, built on the first image query."""
+        if self.image_model is None:
+            from encoders.model.checkpoint import load_model, resolve_device
+            from encoders.model.inference import fuse_for_encoding
+
+            model, _, _ = load_model(self.path, resolve_device(self.device),
+                                     self.expected_sha256, towers=("image",))
+            fuse_for_encoding(model)
+            self.image_model = model
+        return self.image_model
 
 
 def _check_length(text: str) -> None:
@@ -106,7 +126,7 @@ def _check_length(text: str) -> None:
         raise PcmeError(f"query: {len(text)} characters; at most {MAX_QUERY_CHARS} are accepted")
 
 
-def open_image(path: str | Path) -> Image.Image:
+def open_image(path: str | Path):
     """A query image as RGB (see encoders/model/images.py); unreadable, foreign or oversized files
     are a one-line error naming the --image argument."""
     path = Path(path)
