@@ -102,7 +102,8 @@ def fixed_match_prob(mu_q, lv_q, mu_d, lv_d, item_ids, a, b, n_samples: int = MC
         sq = dists.block(s, m, step)        # [m, J, Q·J] (loop) or [m·J, Q·J] (product)
         sq += sq_q
         p = _match_logistic(sq, a, b).reshape(m, n_samples, n_q, n_samples)
-        out[:, s:s + m] = p.mean(axis=(1, 3)).T
+        # the mean over both sample axes: einsum's sum took half the time of .mean(axis=(1, 3))
+        out[:, s:s + m] = np.einsum("ikqj->qi", p) / n_samples ** 2
     return out
 
 
@@ -150,7 +151,11 @@ class _ProductDists:
         (n_zq, dim), n_samples, dtype = self.z_q.shape, self.table.shape[1], self.mu_d.dtype
         z = _buffer("z_d", (step, n_samples, dim), dtype)[:m]
         sq = _buffer("sq", (step * n_samples, n_zq), dtype)[:m * n_samples]
-        np.multiply(self.scale_d[s:s + m, None], self.table[self.rows[s:s + m]], out=z)
+        if dtype == self.table.dtype:     # the noise rows straight into the kept buffer
+            np.take(self.table, self.rows[s:s + m], axis=0, out=z)
+        else:
+            z[...] = self.table[self.rows[s:s + m]]
+        z *= self.scale_d[s:s + m, None]
         z += self.mu_d[s:s + m, None]
         z = z.reshape(-1, dim)                                          # [m·J, D]
         np.matmul(z, self.z_q.T, out=sq)
