@@ -62,6 +62,14 @@ def numpy_blas_threads(n: int) -> None:
         controller.select(filepath=paths).limit(limits=n)
 
 
+def default_threads() -> int:
+    """Threads of a parallel search or score: the cores this process may use (all of them
+    where the platform cannot say, e.g. macOS)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def settle_heap() -> None:
     """After start-up (engines loaded and warmed): one full collection, then every object alive
     is left out of later ones (see the module docstring). Call again after replacing an engine:

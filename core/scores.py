@@ -4,9 +4,11 @@ Every score broadcasts over leading dimensions: inputs are (..., D), the output 
 one call scores a query against a shortlist ((D,) vs (M, D)) or a whole grid ((Q, 1, D) vs
 (1, M, D)). The closed forms take torch tensors (training, eval) or numpy arrays (the engine)
 alike, and this module imports no torch: a text query never loads it. Some scores are
-similarities (higher is better), some are distances (lower is better); `SCORES` records which, `score_name` is the one validator of a user's score name, and
-`rank_key` turns any score into "higher is better". The Monte-Carlo score lives in
-core/montecarlo.py, full [Q, M] matrices in core/pairwise.py; both reuse the kernels here.
+similarities (higher is better), some are distances (lower is better); `SCORES` records which,
+`score_name` is the one validator of a user's score name, and `rank_key` turns any score into
+"higher is better". The Monte-Carlo score lives in core/montecarlo.py (training, torch) and
+core/served_mc.py (fixed noise, numpy), full [Q, M] matrices in core/pairwise.py; the closed
+forms' kernels here are shared by all.
 """
 from __future__ import annotations
 

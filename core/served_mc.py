@@ -13,15 +13,18 @@ sums) never loads it, and `import torch` alone costs 1.7-4 s on a small machine.
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
 
 from core.constants import DIST_EPS, MC_SAMPLES, MC_SEED, NOISE_ROWS  # noqa: F401 (re-exported)
+from core.process import default_threads
 
 FIXED_BLOCK_FLOATS = 1 << 19   # sample-pair distances per block of fixed_match_prob: 2 MiB
 LOOP_MAX_QUERY_SAMPLES = 32   # fixed_match_prob takes the compiled loop up to this Q·J
 LOOP_MIN_ITEMS = 64            # and from this many items (see fixed_match_prob)
+PARALLEL_MIN_BLOCKS = 4        # product blocks from which fixed_match_prob runs them on threads
 
 
 @lru_cache(maxsize=4)
@@ -97,14 +100,27 @@ def fixed_match_prob(mu_q, lv_q, mu_d, lv_d, item_ids, a, b, n_samples: int = MC
     width = len(z_q) if loop else max(len(z_q), dim)   # the product path also holds samples
     step = max(1, min(n_d, FIXED_BLOCK_FLOATS // (n_samples * width)))   # items per block
     out = np.empty((n_q, n_d), dtype)
-    for s in range(0, n_d, step):
+
+    def block(s: int) -> None:              # writes its own columns of out
         m = min(step, n_d - s)
         sq = dists.block(s, m, step)        # [m, J, Q·J] (loop) or [m·J, Q·J] (product)
         sq += sq_q
         p = _match_logistic(sq, a, b).reshape(m, n_samples, n_q, n_samples)
         # the mean over both sample axes: einsum's sum took half the time of .mean(axis=(1, 3))
         out[:, s:s + m] = np.einsum("ikqj->qi", p) / n_samples ** 2
+
+    starts = range(0, n_d, step)
+    if loop or len(starts) < PARALLEL_MIN_BLOCKS:
+        for s in starts:
+            block(s)
+    else:   # numpy's products and ufuncs release the GIL: one block per core at a time
+        list(_pool().map(block, starts))
     return out
+
+
+@lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(default_threads(), thread_name_prefix="served-mc")
 
 
 def _match_logistic(sq: np.ndarray, a: float, b: float) -> np.ndarray:

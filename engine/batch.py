@@ -7,7 +7,6 @@ nprobe and N, fetch with the shortlist length (LMDB reads), rescore with shortli
 from __future__ import annotations
 
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from indexer import augmented as aug
 
 from core.errors import PcmeError
 from core.constants import MC_SAMPLES
+from core.process import default_threads
 from core.scores import score_name
 from core.timing import elapsed_ms
 from engine.rescore import CHUNK_FLOATS, rescore_gathered
@@ -29,13 +29,6 @@ logger = logging.getLogger(__name__)
 MIN_PER_THREAD = 4      # queries a piece of a batch must have to be worth a thread's hand-off
 CHUNKS_PER_THREAD = 4   # pieces per thread: one slow query delays a quarter of a share, not all
 
-
-def default_threads() -> int:
-    """Search threads of a batch: the cores this process may use (all of them where the
-    platform cannot say, e.g. macOS)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 @dataclass

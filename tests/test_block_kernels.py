@@ -66,7 +66,7 @@ def test_rows_scored_in_place_equal_the_float64_score(score, lv_mean, lv_sd):
 
 def test_search_threads_default_to_the_usable_cores(monkeypatch):
     import os
-    from engine.batch import default_threads
+    from core.process import default_threads
     assert default_threads() == len(os.sched_getaffinity(0))
     monkeypatch.delattr(os, "sched_getaffinity")   # as on macOS
     assert default_threads() == os.cpu_count()

@@ -27,12 +27,14 @@ def test_rows_are_standard_normal():
     assert np.abs(np.corrcoef(rows[:200])[np.triu_indices(200, 1)]).max() < 0.9  # distinct streams
 
 
-@pytest.mark.parametrize("loop", [True, False])
-def test_fixed_match_prob_is_the_pair_average_over_the_item_rows(monkeypatch, loop):
+@pytest.mark.parametrize("path", ["loop", "product", "product on threads"])
+def test_fixed_match_prob_is_the_pair_average_over_the_item_rows(monkeypatch, path):
     """fixed_match_prob in blocks (three items per block here, the last one short), by the
-    compiled loop and by the matrix product, against a float64 numpy sum over every sample
-    pair, each side sampled from its own noise row."""
-    monkeypatch.setattr(mc, "LOOP_MAX_QUERY_SAMPLES", 10**9 if loop else 0)
+    compiled loop and by the matrix product (its four blocks one after the other or on the
+    thread pool), against a float64 numpy sum over every sample pair, each side sampled from
+    its own noise row."""
+    monkeypatch.setattr(mc, "LOOP_MAX_QUERY_SAMPLES", 10**9 if path == "loop" else 0)
+    monkeypatch.setattr(mc, "PARALLEL_MIN_BLOCKS", 1 if path == "product on threads" else 10**9)
     monkeypatch.setattr(mc, "LOOP_MIN_ITEMS", 1)
     monkeypatch.setattr(mc, "FIXED_BLOCK_FLOATS", 3 * 4 * (2 * 4))  # J · Q·J per item: 3 items
     rng = np.random.default_rng(3)
