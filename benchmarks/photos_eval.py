@@ -9,29 +9,34 @@ every training caption starts with an article, and a lone word is a sequence the
 
     python benchmarks/photos_eval.py --root data/tuxpaint RUN_DIR[:INDEX_DIR] ... [--json]
     python benchmarks/photos_eval.py --root data/tuxpaint --zero-shot [--image-size 128]
-        [--class-word-source wordnet|names]
+        [--class-word-source wordnet|names] [--class-channel-space classes|words]
 
 RUN_DIR holds checkpoint.pt; INDEX_DIR (optional) an index of that run's test-split shards
 (`train` exports them, `cli.py index` builds it); without it the held-out-word test is skipped.
 `--zero-shot` runs the same held-out-word test with no training at all: test photos ranked by
-the cosine between the word's GloVe vector and the photo's class-word mixture (EfficientNet-
-Lite0's ImageNet classifier, encoders/model/class_words.py), the floor class words start from.
+the untrained class channel between the word's GloVe vector and the photo's ImageNet classifier
+output (EfficientNet-Lite0; encoders/model/networks.py: ClassChannel): in class space the
+Bhattacharyya coefficient of their two class distributions, in word space the cosine with the
+photo's class-word mixture (encoders/model/class_words.py); the floor class words start from.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from core.process import configure_process
 from engine.search import SearchEngine
 from encoders.model.checkpoint import load_model
 from encoders.model.class_words import SOURCES
 from encoders.model.config import ModelConfig
+from encoders.model.networks import CHANNEL_SPACES
 from encoders.model.open_vocab import GloveTable, OpenVocab
 from encoders.model.query import QueryEncoder
 from encoders.model.text import tokenize
@@ -84,32 +89,60 @@ def word_queries(index: Path, test, words: list[str], device, k: int = 5,
     return out
 
 
-def zero_shot(root: Path, image_size: int, source: str) -> dict:
+def classifier_logits(enc, split, size: int) -> torch.Tensor:
+    """EfficientNet-Lite0's ImageNet logits [photos, 1000] for every photo of `split`."""
+    from encoders.model.encode import image_to_tensor
+
+    with torch.inference_mode():
+        return torch.cat([enc.backbone._fc(enc.features(image_to_tensor(split.load_image(i),
+                                                                        size)[None])
+                                           .mean(dim=(2, 3))).float()
+                          for i in range(split.n_images)])
+
+
+def zero_shot_scores(cfg: ModelConfig, logits: torch.Tensor, words: dict[str, np.ndarray],
+                     table: np.ndarray) -> np.ndarray:
+    """[words, photos]: the untrained class channel's inner product (ClassChannel, in
+    cfg.class_channel_space) of each word's GloVe vector with each photo's classifier output."""
+    from encoders.model.networks import ClassChannel
+
+    channel = ClassChannel(cfg, "text")
+    g = torch.from_numpy(table)
+    if channel.space == "classes":
+        channel.class_words.copy_(g)
+    with torch.no_grad():
+        mix = torch.softmax(logits, dim=-1) @ g
+        c_img = F.normalize(channel.image_vector(logits, mix), dim=-1)
+        c_txt = F.normalize(channel.text_vector(torch.from_numpy(np.stack(list(words.values())))),
+                            dim=-1)
+    return (c_txt @ c_img.T).numpy()
+
+
+def top5_word_hits(scores: np.ndarray, words: list[str], split) -> list[str]:
+    """The words (rows of scores [words, photos]) with a photo among their 5 best whose caption
+    contains the word."""
+    caps: dict[int, set[str]] = {}
+    for c, i in zip(split.captions, split.caption_image):
+        caps.setdefault(i, set()).update(tokenize(c))
+    return [w for w, row in zip(words, scores) if any(w in caps[i] for i in np.argsort(-row)[:5])]
+
+
+def zero_shot(root: Path, cfg: ModelConfig) -> dict:
     """The held-out-word test without training: see the module doc."""
     from encoders.model.class_words import imagenet_class_words
-    from encoders.model.encode import image_to_tensor
     from encoders.model.networks import ImageEncoder
 
     test, train = load_split("folder", root, "test"), load_split("folder", root, "train")
-    cfg = ModelConfig(backbone="efficientnet-lite0", image_size=image_size, class_words=True)
-    # an identity map: class_term is then the class-word mixture itself, in word-vector space
-    enc = ImageEncoder(cfg, class_map=torch.nn.Identity()).eval()
-    enc.class_words.copy_(torch.from_numpy(imagenet_class_words(source)))
-    with torch.inference_mode():
-        mix = torch.cat([enc.class_term(enc.features(image_to_tensor(test.load_image(i),
-                                                                     image_size)[None])
-                                        .mean(dim=(2, 3))) for i in range(test.n_images)])
-    mix = mix.numpy() / np.linalg.norm(mix.numpy(), axis=1, keepdims=True)
-    caps: dict[int, set[str]] = {}
-    for c, i in zip(test.captions, test.caption_image):
-        caps.setdefault(i, set()).update(tokenize(c))
-    report = {"zero_shot": True, "image_size": image_size, "class_word_source": source}
+    enc = ImageEncoder(replace(cfg, class_channel=0), class_map=torch.nn.Identity()).eval()
+    logits = classifier_logits(enc, test, cfg.image_size)
+    table = imagenet_class_words(cfg.class_word_source)
+    report = {"zero_shot": True, "image_size": cfg.image_size,
+              "class_word_source": cfg.class_word_source,
+              "class_channel_space": cfg.class_channel_space}
     for name, only in (("held_out_words", False), ("held_out_subjects", True)):
-        words = held_out_words(train, test, only)
-        vectors = GloveTable().vectors(words)
-        hits = {w: any(w in caps[i] for i in np.argsort(-(mix @ vectors[w]))[:5]) for w in words}
-        report[name] = {"n": len(hits), "top5_hit": sum(hits.values()),
-                        "hit": sorted(w for w, ok in hits.items() if ok)}
+        vectors = GloveTable().vectors(held_out_words(train, test, only))
+        hit = top5_word_hits(zero_shot_scores(cfg, logits, vectors, table), list(vectors), test)
+        report[name] = {"n": len(vectors), "top5_hit": len(hit), "hit": sorted(hit)}
     return report
 
 
@@ -138,13 +171,19 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", type=int, default=128, help="with --zero-shot")
     ap.add_argument("--class-word-source", choices=SOURCES, default=ModelConfig().class_word_source,
                     help="with --zero-shot: the class-word table (encoders/model/class_words.py)")
+    ap.add_argument("--class-channel-space", choices=CHANNEL_SPACES,
+                    default=ModelConfig().class_channel_space,
+                    help="with --zero-shot: score as the class channel does in this space")
     ap.add_argument("--root", type=Path, required=True, help="dataset folder (tuxpaint_photos.py)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     configure_process()
     if args.zero_shot:
-        report = zero_shot(args.root, args.image_size, args.class_word_source)
+        report = zero_shot(args.root, ModelConfig(
+            backbone="efficientnet-lite0", image_size=args.image_size, class_words=True,
+            class_word_source=args.class_word_source, class_channel=0.5,
+            class_channel_space=args.class_channel_space))
         print(json.dumps(report, indent=2) if args.json else
               "\n".join(f"{k.replace('_', ' ')} with a correct top-5 photo, no training: "
                         f"{report[k]['top5_hit']}/{report[k]['n']}"

@@ -1,6 +1,5 @@
 """Class words (encoders/model/class_words.py): the ImageNet classifier's class names, as word
 vectors, join both towers' μ through one shared map."""
-import re
 
 import numpy as np
 import pytest
@@ -265,52 +264,3 @@ def test_a_wordnet_table_out_of_step_with_torchvision_names_the_fix(tmp_path, mo
     with pytest.raises(PcmeError, match="class 3 is 'not a shark' there but 'tiger shark' in "
                                         "torchvision; rewrite it with: python -m encoders"):
         class_word_groups("wordnet")
-
-
-def test_the_class_channel_appends_the_zero_shot_cosine_to_mu(tmp_path):
-    """class_channel = β: μ = [√(1−β)·μ_head, √β·ĉ] stays unit-norm, the appended dims' inner
-    product between a caption and a photo is β times the cosine of the caption's pooled word
-    vectors with the photo's class-word mixture (photos_eval.py --zero-shot), their log σ² is
-    one learned value, and a checkpoint rebuilds it; it needs class words."""
-    beta = 0.3
-    torch.manual_seed(0)
-    model = PCME(ModelConfig(**CW, class_channel=beta)).eval()
-    model.set_class_words(torch.randn(N_CLASSES, 4))
-    with torch.no_grad():
-        model.text.channel.log_var.fill_(-5.0)
-    assert model.cfg.out_dim == 16 + 4
-    tokens, lengths = torch.tensor([[1, 4, 5, 2], [1, 6, 2, 0]]), torch.tensor([4, 3])
-    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        t_mu, t_lv = model.text(tokens, lengths)
-        i_mu, i_lv = model.image(x)
-        words = model.text.embed(tokens)
-        pad = torch.arange(4)[None] >= lengths[:, None]
-        pooled_words = model.text.word_attn(words, pad)
-        mixture = model.image.class_mixture(model.image.features(x).mean(dim=(2, 3)))
-    assert t_mu.shape == (2, 20) and i_lv.shape == (2, 20)
-    torch.testing.assert_close(t_mu.norm(dim=1), torch.ones(2))
-    torch.testing.assert_close(i_mu.norm(dim=1), torch.ones(2))
-    cos = torch.nn.functional.cosine_similarity(pooled_words[:, None], mixture[None], dim=-1)
-    torch.testing.assert_close(t_mu[:, 16:] @ i_mu[:, 16:].T, beta * cos)
-    assert torch.all(t_lv[:, 16:] == -5.0) and torch.all(i_lv[:, 16:] == model.cfg.init_log_var)
-    save_checkpoint(tmp_path / "c.pt", model)
-    back, _, _ = load_model(tmp_path / "c.pt", torch.device("cpu"), towers=("text",))
-    with torch.no_grad():
-        for a, b in zip(model.text(tokens, lengths), back.text(tokens, lengths)):
-            assert torch.equal(a, b)
-    with pytest.raises(PcmeError, match="class_channel needs class_words"):
-        PCME(ModelConfig(**{**CW, "class_words": False}, class_channel=beta))
-
-
-@pytest.mark.parametrize("model, message", (
-    ('backbone = "efficientnet-lite0"\nclass_channel = 1.0',
-     "class_channel 1.0 must lie in [0, 1)"),
-    ('backbone = "efficientnet-lite0"\nclass_words = false\nclass_channel = 0.5',
-     "class_channel needs class_words")))
-def test_a_config_with_a_class_channel_it_cannot_have_is_refused(tmp_path, model, message):
-    from encoders.training.config import load_train_config
-
-    (tmp_path / "c.toml").write_text(f"[model]\n{model}\n")
-    with pytest.raises(PcmeError, match=re.escape(message)):
-        load_train_config(tmp_path / "c.toml", {})

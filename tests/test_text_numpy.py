@@ -28,7 +28,9 @@ VOCAB = SPECIALS + [f"w{i}" for i in range(40)]
 LITE0 = dict(backbone="efficientnet-lite0", imagenet_weights=False)
 CONFIGS = {
     "plain": {},
-    "class_words+channel": dict(LITE0, class_words=True, class_channel=0.25),
+    "class_words+channel": dict(LITE0, class_words=True, class_channel=0.25, open_word_log_var=3.0),
+    "class_words+word-space channel": dict(LITE0, class_words=True, class_channel=0.25,
+                                           class_channel_space="words"),
 }
 
 
@@ -42,6 +44,9 @@ def text_model(seed=0, **kw) -> PCME:
         for p in model.text.parameters():
             p.add_(torch.randn_like(p) * 0.3)
         model.text.head.fc_var.weight.mul_(10)
+        channel = model.text.channel
+        if channel is not None and channel.space == "classes":  # a buffer: random class words
+            channel.class_words.copy_(torch.randn_like(channel.class_words))
     return model
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from encoders.model.class_words import N_CLASSES
+
 
 @dataclass
 class ModelConfig:
@@ -33,6 +35,20 @@ class ModelConfig:
     class_channel: float = 0.0      # class words: the share β of μ's unit norm given to an
                                     # untrained channel, the normalised class-word mixture (image)
                                     # or pooled word vectors (text), appended to μ (0 = none)
+    class_channel_space: str = "classes"  # what the channel appends (ClassChannel): "classes", the
+                                    # square roots of two distributions over the 1000 ImageNet
+                                    # classes (inner product = their Bhattacharyya coefficient),
+                                    # or "words", the two 50-d word-space vectors normalised
+    class_channel_word_temp: float = 0.04   # "classes": τ of the text side's softmax over the
+                                    # cosines of its pooled word vector to each class's words
+    class_channel_image_temp: float = 5.0   # "classes": T of the image side's softmax over its
+                                    # classifier's logits (τ and T chosen zero-shot on the TRAIN
+                                    # photos: benchmarks/class_mixture_sweep.py --space classes)
+    open_word_log_var: float = 3.0  # class channel: Λ added to the log σ² of a text's learned dims
+                                    # times its word-attention share on words training never saw
+                                    # (the open vocabulary): such a query leans on the channel.
+                                    # Acts at encoding only (training has no such words); chosen
+                                    # on validation photos: benchmarks/open_word_sweep.py
     # text encoder
     vocab: list[str] = field(default_factory=list)  # index -> word; filled from training captions
     word_dim: int = 50              # word-vector dimension (GloVe 6B 50-d by default)
@@ -49,15 +65,20 @@ class ModelConfig:
 
     @property
     def out_dim(self) -> int:
-        """Dimension of the μ and log_var the model outputs: embed_dim, plus the word vectors'
-        with a class channel."""
-        return self.embed_dim + (self.word_dim if self.class_channel > 0 else 0)
+        """Dimension of the μ and log_var the model outputs: embed_dim, plus the class channel's
+        (the classes' or the word vectors')."""
+        if self.class_channel <= 0:
+            return self.embed_dim
+        return self.embed_dim + (N_CLASSES if self.class_channel_space == "classes"
+                                 else self.word_dim)
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:
     d = dict(d)
     d["resnet_layers"] = tuple(d.get("resnet_layers", ModelConfig.resnet_layers))
     d.setdefault("class_word_source", "names")   # what every model saved before the key had
+    d.setdefault("class_channel_space", "words")  # likewise
+    d.setdefault("open_word_log_var", 0.0)        # likewise
     return ModelConfig(**d)
 
 

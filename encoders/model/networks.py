@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from core.errors import PcmeError
 
+from encoders.model.class_words import N_CLASSES
 from encoders.model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -42,11 +43,14 @@ class AttentionPool(nn.Module):
         self.score = nn.Linear(hidden, 1, bias=False)
 
     def forward(self, local: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.einsum("bn,bnc->bc", self.weights(local, pad_mask), local)
+
+    def weights(self, local: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, N] attention weights, summing to 1 over the non-padded positions."""
         logits = self.score(torch.tanh(self.proj(local))).squeeze(-1)  # [B, N]
         if pad_mask is not None:
             logits = logits.masked_fill(pad_mask, float("-inf"))
-        weights = torch.softmax(logits.float(), dim=-1).to(local.dtype)
-        return torch.einsum("bn,bnc->bc", weights, local)
+        return torch.softmax(logits.float(), dim=-1).to(local.dtype)
 
 
 class ProbHead(nn.Module):
@@ -167,29 +171,66 @@ def class_word_map(cfg: ModelConfig) -> nn.Linear | None:
     return w
 
 
+CHANNEL_SPACES = ("classes", "words")   # ModelConfig.class_channel_space choices
+
+
 class ClassChannel(nn.Module):
     """The class channel (ModelConfig.class_channel = β): μ ← [√(1−β)·μ, √β·c/‖c‖] (still unit
-    norm), log σ² ← [log σ², one learned value for the appended dims]; c is the class-word
-    mixture (image) or the pooled caption word vectors (text), so the appended part's inner
-    product is the untrained zero-shot cosine of benchmarks/photos_eval.py --zero-shot."""
+    norm), log σ² ← [log σ², one learned value for the appended dims]. c is untrained:
+      "classes": the square root of a distribution over the ImageNet classes, the image's
+                 softmax(classifier logits / T) or the caption's softmax(cos(pooled word
+                 vector, g_k) / τ) over the class-word table g; the appended part's inner
+                 product is the Bhattacharyya coefficient of the two distributions, how likely
+                 photo and words are to name the same class;
+      "words":   the class-word mixture (image) or the pooled word vectors (text), whose inner
+                 product is the cosine of benchmarks/photos_eval.py --zero-shot.
+    The text tower's channel keeps its own copy of g ("classes"): a text-only model has no image
+    tower.
+    A text whose words training never saw (the open vocabulary) gets log σ² + Λ·u on its
+    learned dims, u being the share of its word attention on such words and Λ
+    cfg.open_word_log_var: the learned dims know those words only through their word vectors,
+    so an uncertain query leans on the untrained channel. Training never has such words."""
 
-    def __init__(self, beta: float, init_log_var: float):
+    def __init__(self, cfg: ModelConfig, tower: str):
         super().__init__()
-        self.beta = beta
-        self.log_var = nn.Parameter(torch.tensor(float(init_log_var)))
+        if cfg.class_channel_space not in CHANNEL_SPACES:
+            raise PcmeError(f"class_channel_space {cfg.class_channel_space!r} is unknown; choose "
+                            f"one of {', '.join(CHANNEL_SPACES)}")
+        self.beta, self.space = cfg.class_channel, cfg.class_channel_space
+        self.word_temp, self.image_temp = cfg.class_channel_word_temp, cfg.class_channel_image_temp
+        self.open_word_log_var = cfg.open_word_log_var
+        self.log_var = nn.Parameter(torch.tensor(float(cfg.init_log_var)))
+        if self.space == "classes" and tower == "text":
+            self.register_buffer("class_words", torch.zeros(N_CLASSES, cfg.word_dim))
 
-    def forward(self, mu, log_var, c):
+    def image_vector(self, logits: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+        """c of a photo from its classifier logits [B, classes] and class-word mixture."""
+        if self.space == "words":
+            return mix
+        return torch.exp(0.5 * F.log_softmax(logits.float() / self.image_temp, dim=-1))
+
+    def text_vector(self, pooled_words: torch.Tensor) -> torch.Tensor:
+        """c of a caption from its attention-pooled word vector [B, word_dim]."""
+        if self.space == "words":
+            return pooled_words
+        cos = F.normalize(pooled_words.float(), dim=-1) @ F.normalize(self.class_words, dim=-1).T
+        return torch.exp(0.5 * F.log_softmax(cos / self.word_temp, dim=-1))
+
+    def forward(self, mu, log_var, c, open_share: torch.Tensor | None = None):
+        """open_share: [B] the text's word-attention share on open-vocabulary words (or None)."""
+        if open_share is not None and self.open_word_log_var:
+            log_var = log_var + self.open_word_log_var * open_share[:, None].to(log_var)
         c = F.normalize(c.float(), dim=-1)
         mu = torch.cat([mu * (1 - self.beta) ** 0.5, c * self.beta ** 0.5], dim=-1)
         return mu, torch.cat([log_var, self.log_var.expand(c.shape)], dim=-1)
 
 
-def class_channel(cfg: ModelConfig) -> ClassChannel | None:
+def class_channel(cfg: ModelConfig, tower: str) -> ClassChannel | None:
     if cfg.class_channel <= 0:
         return None
     if not cfg.class_words:
         raise PcmeError("class_channel needs class_words")
-    return ClassChannel(cfg.class_channel, cfg.init_log_var)
+    return ClassChannel(cfg, tower)
 
 
 class ImageEncoder(nn.Module):
@@ -210,7 +251,7 @@ class ImageEncoder(nn.Module):
         if class_map is not None:  # [classes, word_dim]: set by set_class_words, saved with the model
             self.register_buffer("class_words", torch.zeros(self.backbone._fc.out_features,
                                                             cfg.word_dim))
-        self.channel = class_channel(cfg)
+        self.channel = class_channel(cfg, "image")
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
@@ -227,21 +268,24 @@ class ImageEncoder(nn.Module):
         fmap = self.features(images)
         local = fmap.flatten(2).transpose(1, 2)  # [B, h*w, C]
         pooled = fmap.mean(dim=(2, 3))
-        mix = self.class_mixture(pooled)
-        mu, log_var = self.head(pooled, local, extra=None if mix is None else self.class_map(mix))
-        return (mu, log_var) if self.channel is None else self.channel(mu, log_var, mix)
-
-    def class_mixture(self, pooled: torch.Tensor) -> torch.Tensor | None:
-        """Σ_k p(class k | image) · g_k, or None without class words."""
         if self.class_map is None:
-            return None
-        probs = torch.softmax(self.backbone._fc(pooled).float(), dim=-1)
-        return probs @ self.class_words
+            return self.head(pooled, local)
+        logits = self.backbone._fc(pooled)
+        mix = self.class_mixture(logits)
+        mu, log_var = self.head(pooled, local, extra=self.class_map(mix))
+        if self.channel is None:
+            return mu, log_var
+        return self.channel(mu, log_var, self.channel.image_vector(logits, mix))
+
+    def class_mixture(self, logits: torch.Tensor) -> torch.Tensor:
+        """Σ_k p(class k | image) · g_k from the classifier's logits."""
+        return torch.softmax(logits.float(), dim=-1) @ self.class_words
 
     def class_term(self, pooled: torch.Tensor) -> torch.Tensor | None:
         """W · Σ_k p(class k | image) · g_k, or None without class words."""
-        mix = self.class_mixture(pooled)
-        return None if mix is None else self.class_map(mix)
+        if self.class_map is None:
+            return None
+        return self.class_map(self.class_mixture(self.backbone._fc(pooled)))
 
 
 class TextEncoder(nn.Module):
@@ -256,7 +300,7 @@ class TextEncoder(nn.Module):
         self.class_map = class_map
         if class_map is not None:  # which words of a caption its class-word term reads
             self.word_attn = AttentionPool(cfg.word_dim, cfg.attn_hidden)
-        self.channel = class_channel(cfg)
+        self.channel = class_channel(cfg, "text")
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor, extra: torch.Tensor | None = None):
         """tokens: long [B, T] padded with 0; lengths: [B] -> (μ [B, D], log_var [B, D]).
@@ -275,10 +319,18 @@ class TextEncoder(nn.Module):
         local = (out[..., :hidden] + out[..., hidden:]) / 2  # average the two directions
         pooled = (last[0] + last[1]) / 2
         pad_mask = torch.arange(tokens.shape[1], device=tokens.device)[None] >= lengths[:, None].to(tokens.device)
-        c = None if self.class_map is None else self.word_attn(words, pad_mask)
+        c = attention = None
+        if self.class_map is not None:
+            attention = self.word_attn.weights(words, pad_mask)
+            c = torch.einsum("bn,bnc->bc", attention, words)
         mu, log_var = self.head(pooled, local, pad_mask,
                                 extra=None if c is None else self.class_map(c))
-        return (mu, log_var) if self.channel is None else self.channel(mu, log_var, c)
+        if self.channel is None:
+            return mu, log_var
+        open_share = None
+        if extra is not None:  # the attention on ids past the vocabulary: words never trained
+            open_share = (attention * (tokens >= self.embed.num_embeddings)).sum(-1)
+        return self.channel(mu, log_var, self.channel.text_vector(c), open_share)
 
 
 TOWERS = ("image", "text")
@@ -315,3 +367,6 @@ class PCME(nn.Module):
         if table.shape != own.shape:
             raise PcmeError(f"class-word table {tuple(table.shape)} does not fit {tuple(own.shape)}")
         own.copy_(table)
+        channel = self.text.channel if self.text is not None else None
+        if channel is not None and channel.space == "classes":
+            channel.class_words.copy_(table)

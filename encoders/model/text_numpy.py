@@ -22,6 +22,7 @@ import numpy as np
 from core.errors import PcmeError
 
 from encoders.model.checkpoint_reader import read_checkpoint_numpy
+from encoders.model.class_words import N_CLASSES
 from encoders.model.config import ModelConfig, model_config_from_dict
 from encoders.model.text import Vocab
 
@@ -39,6 +40,12 @@ def _unit(x: np.ndarray) -> np.ndarray:
     """F.normalize over the last axis."""
     norm = np.sqrt((x * x).sum(-1, keepdims=True))
     return x / np.maximum(norm, np.float32(NORMALIZE_EPS))
+
+
+def _sqrt_softmax(x: np.ndarray) -> np.ndarray:
+    """exp(log_softmax(x) / 2) over the last axis."""
+    x = x - x.max(-1, keepdims=True)
+    return np.exp(0.5 * (x - np.log(np.exp(x).sum(-1, keepdims=True))))
 
 
 def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -61,6 +68,8 @@ def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes |= {"class_map.weight": (e, d), "class_map.bias": (e,)} | pool("word_attn", d)
     if cfg.class_channel > 0:
         shapes["channel.log_var"] = ()
+        if cfg.class_channel_space == "classes":
+            shapes["channel.class_words"] = (N_CLASSES, d)
     return shapes
 
 
@@ -115,12 +124,15 @@ class NumpyTextTower:
         return x @ self._w[f"{name}.weight"].T + self._w[f"{name}.bias"]
 
     def _attend(self, x: np.ndarray, pad_mask: np.ndarray, name: str) -> np.ndarray:
-        """AttentionPool: softmax over the non-padded positions of w·tanh(W x + b)."""
+        """AttentionPool: the weighted sum of x by _attention's weights."""
+        return np.matmul(self._attention(x, pad_mask, name)[:, None, :], x)[:, 0]
+
+    def _attention(self, x: np.ndarray, pad_mask: np.ndarray, name: str) -> np.ndarray:
+        """AttentionPool.weights: softmax over the non-padded positions of w·tanh(W x + b)."""
         logits = (np.tanh(self._linear(x, f"{name}.proj")) @ self._w[f"{name}.score.weight"].T)
         logits = np.where(pad_mask, np.float32(-np.inf), logits[..., 0])
         weights = np.exp(logits - logits.max(-1, keepdims=True))
-        weights /= weights.sum(-1, keepdims=True)
-        return np.matmul(weights[:, None, :], x)[:, 0]
+        return weights / weights.sum(-1, keepdims=True)
 
     def _gru(self, words: np.ndarray, lengths: np.ndarray):
         """-> (outputs [2, B, T, H], zero past each length; final states [2, B, H])."""
@@ -163,7 +175,8 @@ class NumpyTextTower:
         pre = self._linear(pooled, "head.fc") + residual
         c = None
         if self.cfg.class_words:  # the class-word term: W · (attention-pooled word vectors)
-            c = self._attend(words, pad_mask, "word_attn")
+            attention = self._attention(words, pad_mask, "word_attn")
+            c = np.matmul(attention[:, None, :], words)[:, 0]
             pre = pre + self._linear(c, "class_map")
         mean = pre.mean(-1, keepdims=True)
         var = ((pre - mean) ** 2).mean(-1, keepdims=True)
@@ -174,6 +187,12 @@ class NumpyTextTower:
                                "head.fc_var")
         beta = self.cfg.class_channel
         if beta > 0:  # ClassChannel: [√(1−β) μ, √β c/‖c‖]; its one learned log σ² appended
+            if extra is not None and self.cfg.open_word_log_var:  # words training never saw
+                share = (attention * (tokens >= n_words)).sum(-1)
+                log_var = log_var + np.float32(self.cfg.open_word_log_var) * share[:, None]
+            if self.cfg.class_channel_space == "classes":  # √softmax(cos(c, g_k) / τ)
+                cos = _unit(c) @ _unit(self._w["channel.class_words"]).T
+                c = _sqrt_softmax(cos / np.float32(self.cfg.class_channel_word_temp))
             mu = np.concatenate([mu * (1 - beta) ** 0.5, _unit(c) * beta ** 0.5], axis=-1)
             log_var = np.concatenate(
                 [log_var, np.broadcast_to(self._w["channel.log_var"], c.shape)], axis=-1)

@@ -189,12 +189,13 @@ def _check_choices(cfg: TrainConfig, where: str) -> None:
     from core.scores import SCORES
 
     from encoders.training.losses_baselines import LOSSES
-    from encoders.model.networks import BACKBONES
+    from encoders.model.networks import BACKBONES, CHANNEL_SPACES
     from encoders.model.class_words import SOURCES
 
     for obj, name, choices in ((cfg, "loss", LOSSES), (cfg, "data", LOADERS),
                                (cfg, "positives", POSITIVES), (cfg.model, "backbone", BACKBONES),
-                               (cfg.model, "class_word_source", SOURCES)):
+                               (cfg.model, "class_word_source", SOURCES),
+                               (cfg.model, "class_channel_space", CHANNEL_SPACES)):
         if getattr(obj, name) not in choices:
             raise PcmeError(f"{where}: {name} {getattr(obj, name)!r} is unknown; choose one of "
                             f"{', '.join(choices)}")
@@ -208,3 +209,6 @@ def _check_choices(cfg: TrainConfig, where: str) -> None:
         raise PcmeError(f"{where}: class_channel {cfg.model.class_channel} must lie in [0, 1)")
     if cfg.model.class_channel and not cfg.model.class_words:
         raise PcmeError(f"{where}: class_channel needs class_words")
+    for name in ("class_channel_word_temp", "class_channel_image_temp"):
+        if not getattr(cfg.model, name) > 0:
+            raise PcmeError(f"{where}: {name} {getattr(cfg.model, name)} must be > 0")
