@@ -41,7 +41,8 @@ from encoders.model.open_vocab import GloveTable, OpenVocab
 from encoders.model.query import QueryEncoder
 from encoders.model.text import tokenize
 from encoders.training.data import load_split
-from encoders.training.evaluate import encode_split, ground_truth, score_matrix
+from encoders.model.encode import encode_images, encode_texts
+from encoders.training.evaluate import ground_truth, query_captions, score_matrix
 from encoders.training.metrics import recall_at_k
 
 STOPWORDS = {"a", "an", "the", "it", "its", "in", "on", "of", "and", "or", "to", "with", "is",
@@ -49,11 +50,18 @@ STOPWORDS = {"a", "an", "the", "it", "its", "in", "on", "of", "and", "or", "to",
 KS = (1, 5, 10)
 
 
-def recalls(model, vocab, split, device, score: str = "elk") -> dict:
-    i_mu, i_lv, t_mu, t_lv = encode_split(model, vocab, split, device)
-    m = score_matrix(score, (t_mu, t_lv), (i_mu, i_lv), model.a.item(), model.b.item())
+def recalls(model, vocab, split, device, images=None, score: str = "elk") -> dict:
+    """R@K both ways: text→image with the captions as queries, image→text as items (they differ
+    with an open vocabulary: ClassChannel's open-word uncertainty acts on queries only).
+    images: the split's (μ, log σ²) when already encoded."""
+    img = images if images is not None else encode_images(model, split.load_image,
+                                                          split.n_images, device)
+    items = encode_texts(model, vocab, split.captions, device)
+    queries = query_captions(model, vocab, split, device) or items
+    a, b = model.a.item(), model.b.item()
+    t2i, i2t = (score_matrix(score, t, img, a, b) for t in (queries, items))
     gt = ground_truth(split)
-    return {"t2i": recall_at_k(m, gt, KS), "i2t": recall_at_k(m.T, gt.T, KS)}
+    return {"t2i": recall_at_k(t2i, gt, KS), "i2t": recall_at_k(i2t.T, gt.T, KS)}
 
 
 def subject(caption: str) -> str:

@@ -133,10 +133,11 @@ def test_a_config_with_a_class_channel_it_cannot_have_is_refused(tmp_path, model
         load_train_config(tmp_path / "c.toml", {})
 
 
-def test_a_text_with_words_training_never_saw_is_less_certain_in_its_learned_dims():
-    """open_word_log_var = Λ: a text whose token addresses an open-vocabulary row gets log σ² +
-    Λ·(its word attention on that token) on the learned dims only; μ, the channel's dims and a
-    text of trained words are unchanged."""
+def test_a_query_with_words_training_never_saw_is_less_certain_in_its_learned_dims():
+    """open_word_log_var = Λ: a text query whose token addresses an open-vocabulary row gets
+    log σ² + Λ·(its word attention on that token) on the learned dims only; μ, the channel's
+    dims, a text of trained words and the same text encoded as an item (not a query) are
+    unchanged."""
     lam = 4.0
     torch.manual_seed(0)
     model = PCME(ModelConfig(**CW, class_channel=0.5, open_word_log_var=lam)).eval()
@@ -145,8 +146,9 @@ def test_a_text_with_words_training_never_saw_is_less_certain_in_its_learned_dim
     opened = torch.tensor([[1, 4, 7, 2], [1, 6, 2, 0]])   # id 7 = len(VOCAB): the extra row
     with torch.no_grad():
         base_lv = model.text(TOKENS, LENGTHS)[1]
-        mu, lv = model.text(opened, LENGTHS, extra)
-        closed_lv = model.text(opened.clamp(max=6), LENGTHS, extra)[1]  # no open word
+        mu, lv = model.text(opened, LENGTHS, extra, query=True)
+        item_lv = model.text(opened, LENGTHS, extra)[1]
+        closed_lv = model.text(opened.clamp(max=6), LENGTHS, extra, query=True)[1]  # no open word
         words = torch.cat([model.text.embed.weight, extra])[opened]
         share = model.text.word_attn.weights(words, torch.arange(4)[None] >= LENGTHS[:, None])[0, 2]
         plain = PCME(ModelConfig(**CW, class_channel=0.5, open_word_log_var=0.0)).eval()
@@ -157,6 +159,7 @@ def test_a_text_with_words_training_never_saw_is_less_certain_in_its_learned_dim
     torch.testing.assert_close(lv[0, :16], plain_lv[0, :16] + lam * share)
     torch.testing.assert_close(lv[0, 16:], plain_lv[0, 16:])
     torch.testing.assert_close(lv[1], plain_lv[1])          # the second text has no open word
+    torch.testing.assert_close(item_lv, plain_lv)
     with torch.no_grad():
         torch.testing.assert_close(closed_lv, plain.text(opened.clamp(max=6), LENGTHS, extra)[1])
     torch.testing.assert_close(base_lv[1], lv[1])

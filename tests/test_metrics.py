@@ -153,3 +153,20 @@ def test_bad_inputs_raise():
         r_precision(scores, gt | True)
     with pytest.raises(PcmeError, match="multi-hot"):
         pmrp_coco(scores, np.ones((4, 3)), np.ones((5, 4)))
+
+
+def test_a_report_ranks_images_for_queries_and_captions_as_items_from_two_matrices():
+    """retrieval_report(score_t2i, gt, score_i2t=...): text→image from the first matrix,
+    image→text from the second (captions encoded as items: the open-word term acts on queries
+    only), each as the reference computes it; rsum sums both."""
+    queries, gt = _random_case(30, 12, seed=3, density=0.15)
+    items, _ = _random_case(30, 12, seed=4)
+    report = retrieval_report(queries, gt, score_i2t=items)
+    t2i_ref, _, _ = _ref_metrics(queries, gt)
+    i2t_ref, _, _ = _ref_metrics(items.T, gt.T)
+    assert t2i_ref != _ref_metrics(items, gt)[0]   # the two matrices rank differently
+    assert {k: report["t2i"][f"R@{k}"] for k in (1, 5, 10)} == pytest.approx(t2i_ref)
+    assert {k: report["i2t"][f"R@{k}"] for k in (1, 5, 10)} == pytest.approx(i2t_ref)
+    assert report["rsum"] == pytest.approx(100 * (sum(t2i_ref.values()) + sum(i2t_ref.values())))
+    with pytest.raises(PcmeError, match="gt shape"):
+        retrieval_report(queries, gt, score_i2t=items[:, :5])

@@ -76,15 +76,20 @@ def test_numpy_tower_equals_torch(tmp_path, name, extra_rows):
     tokens, lengths = pad_tokens(ids)
     with torch.no_grad():
         mu, log_var = model.text(tokens, lengths,
-                                 None if extra is None else torch.from_numpy(extra))
-    np_mu, np_lv = tower.forward(ids, extra)
+                                 None if extra is None else torch.from_numpy(extra), query=True)
+        item_lv = model.text(tokens, lengths,
+                             None if extra is None else torch.from_numpy(extra))[1]
+    np_mu, np_lv = tower.forward(ids, extra, query=True)
+    # open words raise a query's learned log σ² (ClassChannel), never an item's
+    assert (not torch.equal(item_lv, log_var)) == (extra is not None and model.text.channel is not None)
+    np.testing.assert_allclose(tower.forward(ids, extra)[1], item_lv.numpy(), rtol=0, atol=1e-5)
     assert np_mu.dtype == np_lv.dtype == np.float32
     assert np_mu.shape == np_lv.shape == (len(ids), model.cfg.out_dim)
     assert log_var.std() > 0.5 and log_var[:, 0].std() > 0.1  # not a constant head
     np.testing.assert_allclose(np_mu, mu.numpy(), rtol=0, atol=1e-5)
     np.testing.assert_allclose(np_lv, log_var.numpy(), rtol=0, atol=1e-5)
     # one sequence alone gives what it gave in the batch (no leak between padded rows)
-    one_mu, _ = tower.forward(ids[3:4], extra)
+    one_mu, _ = tower.forward(ids[3:4], extra, query=True)
     np.testing.assert_allclose(one_mu[0], np_mu[3], rtol=0, atol=1e-6)
 
 

@@ -44,7 +44,7 @@ class ModelConfig:
     class_channel_image_temp: float = 5.0   # "classes": T of the image side's softmax over its
                                     # classifier's logits (τ and T chosen zero-shot on the TRAIN
                                     # photos: benchmarks/class_mixture_sweep.py --space classes)
-    open_word_log_var: float = 3.0  # class channel: Λ added to the log σ² of a text's learned dims
+    open_word_log_var: float = 6.0  # class channel: Λ added to the log σ² of a text's learned dims
                                     # times its word-attention share on words training never saw
                                     # (the open vocabulary): such a query leans on the channel.
                                     # Acts at encoding only (training has no such words); chosen

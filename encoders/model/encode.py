@@ -50,15 +50,18 @@ def _batches(n: int, batch_size: int) -> Iterator[slice]:
 
 @torch.no_grad()
 def encode_texts(model: PCME, vocab: Vocab, texts: Sequence[str], device: torch.device,
-                 batch_size: int = 512, progress=None) -> tuple[np.ndarray, np.ndarray]:
-    """`vocab`: the model's Vocab (closed: unseen words are <unk>) or an OpenVocab."""
+                 batch_size: int = 512, progress=None, query: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """`vocab`: the model's Vocab (closed: unseen words are <unk>) or an OpenVocab; `query`:
+    encode the texts as queries (TextEncoder.forward), not as items of a collection."""
     model.eval()
     mus, lvs = [], []
     for sl in _batches(len(texts), batch_size):
         ids, extra, _ = vocab.encode_batch(list(texts[sl]))
         tokens, lengths = pad_tokens(ids)
         mu, lv = model.text(tokens.to(device), lengths,
-                            None if extra is None else torch.from_numpy(extra).to(device))
+                            None if extra is None else torch.from_numpy(extra).to(device),
+                            query=query)
         mus.append(mu.float().cpu().numpy())
         lvs.append(lv.float().cpu().numpy())
         if progress:

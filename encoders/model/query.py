@@ -86,7 +86,7 @@ class QueryEncoder:
         if not valid:
             return checked
         ids, extra, _ = self.vocab.encode_batch(valid)
-        mu, lv = self.tower.forward(ids, extra)
+        mu, lv = self.tower.forward(ids, extra, query=True)
         out, j = [], 0
         for c in checked:
             if isinstance(c, PcmeError):

@@ -155,7 +155,7 @@ class NumpyTextTower:
             out[1, :, back] = np.where(live[1], new[1], 0)
         return out, h
 
-    def _forward(self, ids: Sequence[Sequence[int]], extra: np.ndarray | None):
+    def _forward(self, ids: Sequence[Sequence[int]], extra: np.ndarray | None, query: bool):
         lengths = np.array([len(s) for s in ids], dtype=np.int64)
         t = int(lengths.max())
         tokens = np.zeros((len(ids), t), dtype=np.int64)
@@ -187,7 +187,7 @@ class NumpyTextTower:
                                "head.fc_var")
         beta = self.cfg.class_channel
         if beta > 0:  # ClassChannel: [√(1−β) μ, √β c/‖c‖]; its one learned log σ² appended
-            if extra is not None and self.cfg.open_word_log_var:  # words training never saw
+            if query and extra is not None and self.cfg.open_word_log_var:  # never-trained words
                 share = (attention * (tokens >= n_words)).sum(-1)
                 log_var = log_var + np.float32(self.cfg.open_word_log_var) * share[:, None]
             if self.cfg.class_channel_space == "classes":  # √softmax(cos(c, g_k) / τ)
@@ -198,7 +198,8 @@ class NumpyTextTower:
                 [log_var, np.broadcast_to(self._w["channel.log_var"], c.shape)], axis=-1)
         return mu, log_var
 
-    def forward(self, ids: Sequence[Sequence[int]], extra: np.ndarray | None = None):
+    def forward(self, ids: Sequence[Sequence[int]], extra: np.ndarray | None = None,
+                query: bool = False):
         """ids: token id lists (with <start>/<end>, at least one id each); ids >= len(vocab)
         address rows of `extra` [E, word_dim] (OpenVocab) -> (μ, log σ²), float32
         [len(ids), cfg.out_dim] each."""
@@ -221,5 +222,5 @@ class NumpyTextTower:
         if not ids:
             empty = np.zeros((0, self.cfg.out_dim), dtype=np.float32)
             return empty, empty.copy()
-        parts = [self._forward(ids[i: i + BATCH], extra) for i in range(0, len(ids), BATCH)]
+        parts = [self._forward(ids[i: i + BATCH], extra, query) for i in range(0, len(ids), BATCH)]
         return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))

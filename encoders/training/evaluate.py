@@ -21,6 +21,7 @@ from encoders.training.metrics import pmrp_coco, retrieval_report
 from encoders.model.networks import PCME
 from core.charts import bar_chart
 from core.progress import track
+from encoders.model.open_vocab import OpenVocab
 from encoders.model.text import Vocab
 from encoders.training.uncertainty import uncertainty_report
 
@@ -58,15 +59,18 @@ def score_matrix(name: str, txt, img, a: float, b: float, n_samples: int = MC_SA
     return rank_key(name, pairwise(name, t_mu, t_lv, i_mu, i_lv)).numpy()
 
 
-def score_report(split: Split, gt: np.ndarray, matrix: np.ndarray) -> dict:
-    """Retrieval metrics of one [n_captions, n_images] score matrix. COCO replaces PMRP by the
+def score_report(split: Split, gt: np.ndarray, matrix: np.ndarray,
+                 i2t_matrix: np.ndarray | None = None) -> dict:
+    """Retrieval metrics of one [n_captions, n_images] score matrix (image→text from i2t_matrix
+    when given: captions scored as items, `matrix` as queries). COCO replaces PMRP by the
     paper's plausible-match R-precision from category multi-hots (Hamming ≤ ζ, ζ ∈ {0,1,2})."""
-    report = retrieval_report(matrix, gt)
+    i2t_matrix = matrix if i2t_matrix is None else i2t_matrix
+    report = retrieval_report(matrix, gt, score_i2t=i2t_matrix)
     multi_hot = getattr(split, "multi_hot_images", None)
     if multi_hot is not None:
         caps = split.multi_hot_captions
         report["t2i"]["PMRP"] = pmrp_coco(matrix, caps, multi_hot)
-        report["i2t"]["PMRP"] = pmrp_coco(matrix.T, multi_hot, caps)
+        report["i2t"]["PMRP"] = pmrp_coco(i2t_matrix.T, multi_hot, caps)
     return report
 
 
@@ -75,11 +79,22 @@ def ground_truth(split: Split) -> np.ndarray:
     return gt if gt is not None else split.pairing_matrix()
 
 
+def query_captions(model: PCME, vocab: Vocab, split: Split, device: torch.device):
+    """The captions encoded as text queries (TextEncoder.forward's `query`: the open-word
+    uncertainty), or None where that cannot differ from encode_split's (a closed vocabulary)."""
+    if not isinstance(vocab, OpenVocab):
+        return None
+    return encode_texts(model, vocab, split.captions, device, query=True)
+
+
 def evaluate_split(model: PCME, vocab: Vocab, split: Split, device: torch.device,
-                   scores=DEFAULT_SCORES, embeddings=None) -> dict:
+                   scores=DEFAULT_SCORES, embeddings=None, queries=None) -> dict:
     """The eval JSON: {"split", "n_images", "n_captions", "by_score": {score: report},
-    "uncertainty": {"score", "spearman_caption_var_vs_matches", "bins"}}."""
+    "uncertainty": {"score", "spearman_caption_var_vs_matches", "bins"}}. `queries`: the
+    captions as text queries (query_captions) for text→image; image→text always ranks the
+    captions as items (encode_split's)."""
     i_mu, i_lv, t_mu, t_lv = embeddings or encode_split(model, vocab, split, device)
+    q_mu, q_lv = queries if queries is not None else (t_mu, t_lv)
     gt = ground_truth(split)
     a, b = model.a.item(), model.b.item()
     # the uncertainty of each direction is judged under the score its queries get by default
@@ -87,15 +102,16 @@ def evaluate_split(model: PCME, vocab: Vocab, split: Split, device: torch.device
                             for m in ("text", "image"))
     by_score, unc, unc_i2t = {}, None, None
     for name in scores:
-        matrix = score_matrix(name, (t_mu, t_lv), (i_mu, i_lv), a, b)
-        rep = by_score[name] = score_report(split, gt, matrix)
+        items = score_matrix(name, (t_mu, t_lv), (i_mu, i_lv), a, b)
+        matrix = items if queries is None else score_matrix(name, (q_mu, q_lv), (i_mu, i_lv), a, b)
+        rep = by_score[name] = score_report(split, gt, matrix, items)
         logger.info("%s: t2i R@1 %.3f PMRP %.3f | i2t R@1 %.3f PMRP %.3f | rsum %.1f", name,
                     rep["t2i"]["R@1"], rep["t2i"]["PMRP"], rep["i2t"]["R@1"], rep["i2t"]["PMRP"],
                     rep["rsum"])
         if name == t2i_score:
-            unc = uncertainty_report(t_lv, matrix, gt, groups=getattr(split, "caption_levels", None))
+            unc = uncertainty_report(q_lv, matrix, gt, groups=getattr(split, "caption_levels", None))
         if name == i2t_score:
-            unc_i2t = uncertainty_report(i_lv, matrix.T, gt.T,
+            unc_i2t = uncertainty_report(i_lv, items.T, gt.T,
                                          spearman_key="spearman_image_var_vs_matches")
     logger.info("Spearman(caption Σσ², true matches) = %.3f; AUROC(caption Σσ², t2i failure) = "
                 "%.3f", unc["spearman_caption_var_vs_matches"], unc["auroc_failure"])

@@ -204,11 +204,14 @@ def _direction(scores, gt, chunk) -> dict:
     return out
 
 
-def retrieval_report(score_t2i, gt, chunk: int | None = None) -> dict:
-    """Both directions from one [n_captions, n_images] matrix: {"t2i": {...}, "i2t": {...},
-    "rsum"}; each direction has R@1, R@5, R@10, PMRP (R-precision), mAP@R and, when some
-    queries had no true item, n_skipped. rsum is the sum of the six R@K, times 100."""
+def retrieval_report(score_t2i, gt, chunk: int | None = None, score_i2t=None) -> dict:
+    """Both directions from one [n_captions, n_images] matrix (or image→text from score_i2t,
+    same shape, when the captions scored as items differ from the captions as queries):
+    {"t2i": {...}, "i2t": {...}, "rsum"}; each direction has R@1, R@5, R@10, PMRP
+    (R-precision), mAP@R and, when some queries had no true item, n_skipped. rsum is the sum of
+    the six R@K, times 100."""
     score_t2i, gt = _check(score_t2i, gt)
-    report = {"t2i": _direction(score_t2i, gt, chunk), "i2t": _direction(score_t2i.T, gt.T, chunk)}
+    score_i2t = score_t2i if score_i2t is None else _check(score_i2t, gt)[0]
+    report = {"t2i": _direction(score_t2i, gt, chunk), "i2t": _direction(score_i2t.T, gt.T, chunk)}
     report["rsum"] = 100.0 * sum(report[d][f"R@{k}"] for d in ("t2i", "i2t") for k in (1, 5, 10))
     return report

@@ -9,7 +9,7 @@ from core.atomic import sha256_file
 from encoders.model.checkpoint import load_model, resolve_device
 from encoders.model.open_vocab import OpenVocab
 from encoders.training.data import load_split
-from encoders.training.evaluate import encode_split, evaluate_split
+from encoders.training.evaluate import encode_split, evaluate_split, query_captions
 from encoders.training.export import export_shards
 
 logger = logging.getLogger(__name__)
@@ -60,10 +60,14 @@ def evaluate_checkpoint(checkpoint: str, data: str, root: str, split: str, score
         vocab = OpenVocab.for_model(model, vocab)
     sha = {"checkpoint_sha256": sha256_file(checkpoint)}
     folds = AVERAGED_SPLITS.get((data, split))
+
+    def one(name: str) -> dict:
+        sp = load_split(data, Path(root), name)
+        return evaluate_split(model, vocab, sp, dev, scores=scores,
+                              queries=query_captions(model, vocab, sp, dev))
+
     if folds is None:
-        report = evaluate_split(model, vocab, load_split(data, Path(root), split), dev, scores=scores)
-        return {**report, **sha, "vocabulary": "open" if open_vocab else "closed"}
-    reports = [evaluate_split(model, vocab, load_split(data, Path(root), f), dev, scores=scores)
-               for f in folds]
+        return {**one(split), **sha, "vocabulary": "open" if open_vocab else "closed"}
+    reports = [one(f) for f in folds]
     return {**mean_reports(reports), "split": split, "folds": folds, **sha,
             "vocabulary": "open" if open_vocab else "closed"}
