@@ -136,7 +136,6 @@ def query_p50(single: Path, sharded: Path, workers: int, n_queries: int = 100) -
     """p50 of one query (elk, k = 10) on the single index and on the sharded one. Every query
     is run once on both first (page cache, lazy loads), then the two engines are timed in
     turn on each query, so a change in the machine's load hits both alike."""
-    import numpy as np
     from core.cluster import ray_cluster
     from engine.search import SearchEngine
     from engine.sharded import ShardedEngine

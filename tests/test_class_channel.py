@@ -26,10 +26,11 @@ def softmax64(x: np.ndarray) -> np.ndarray:
 
 
 def test_the_class_space_channel_appends_the_bhattacharyya_coefficient(tmp_path):
-    """class_channel_space = "classes": the appended dims' inner product is β times the
+    """class_channel_space = "classes": the appended dims' inner product is β·s times the
     Bhattacharyya coefficient Σ_k √(p_k q_k) of the photo's softmax(logits / T) and the caption's
     softmax(cos(pooled word vector, g_k) / τ), computed here in float64 from the towers' own
-    pieces; μ stays unit-norm, the output is embed_dim + 1000 wide, the text tower keeps its own
+    pieces (s = word_dim / 1000: the channel weighs as word_dim dims, its log σ² is the learned
+    value + log s); μ stays unit-norm, the output is embed_dim + 1000 wide, the text tower keeps its own
     copy of the class-word table, and a text-only model rebuilt from the checkpoint gives the
     same vectors."""
     beta, tau, temp = 0.4, 0.1, 3.0
@@ -58,8 +59,12 @@ def test_the_class_space_channel_appends_the_bhattacharyya_coefficient(tmp_path)
     q, p = softmax64(cos / tau), softmax64(logits.numpy() / temp)
     bc = np.sqrt(q[:, None, :] * p[None, :, :]).sum(-1)
     assert 0.05 < bc.min() and bc.max() < 0.95   # neither disjoint nor identical: a real check
-    np.testing.assert_allclose((t_mu[:, 16:] @ i_mu[:, 16:].T).numpy(), beta * bc, atol=1e-5)
-    assert torch.all(t_lv[:, 16:] == model.cfg.init_log_var)
+    scale = 4 / N_CLASSES   # the channel weighs as word_dim = 4 dimensions
+    assert cfg.class_channel_scale == scale
+    np.testing.assert_allclose((t_mu[:, 16:] @ i_mu[:, 16:].T).numpy(), beta * scale * bc,
+                               rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(t_lv[:, 16:], torch.full((2, N_CLASSES), cfg.init_log_var
+                                                        + float(np.log(scale))))
     save_checkpoint(tmp_path / "c.pt", model)
     back, _, _ = load_model(tmp_path / "c.pt", torch.device("cpu"), towers=("text",))
     assert back.cfg.class_channel_space == "classes"

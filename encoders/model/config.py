@@ -44,7 +44,7 @@ class ModelConfig:
     class_channel_image_temp: float = 5.0   # "classes": T of the image side's softmax over its
                                     # classifier's logits (τ and T chosen zero-shot on the TRAIN
                                     # photos: benchmarks/class_mixture_sweep.py --space classes)
-    open_word_log_var: float = 6.0  # class channel: Λ added to the log σ² of a text's learned dims
+    open_word_log_var: float = 10.0  # class channel: Λ added to the log σ² of a text's learned dims
                                     # times its word-attention share on words training never saw
                                     # (the open vocabulary): such a query leans on the channel.
                                     # Acts at encoding only (training has no such words); chosen
@@ -62,6 +62,15 @@ class ModelConfig:
     init_log_var: float = -7.0      # initial log σ² (bias of the log_var head): small vs. |Δμ|²
     init_a: float = 15.0            # initial a of sigmoid(-a d + b) (kept positive via softplus)
     init_b: float = 10.0            # initial b: p = 0.5 at distance b/a
+
+    @property
+    def class_channel_scale(self) -> float:
+        """s: the class channel weighs as word_dim dimensions however wide it is: its share of
+        μ's norm is β·s and its log σ² per dimension its learned value + log s. In class space
+        (1000 dims, s = 0.05) its ELK weight β/σ² is then that of the word-space channel,
+        and its Monte-Carlo noise (Σσ² over its dims) too: unscaled, 1000 dims of the same σ²
+        added Σσ² ≈ 1 to every distance and took every match probability to ~0."""
+        return self.word_dim / N_CLASSES if self.class_channel_space == "classes" else 1.0
 
     @property
     def out_dim(self) -> int:

@@ -13,6 +13,7 @@ words in word-vector space, W one linear map shared by the two towers.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -184,8 +185,9 @@ class ClassChannel(nn.Module):
                  photo and words are to name the same class;
       "words":   the class-word mixture (image) or the pooled word vectors (text), whose inner
                  product is the cosine of benchmarks/photos_eval.py --zero-shot.
-    The text tower's channel keeps its own copy of g ("classes"): a text-only model has no image
-    tower.
+    β and the learned log σ² are scaled by cfg.class_channel_scale (s): μ ← [√(1−βs)·μ,
+    √(βs)·ĉ], the appended log σ² = learned + log s. The text tower's channel keeps its own copy
+    of g ("classes"): a text-only model has no image tower.
     A text QUERY whose words training never saw (the open vocabulary) gets log σ² + Λ·u on its
     learned dims, u being the share of its word attention on such words and Λ
     cfg.open_word_log_var: the learned dims know those words only through their word vectors,
@@ -198,7 +200,8 @@ class ClassChannel(nn.Module):
         if cfg.class_channel_space not in CHANNEL_SPACES:
             raise PcmeError(f"class_channel_space {cfg.class_channel_space!r} is unknown; choose "
                             f"one of {', '.join(CHANNEL_SPACES)}")
-        self.beta, self.space = cfg.class_channel, cfg.class_channel_space
+        self.space, self.scale = cfg.class_channel_space, cfg.class_channel_scale
+        self.share = cfg.class_channel * self.scale   # of μ's unit norm
         self.word_temp, self.image_temp = cfg.class_channel_word_temp, cfg.class_channel_image_temp
         self.open_word_log_var = cfg.open_word_log_var
         self.log_var = nn.Parameter(torch.tensor(float(cfg.init_log_var)))
@@ -223,8 +226,9 @@ class ClassChannel(nn.Module):
         if open_share is not None and self.open_word_log_var:
             log_var = log_var + self.open_word_log_var * open_share[:, None].to(log_var)
         c = F.normalize(c.float(), dim=-1)
-        mu = torch.cat([mu * (1 - self.beta) ** 0.5, c * self.beta ** 0.5], dim=-1)
-        return mu, torch.cat([log_var, self.log_var.expand(c.shape)], dim=-1)
+        mu = torch.cat([mu * (1 - self.share) ** 0.5, c * self.share ** 0.5], dim=-1)
+        channel_log_var = self.log_var + math.log(self.scale)
+        return mu, torch.cat([log_var, channel_log_var.expand(c.shape)], dim=-1)
 
 
 def class_channel(cfg: ModelConfig, tower: str) -> ClassChannel | None:

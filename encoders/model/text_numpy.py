@@ -185,17 +185,19 @@ class NumpyTextTower:
         mu = _unit(mu)
         log_var = self._linear(self._attend(local, pad_mask, "head.attn_var") + pooled,
                                "head.fc_var")
-        beta = self.cfg.class_channel
-        if beta > 0:  # ClassChannel: [√(1−β) μ, √β c/‖c‖]; its one learned log σ² appended
+        if self.cfg.class_channel > 0:  # ClassChannel: [√(1−βs) μ, √(βs) c/‖c‖]; log σ² + log s
+            scale = self.cfg.class_channel_scale
+            share = self.cfg.class_channel * scale
             if query and extra is not None and self.cfg.open_word_log_var:  # never-trained words
-                share = (attention * (tokens >= n_words)).sum(-1)
-                log_var = log_var + np.float32(self.cfg.open_word_log_var) * share[:, None]
+                opened = (attention * (tokens >= n_words)).sum(-1)
+                log_var = log_var + np.float32(self.cfg.open_word_log_var) * opened[:, None]
             if self.cfg.class_channel_space == "classes":  # √softmax(cos(c, g_k) / τ)
                 cos = _unit(c) @ _unit(self._w["channel.class_words"]).T
                 c = _sqrt_softmax(cos / np.float32(self.cfg.class_channel_word_temp))
-            mu = np.concatenate([mu * (1 - beta) ** 0.5, _unit(c) * beta ** 0.5], axis=-1)
-            log_var = np.concatenate(
-                [log_var, np.broadcast_to(self._w["channel.log_var"], c.shape)], axis=-1)
+            mu = np.concatenate([mu * (1 - share) ** 0.5, _unit(c) * share ** 0.5], axis=-1)
+            channel_log_var = self._w["channel.log_var"] + np.float32(np.log(scale))
+            log_var = np.concatenate([log_var, np.broadcast_to(channel_log_var, c.shape)],
+                                     axis=-1)
         return mu, log_var
 
     def forward(self, ids: Sequence[Sequence[int]], extra: np.ndarray | None = None,
