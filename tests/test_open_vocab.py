@@ -8,6 +8,7 @@ import torch
 from encoders.model.open_vocab import GloveTable, OpenVocab, fit_glove_map
 from encoders.model.query import QueryEncoder
 from encoders.model.text import UNK
+from encoders.training.data import load_split
 
 
 def test_fit_glove_map_recovers_a_linear_drift_and_shrinks_to_identity():
@@ -64,8 +65,9 @@ def test_eval_open_vocab_reads_captions_as_query_does(trained, monkeypatch):
 
     seen = {}
 
-    def fake_evaluate_split(model, vocab, split, device, scores):
+    def fake_evaluate_split(model, vocab, split, device, scores, queries=None):
         seen["ids"], seen["extra"], _ = vocab.encode_batch(["a puppy"])
+        seen["queries"] = queries   # the captions as text queries: open vocabulary only
         return {"split": split.name}
 
     monkeypatch.setattr(pipeline, "evaluate_split", fake_evaluate_split)
@@ -76,8 +78,9 @@ def test_eval_open_vocab_reads_captions_as_query_does(trained, monkeypatch):
     assert isinstance(query, OpenVocab) and report["vocabulary"] == "open"
     want_ids, want_extra, _ = query.encode_batch(["a puppy"])
     assert seen["ids"] == want_ids and np.allclose(seen["extra"], want_extra)
+    assert seen["queries"][0].shape[0] == len(load_split("scenes", trained / "data", "test").captions)
     report = pipeline.evaluate_checkpoint(*args)
-    assert report["vocabulary"] == "closed" and seen["extra"] is None
+    assert report["vocabulary"] == "closed" and seen["extra"] is None and seen["queries"] is None
     assert seen["ids"][0][2] == query.vocab.index[UNK]
 
 
