@@ -176,8 +176,9 @@ CHANNEL_SPACES = ("classes", "words")   # ModelConfig.class_channel_space choice
 
 
 class ClassChannel(nn.Module):
-    """The class channel (ModelConfig.class_channel = β): μ ← [√(1−β)·μ, √β·c/‖c‖] (still unit
-    norm), log σ² ← [log σ², one learned value for the appended dims]. c is untrained:
+    """The class channel (ModelConfig.class_channel = β): μ ← [√(1−βs)·μ, √(βs)·c/‖c‖] (still
+    unit norm), log σ² ← [log σ², one learned value + log s for the appended dims], s being
+    cfg.class_channel_scale (the channel weighs as word_dim dims however wide). c is untrained:
       "classes": the square root of a distribution over the ImageNet classes, the image's
                  softmax(classifier logits / T) or the caption's softmax(cos(pooled word
                  vector, g_k) / τ) over the class-word table g; the appended part's inner
@@ -185,9 +186,8 @@ class ClassChannel(nn.Module):
                  photo and words are to name the same class;
       "words":   the class-word mixture (image) or the pooled word vectors (text), whose inner
                  product is the cosine of benchmarks/photos_eval.py --zero-shot.
-    β and the learned log σ² are scaled by cfg.class_channel_scale (s): μ ← [√(1−βs)·μ,
-    √(βs)·ĉ], the appended log σ² = learned + log s. The text tower's channel keeps its own copy
-    of g ("classes"): a text-only model has no image tower.
+    The text tower's channel keeps its own copy of g ("classes"): a text-only model has no
+    image tower.
     A text QUERY whose words training never saw (the open vocabulary) gets log σ² + Λ·u on its
     learned dims, u being the share of its word attention on such words and Λ
     cfg.open_word_log_var: the learned dims know those words only through their word vectors,
