@@ -7,7 +7,7 @@ split (its 67 unseen subjects).
 p = softmax(logits / T), or the softmax of only the top n logits, ranked against each subject
 word's GloVe vector by cosine, as `photos_eval.py --zero-shot --class-channel-space words` does
 at T = 1.
---space classes: the class channel in class space (encoders/model/networks.py: ClassChannel),
+--space classes: the class channel in class space (encoders/model/class_terms.py: ClassChannel),
 the Bhattacharyya coefficient of the photo's softmax(logits / T) and the word's
 softmax(cos(word, g_k) / τ), over a grid of τ (class_channel_word_temp) and T
 (class_channel_image_temp); ModelConfig's defaults are the grid's best on the TRAIN split.

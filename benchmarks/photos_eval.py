@@ -15,7 +15,7 @@ RUN_DIR holds checkpoint.pt; INDEX_DIR (optional) an index of that run's test-sp
 (`train` exports them, `cli.py index` builds it); without it the held-out-word test is skipped.
 `--zero-shot` runs the same held-out-word test with no training at all: test photos ranked by
 the untrained class channel between the word's GloVe vector and the photo's ImageNet classifier
-output (EfficientNet-Lite0; encoders/model/networks.py: ClassChannel): in class space the
+output (EfficientNet-Lite0; encoders/model/class_terms.py: ClassChannel): in class space the
 Bhattacharyya coefficient of their two class distributions, in word space the cosine with the
 photo's class-word mixture (encoders/model/class_words.py); the floor class words start from.
 """
@@ -36,7 +36,7 @@ from engine.search import SearchEngine
 from encoders.model.checkpoint import load_model
 from encoders.model.class_words import SOURCES
 from encoders.model.config import ModelConfig
-from encoders.model.networks import CHANNEL_SPACES
+from encoders.model.class_terms import CHANNEL_SPACES
 from encoders.model.open_vocab import GloveTable, OpenVocab
 from encoders.model.query import QueryEncoder
 from encoders.model.text import tokenize
@@ -112,7 +112,7 @@ def zero_shot_scores(cfg: ModelConfig, logits: torch.Tensor, words: dict[str, np
                      table: np.ndarray) -> np.ndarray:
     """[words, photos]: the untrained class channel's inner product (ClassChannel, in
     cfg.class_channel_space) of each word's GloVe vector with each photo's classifier output."""
-    from encoders.model.networks import ClassChannel
+    from encoders.model.class_terms import ClassChannel
 
     channel = ClassChannel(cfg, "text")
     g = torch.from_numpy(table)

@@ -1,4 +1,4 @@
-"""The class channel (encoders/model/networks.py: ClassChannel): an untrained zero-shot signal
+"""The class channel (encoders/model/class_terms.py: ClassChannel): an untrained zero-shot signal
 appended to μ, in class space (the default) or in word space."""
 import re
 from dataclasses import asdict

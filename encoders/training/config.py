@@ -189,7 +189,8 @@ def _check_choices(cfg: TrainConfig, where: str) -> None:
     from core.scores import SCORES
 
     from encoders.training.losses_baselines import LOSSES
-    from encoders.model.networks import BACKBONES, CHANNEL_SPACES
+    from encoders.model.class_terms import CHANNEL_SPACES
+    from encoders.model.networks import BACKBONES
     from encoders.model.class_words import SOURCES
 
     for obj, name, choices in ((cfg, "loss", LOSSES), (cfg, "data", LOADERS),
