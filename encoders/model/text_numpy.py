@@ -203,7 +203,8 @@ class NumpyTextTower:
     def forward(self, ids: Sequence[Sequence[int]], extra: np.ndarray | None = None,
                 query: bool = False):
         """ids: token id lists (with <start>/<end>, at least one id each); ids >= len(vocab)
-        address rows of `extra` [E, word_dim] (OpenVocab) -> (μ, log σ²), float32
+        address rows of `extra` [E, word_dim] (OpenVocab); `query`: the texts are queries (the
+        class channel's open-word uncertainty, as TextEncoder.forward) -> (μ, log σ²), float32
         [len(ids), cfg.out_dim] each."""
         n_words, dim = self.word_vectors.shape
         rows = 0
