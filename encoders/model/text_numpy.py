@@ -96,6 +96,9 @@ class NumpyTextTower:
                                 f"makes it {shape}")
         self.cfg, self.vocab, self._w = cfg, Vocab(cfg.vocab), w
         self.word_vectors = w["embed.weight"]
+        # class space: the class-word table's unit rows, transposed once (not per query)
+        self._class_units = (np.ascontiguousarray(_unit(w["channel.class_words"]).T)
+                             if "channel.class_words" in w else None)
         self.hidden = cfg.gru_hidden
         # both directions' input projections in one matrix [word_dim, 6H]; recurrent ones
         # stacked [2, H, 3H] for one batched matmul per step
@@ -192,7 +195,7 @@ class NumpyTextTower:
                 opened = (attention * (tokens >= n_words)).sum(-1)
                 log_var = log_var + np.float32(self.cfg.open_word_log_var) * opened[:, None]
             if self.cfg.class_channel_space == "classes":  # √softmax(cos(c, g_k) / τ)
-                cos = _unit(c) @ _unit(self._w["channel.class_words"]).T
+                cos = _unit(c) @ self._class_units
                 c = _sqrt_softmax(cos / np.float32(self.cfg.class_channel_word_temp))
             mu = np.concatenate([mu * (1 - share) ** 0.5, _unit(c) * share ** 0.5], axis=-1)
             channel_log_var = self._w["channel.log_var"] + np.float32(np.log(scale))
